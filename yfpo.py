@@ -1,0 +1,1306 @@
+#!/usr/bin/env python
+"""yfpo: Yoked Feature Preference Optimization (arXiv 2605.11906), the reference implementation.
+
+DPO for math reasoning plus a reward read from the model's own "math neurons":
+
+    identify  AttnLRP relevance of every MLP neuron on GSM8K solutions -> a fixed top-k set
+    ablate    the check that the set matters: zero it, compare with random neurons
+    pairs     sample the model on GSM8K train, grade, write {prompt, chosen, rejected} JSONL
+    train     DPO sigmoid loss + lam * neuron-margin loss in one plain PyTorch loop
+    eval      GSM8K exact match with batched greedy decoding
+    plot      training curves from metrics.jsonl
+    demo      every stage on a tiny random model, offline, in about a minute
+
+The file reads top to bottom in the order of the method. Functions marked public in the README
+(extract_answer, is_correct, neuron_relevance, score_neurons, select_neurons, ablate_neurons,
+completion_logps, dpo_loss, neuron_scores, yfpo_loss) are standalone and can be copied.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_DATA = "openai/gsm8k"
+# Appended to every question; the strict extraction rule looks for exactly this phrase.
+INSTRUCTION = 'Solve the problem step by step, then finish with "The answer is N." where N is the final number.'
+LRP_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # the ones lxt's AttnLRP patches and we test
+
+
+class UserError(Exception):
+    """A mistake in the user's input. main() prints it as one line and exits with code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: every output is written whole (temporary name, then rename), so a failed run leaves none
+# ---------------------------------------------------------------------------------------------
+
+def check_out_dir(out):
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is an existing file; pass a folder path")
+    return Path(out)
+
+
+def write_text(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line") from None
+    return rows
+
+
+def looks_like_path(name):
+    """A name that can only mean a local file (hub ids are 'name' or 'org/name', without extension)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in (
+        ".json", ".jsonl", ".parquet", ".gguf", ".pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, device, seed
+# ---------------------------------------------------------------------------------------------
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def pick_device(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(name, device, dtype, trust_remote_code=False):
+    """(model, tokenizer) from a hub id, a local Hugging Face folder, or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if Path(name).exists():
+        if name.endswith(".gguf"):
+            try:
+                import accelerate, gguf  # noqa: F401  (transformers needs both to read .gguf)
+            except ImportError:
+                raise UserError("loading a .gguf file needs the optional packages: pip install gguf accelerate") from None
+            name, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
+    elif looks_like_path(name):
+        raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder, a .gguf file or a hub id")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local folder "
+                        "or .gguf file: --model /path/to/model") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def decoder_layers(model):
+    """The transformer blocks of a (possibly DDP-wrapped) causal LM."""
+    return getattr(model, "module", model).get_decoder().layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: GSM8K rows, gold answers, prompts
+# ---------------------------------------------------------------------------------------------
+
+def load_rows(data, split, config=None):
+    """Rows of a local .jsonl/.json/.parquet file (or a folder holding SPLIT.*), or a hub dataset."""
+    path = Path(data)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.stem.startswith(split) and p.suffix in (".jsonl", ".json", ".parquet"))
+        if not found:
+            raise UserError(f"no {split}.jsonl, {split}.json or {split}.parquet in {data}; add one or pass the file itself")
+        path = found[0]
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return read_jsonl(path)
+        if path.suffix == ".json":
+            try:
+                rows = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rows, list):
+                raise UserError(f"{path}: expected a JSON list of rows; use .jsonl for one row per line")
+            return rows
+        if path.suffix == ".parquet":
+            import datasets
+            return list(datasets.Dataset.from_parquet(str(path)))
+        raise UserError(f"{path}: unknown data format; use .jsonl, .json or .parquet")
+    if looks_like_path(data):
+        raise UserError(f"data file missing: {data}; pass an existing .jsonl/.json/.parquet file or folder")
+    import datasets
+    try:
+        return list(datasets.load_dataset(data, config, split=split))
+    except Exception as e:  # datasets raises many types for "unreachable"/"unknown"
+        raise UserError(f"could not load dataset '{data}' ({type(e).__name__}); offline, pass a local file: "
+                        "--data /path/to/test.jsonl") from None
+
+
+def load_gsm8k(data, split, require_gold=True):
+    """GSM8K rows as dicts with question, answer (the solution, ending '#### N') and gold (N).
+    With require_gold=False (control text for identify) answers need no '####' and gold is None."""
+    rows = load_rows(data, split, config="main" if data == DEFAULT_DATA else None)
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ("question", "answer") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need 'question' and 'answer'")
+        if require_gold and "####" not in row["answer"]:
+            raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; end it with '#### <number>'")
+        row["gold"] = parse_gold(row["answer"]) if "####" in row["answer"] else None
+    if not rows:
+        raise UserError(f"{data}: no rows in split '{split}'")
+    return rows
+
+
+def parse_gold(answer):
+    """The gold number of a GSM8K solution: the text after the last '####', commas stripped."""
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def gold_solution(answer):
+    """A GSM8K solution as a model should write it: calculator marks <<...>> removed, ending
+    "The answer is N." instead of "#### N"."""
+    reasoning = re.sub(r"<<[^>]*>>", "", answer.rsplit("####", 1)[0]).strip()
+    return f"{reasoning}\nThe answer is {parse_gold(answer)}."
+
+
+def prompt_messages(question, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+
+
+def prompt_format(tokenizer):
+    return "chat_template" if tokenizer.chat_template else "plain"
+
+
+def format_prompt(tokenizer, question, system=None):
+    """The prompt text: the chat template with the generation prompt, or 'Question: ...\\nAnswer:'."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(prompt_messages(question, system), tokenize=False, add_generation_prompt=True)
+    return f"{system + chr(10) if system else ''}Question: {question}\n{INSTRUCTION}\nAnswer:"
+
+
+def make_prompt(tokenizer, question, system=None):
+    """A prompt in TRL's preference format: messages when the tokenizer has a chat template, else text."""
+    return prompt_messages(question, system) if tokenizer.chat_template else format_prompt(tokenizer, question, system)
+
+
+def make_completion(tokenizer, text):
+    return [{"role": "assistant", "content": text}] if tokenizer.chat_template else " " + text
+
+
+def tokenize_example(tokenizer, prompt, completion, max_length):
+    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them.
+
+    Conversational (lists of messages): prompt ids = chat template with the generation prompt;
+    completion ids = the rest of the templated full conversation. Standard (strings): the text's
+    tokens, and EOS closes the completion. The completion is truncated at its end to fit max_length.
+    """
+    if isinstance(prompt, list):
+        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
+    else:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if full_ids[:len(prompt_ids)] != prompt_ids:
+        raise UserError("the tokenized prompt is not a prefix of prompt + completion; this tokenizer or chat "
+                        "template cannot be split into prompt and completion (TRL would fail the same way)")
+    return prompt_ids, full_ids[len(prompt_ids):max(max_length, len(prompt_ids))]
+
+
+def collate(examples, pad_id):
+    """Right-padded batch from (prompt_ids, completion_ids) pairs.
+
+    Returns input_ids, attention_mask and loss_mask, each [B, T]; loss_mask[b, t] = 1 where
+    position t predicts a completion token, input_ids[b, t + 1].
+    """
+    width = max(len(p) + len(c) for p, c in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(examples), width)
+    for b, (p, c) in enumerate(examples):
+        input_ids[b, :len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[b, :len(p) + len(c)] = 1
+        loss_mask[b, len(p) - 1:len(p) + len(c) - 1] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def batches_of(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def solution_examples(tokenizer, rows, max_length, system=None):
+    """Tokenized (prompt, gold solution) examples, formatted exactly as training sees them.
+    Answers without a '####' marker (control text) are used whole."""
+    return [tokenize_example(tokenizer, make_prompt(tokenizer, r["question"], system), make_completion(
+        tokenizer, gold_solution(r["answer"]) if "####" in r["answer"] else r["answer"]), max_length) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Neurons: AttnLRP relevance, selection, the saved set, ablation
+# ---------------------------------------------------------------------------------------------
+# A "neuron" is one coordinate of an MLP's hidden layer, i.e. of the input of down_proj:
+# a = act(gate_proj(x)) * up_proj(x), shape [B, T, intermediate_size], in every layer.
+
+@contextlib.contextmanager
+def attnlrp(model):
+    """Patch the model's transformers module with lxt's AttnLRP rules; undo the patch on exit.
+
+    lxt's monkey_patch swaps methods on classes (the MLP, the RMSNorm, torch's Dropout) and
+    functions on the modeling module, which changes gradients for the whole process. We record
+    every attribute it can touch and put them all back, so training never runs patched.
+    """
+    if model.config.model_type not in LRP_ARCHITECTURES:
+        raise UserError(f"architecture '{model.config.model_type}' is not supported by AttnLRP here; "
+                        f"supported: {', '.join(LRP_ARCHITECTURES)}")
+    from lxt.efficient import monkey_patch
+    from lxt.efficient.models import get_default_map
+    patch_map = get_default_map(sys.modules[type(model).__module__])
+    saved = {target: dict(vars(target)) for target in patch_map}
+    monkey_patch(sys.modules[type(model).__module__], patch_map)
+    try:
+        yield model
+    finally:
+        for target, attrs in saved.items():
+            for name in set(vars(target)) - set(attrs):
+                delattr(target, name)
+            for name, value in attrs.items():
+                if vars(target).get(name) is not value:
+                    setattr(target, name, value)
+
+
+def neuron_relevance(model, input_ids, attention_mask, loss_mask, per_token=False):
+    """Relevance of every MLP neuron for the gold next-token logits (activation x gradient).
+
+    input_ids, attention_mask, loss_mask: [B, T] (see collate). The explained quantity is
+        F = sum_{t : loss_mask[t] = 1} z_t[input_ids[t + 1]],   z_t = the logits at position t,
+    and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}, where a_l is the input of layer l's down_proj.
+    Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside
+    it is plain gradient x input. Weights get no gradient; computed in float32.
+    Returns [B, L, I] (summed over the loss_mask positions), or [B, T, L, I] unsummed if per_token.
+    """
+    layers = decoder_layers(model)
+    relevance = [None] * len(layers)
+    keep = loss_mask[..., None].float()
+
+    def capture(layer):
+        def pre_hook(module, args):
+            a = args[0]
+
+            def on_grad(grad):  # called during backward with dF/da, shape [B, T, I]
+                r = a.detach().float() * grad.float()
+                relevance[layer] = r if per_token else (r * keep).sum(1)
+            a.register_hook(on_grad)
+        return pre_hook
+
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+            hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary-wide matmul.
+            head, gold = model.get_output_embeddings(), input_ids[:, 1:]
+            logits = (hidden[:, :-1] * head.weight[gold]).sum(-1)
+            if head.bias is not None:
+                logits = logits + head.bias[gold]
+            (logits * loss_mask[:, :-1]).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(relevance, dim=-2)  # [B, L, I] or [B, T, L, I]
+
+
+def score_neurons(model, batches, progress=None):
+    """Mean relevance per neuron over samples: Tensor[num_layers, intermediate_size], float32.
+
+    batches: iterable of dicts with input_ids, attention_mask, loss_mask (see collate). Run it inside
+    attnlrp(model) for AttnLRP relevance. The weights are frozen for the call and restored after.
+    """
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            total = total + neuron_relevance(model, **batch).sum(0)
+            count += batch["input_ids"].shape[0]
+            if progress is not None:
+                progress.update(batch["input_ids"].shape[0])
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    return total / count
+
+
+def select_neurons(scores, k, per_layer=False):
+    """The top-k neurons of scores [L, I], as [(layer, index, score)] sorted by score, highest first.
+
+    Globally across layers, or with per_layer the top k // L of each layer.
+    """
+    num_layers, width = scores.shape
+    if per_layer:
+        if not 1 <= k // num_layers <= width:
+            raise UserError(f"--top-k {k} with --per-layer needs 1 to {width} neurons per layer "
+                            f"({num_layers} layers); pick k between {num_layers} and {num_layers * width}")
+        top = scores.topk(k // num_layers, dim=1)
+        picked = [(layer, int(i), float(v)) for layer in range(num_layers)
+                  for v, i in zip(top.values[layer], top.indices[layer])]
+        return sorted(picked, key=lambda n: -n[2])
+    if not 1 <= k <= scores.numel():
+        raise UserError(f"--top-k {k} is not between 1 and the model's {scores.numel()} neurons "
+                        f"({num_layers} layers x {width}); pick a smaller k")
+    top = scores.flatten().topk(k)
+    return [(int(i) // width, int(i) % width, float(v)) for v, i in zip(top.values, top.indices)]
+
+
+class NeuronCapture:
+    """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs).
+
+    Inside `with NeuronCapture(model, neurons) as cap:` every forward fills cap.activations() with
+    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph.
+    """
+
+    def __init__(self, model, neurons):
+        self.layers = decoder_layers(model)
+        self.by_layer = {}
+        for k, (layer, index) in enumerate((n[0], n[1]) for n in neurons):
+            self.by_layer.setdefault(layer, ([], []))
+            self.by_layer[layer][0].append(index)
+            self.by_layer[layer][1].append(k)
+        self.order = torch.tensor([k for layer in sorted(self.by_layer) for k in self.by_layer[layer][1]]).argsort()
+        self.captured, self.hooks = {}, []
+
+    def __enter__(self):
+        for layer, (indices, _) in self.by_layer.items():
+            index = torch.tensor(indices)
+
+            def pre_hook(module, args, layer=layer, index=index):
+                self.captured[layer] = args[0][..., index.to(args[0].device)]
+            self.hooks.append(self.layers[layer].mlp.down_proj.register_forward_pre_hook(pre_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.captured = {}
+
+    def activations(self):
+        acts = torch.cat([self.captured[layer] for layer in sorted(self.by_layer)], dim=-1)
+        return acts[..., self.order.to(acts.device)]
+
+
+@contextlib.contextmanager
+def ablate_neurons(model, neurons):
+    """Zero the given neurons [(layer, index, ...)] inside the with-block (pre-hooks on down_proj)."""
+    layers = decoder_layers(model)
+    width = layers[0].mlp.down_proj.in_features
+    keep = {}
+    for n in neurons:
+        keep.setdefault(n[0], torch.ones(width))[n[1]] = 0.0
+
+    def pre_hook(module, args, layer):
+        return (args[0] * keep[layer].to(args[0]),) + args[1:]
+    hooks = [layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a, layer=layer: pre_hook(m, a, layer)) for layer in keep]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def model_shape(model):
+    return len(decoder_layers(model)), decoder_layers(model)[0].mlp.down_proj.in_features
+
+
+def load_neurons(path, model):
+    """The neuron set of a neurons.json, checked against the model's shape."""
+    if not Path(path).is_file():
+        raise UserError(f"neurons file missing: {path}; run `python yfpo.py identify` first")
+    try:
+        saved = json.loads(Path(path).read_text())
+        shape = (saved["num_layers"], saved["intermediate_size"])
+        neurons = [(n["layer"], n["index"], n["score"], n["act_mean"], n["act_std"]) for n in saved["neurons"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a neurons file from `yfpo.py identify` ({type(e).__name__}: {e})") from None
+    if shape != model_shape(model):
+        raise UserError(f"{path} was made for {shape[0]} layers x {shape[1]} neurons but the model has "
+                        f"{model_shape(model)[0]} x {model_shape(model)[1]}; run identify with this model")
+    return neurons
+
+
+@torch.no_grad()
+def activation_stats(model, batches, neurons):
+    """Mean and std [K] of the given neurons' activations over the loss_mask positions."""
+    total, total_sq, count = 0.0, 0.0, 0.0
+    with NeuronCapture(model, neurons) as capture:
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            acts, keep = capture.activations().double(), batch["loss_mask"][..., None].double()
+            total, total_sq = total + (acts * keep).sum((0, 1)), total_sq + (acts ** 2 * keep).sum((0, 1))
+            count += keep.sum()
+    mean = total / count
+    return mean.float(), (total_sq / count - mean ** 2).clamp_min(0).sqrt().float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+def completion_logps(logits, labels, mask):
+    """Summed log-probabilities of the completion tokens.
+
+    logits: [B, T, V]; labels: [B, T], labels[b, t] = the token position t predicts; mask: [B, T].
+    Returns [B] float32: sum_t mask[b, t] * log softmax(logits[b, t])[labels[b, t]].
+    cross_entropy fuses the log-softmax, so no [B, T, V] log-prob tensor is kept around.
+    """
+    logps = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return (logps.view_as(mask) * mask).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Sigmoid DPO loss (Rafailov et al., 2023). All inputs [B] summed log-probs.
+
+        h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+        L = -log sigmoid(beta * h)
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are beta * log(pi/pi_ref), detached.
+    """
+    chosen_logratio, rejected_logratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def neuron_scores(activations, mask, mean, std):
+    """Neuron score s(x, y) of each sequence: how strongly its completion fires the math neurons.
+
+    activations: [B, T, K] of the K selected neurons; mask: [B, T] completion positions;
+    mean, std: [K], each neuron's activation statistics from neurons.json.
+        z_k = sign(mean_k) * (a_k - mean_k) / std_k       (so "more than usual" is positive)
+        s   = mean over masked t and over k of z
+    Returns [B] float32.
+    """
+    z = (activations.float() - mean) / std.clamp_min(1e-6) * torch.where(mean < 0, -1.0, 1.0)
+    return (z.mean(-1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_chosen=None, neuron_rejected=None,
+              beta=0.1, lam=0.3, gamma=1.0, yoke="loss"):
+    """The YFPO loss. Log-probs and neuron scores are [B]; m = s(x, y_w) - s(x, y_l).
+
+        yoke="loss":    L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
+        yoke="reward":  L = -log sigmoid(beta * h + lam * gamma * m)
+    lam = 0 returns the DPO loss itself (the neuron scores may then be None).
+    Returns (losses [B], dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B]).
+    """
+    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    neuron_losses = None if neuron_chosen is None else -F.logsigmoid(gamma * (neuron_chosen - neuron_rejected))
+    if lam == 0:
+        losses = dpo_losses
+    elif yoke == "loss":
+        losses = dpo_losses + lam * neuron_losses
+    else:
+        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+        losses = -F.logsigmoid(beta * h + lam * gamma * (neuron_chosen - neuron_rejected))
+    return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
+
+
+def forward_logps(model, batch):
+    """Completion log-probs [B] from one forward. Logits are made only from the earliest position
+    that predicts a completion token onwards (logits_to_keep), so the prompt costs no lm_head."""
+    input_ids, mask = batch["input_ids"], batch["loss_mask"]
+    first = int(mask.argmax(1).min())
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
+                   logits_to_keep=input_ids.shape[1] - first).logits
+    labels = F.pad(input_ids[:, 1:], (0, 1))
+    return completion_logps(logits, labels[:, first:], mask[:, first:])
+
+
+@torch.no_grad()
+def gold_nll(model, batches):
+    """Mean negative log-likelihood per completion token over batches (see collate)."""
+    total, tokens = 0.0, 0.0
+    for batch in batches:
+        total -= forward_logps(model, batch).sum().item()
+        tokens += batch["loss_mask"].sum().item()
+    return total / tokens
+
+
+def solution_batches(tokenizer, rows, args, device):
+    examples = solution_examples(tokenizer, rows, args.max_length, args.system)
+    return [to_device(collate(chunk, tokenizer.pad_token_id), device) for chunk in batches_of(examples, args.batch_size)]
+
+
+def cmd_identify(args):
+    """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k."""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    set_seed(args.seed)
+    rows = load_gsm8k(args.data, "train")[:args.num_samples]
+    control = load_gsm8k(args.control, "train", require_gold=False)[:args.num_samples] if args.control else []
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
+    math_batches, control_batches = solution_batches(tokenizer, rows, args, device), solution_batches(tokenizer, control, args, device)
+    from tqdm import tqdm
+    start = time.perf_counter()
+    with attnlrp(model), tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
+        scores = score_neurons(model, math_batches, bar)
+        if control:  # keep what is specific to math, not what any text uses
+            scores = scores - score_neurons(model, control_batches, bar)
+    seconds = time.perf_counter() - start
+    neurons = select_neurons(scores, args.top_k, args.per_layer)
+    mean, std = activation_stats(model, math_batches, neurons)
+    num_layers, width = model_shape(model)
+    counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
+    write_json(out / "neurons.json", {
+        "model": args.model, "num_layers": num_layers, "intermediate_size": width,
+        "selection": {"rule": "per_layer_top_k" if args.per_layer else "global_top_k", "top_k": args.top_k,
+                      "score": "mean AttnLRP relevance at down_proj input" + (" minus control" if control else ""),
+                      "data": args.data, "num_samples": len(rows), "control": args.control,
+                      "num_control_samples": len(control), "max_length": args.max_length, "seed": args.seed},
+        "counts_per_layer": counts, "scoring_seconds": round(seconds, 2),
+        "neurons": [{"layer": l, "index": i, "score": s, "act_mean": float(m), "act_std": float(d)}
+                    for (l, i, s), m, d in zip(neurons, mean, std)],
+    })
+    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s ({(len(rows) + len(control)) / seconds:.2f} samples/s)")
+    print("selected neurons per layer:")
+    for layer, count in enumerate(counts):
+        print(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}")
+    print(f"wrote {out / 'neurons.json'}")
+
+
+def cmd_ablate(args):
+    """ablate: does zeroing the selected neurons hurt gold-solution likelihood more than random ones?"""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    set_seed(args.seed)
+    rows = load_gsm8k(args.data, args.split)[:args.num_samples]
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    neurons = load_neurons(args.neurons, model)
+    batches = solution_batches(tokenizer, rows, args, device)
+    num_layers, width = model_shape(model)
+    chosen = {(n[0], n[1]) for n in neurons}
+    result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
+              "num_neurons": len(neurons), "nll_base": gold_nll(model, batches)}
+    with ablate_neurons(model, neurons):
+        result["nll_ablated"] = gold_nll(model, batches)
+    random_nlls = []
+    for seed in range(args.random_seeds):  # as many random neurons per layer as selected, none of the selected
+        g = torch.Generator().manual_seed(args.seed + seed)
+        control = []
+        for layer in range(num_layers):
+            candidates = [i for i in torch.randperm(width, generator=g).tolist() if (layer, i) not in chosen]
+            control += [(layer, i) for i in candidates[:sum(n[0] == layer for n in neurons)]]
+        with ablate_neurons(model, control):
+            random_nlls.append(gold_nll(model, batches))
+    result["nll_random"] = random_nlls
+    result["nll_random_mean"] = sum(random_nlls) / len(random_nlls)
+    result["nll_random_std"] = torch.tensor(random_nlls).std(unbiased=False).item()
+    rise_random = result["nll_random_mean"] - result["nll_base"]
+    result["ratio"] = (result["nll_ablated"] - result["nll_base"]) / rise_random if rise_random else None
+    if args.eval_accuracy:
+        result["accuracy_base"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
+        with ablate_neurons(model, neurons):
+            result["accuracy_ablated"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
+    write_json(out / "ablation.json", result)
+    for key in ("nll_base", "nll_ablated", "nll_random_mean", "nll_random_std", "ratio", "accuracy_base", "accuracy_ablated"):
+        if key in result:
+            print(f"{key:18s} {result[key]:.4f}")
+    print(f"wrote {out / 'ablation.json'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs
+# ---------------------------------------------------------------------------------------------
+
+def cmd_pairs(args):
+    """pairs: sample the model on GSM8K train, grade with is_correct, pair a right and a wrong answer."""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    set_seed(args.seed)
+    rows = load_gsm8k(args.data, "train")[:args.num_questions]
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
+    samples = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc="pairs",
+                       temperature=args.temperature, num_samples=args.samples_per_question)
+    pairs, counts = [], {"questions": len(rows), "samples": len(samples), "correct_samples": 0,
+                         "all_correct_skipped": 0, "chosen_is_gold": 0}
+    for q, row in enumerate(rows):
+        graded = [(text, is_correct(text, row["gold"])) for text in samples[q * args.samples_per_question:(q + 1) * args.samples_per_question]]
+        right, wrong = [t for t, ok in graded if ok], [t for t, ok in graded if not ok]
+        counts["correct_samples"] += len(right)
+        if not wrong:
+            counts["all_correct_skipped"] += 1
+            continue
+        chosen = right[0] if right else gold_solution(row["answer"])  # no right sample: teach the gold solution
+        counts["chosen_is_gold"] += not right
+        prompt = make_prompt(tokenizer, row["question"], args.system)
+        pairs.append({"prompt": prompt, "chosen": make_completion(tokenizer, chosen),
+                      "rejected": make_completion(tokenizer, wrong[0]), "question_index": q, "chosen_is_gold": not right})
+    counts["pairs"] = len(pairs)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"wrote {out / 'pairs.jsonl'}")
+
+
+def load_pairs(path):
+    """Rows of a pairs JSONL in TRL's format: prompt, chosen, rejected (all strings, or message lists)."""
+    if not Path(path).is_file():
+        raise UserError(f"pairs file missing: {path}; make one with `python yfpo.py pairs` or pass a JSONL path")
+    rows = read_jsonl(path)
+    if not rows:
+        raise UserError(f"{path} holds no pairs; it needs one JSON row per line with prompt, chosen and rejected")
+    with open(path) as f:
+        linenos = [i for i, line in enumerate(f, 1) if line.strip()]
+    for lineno, row in zip(linenos, rows):
+        for field in ("prompt", "chosen", "rejected"):
+            if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
+                raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs prompt, chosen and rejected")
+        if isinstance(row["prompt"], list) != isinstance(row["chosen"], list) or isinstance(row["chosen"], list) != isinstance(row["rejected"], list):
+            raise UserError(f"{path}:{lineno}: mixes text and message lists; use strings for all three fields, or lists for all three")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+# Logged per optimizer step (TRL's names first), averaged over the step's pairs on all ranks.
+PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "logps/chosen", "logps/rejected", "neuron/chosen", "neuron/rejected",
+                "neuron/margin", "neuron/margin_gain")
+
+
+def tokenize_pairs(tokenizer, rows, max_length):
+    """[(chosen, rejected)], each (prompt_ids, completion_ids); pairs whose prompt fills max_length are dropped."""
+    if isinstance(rows[0]["prompt"], list) and not tokenizer.chat_template:
+        raise UserError("the pairs hold chat messages but this tokenizer has no chat template; write the pairs as text")
+    pairs = [(tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
+              tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)) for r in rows]
+    return [(c, r) for c, r in pairs if c[1] and r[1]]
+
+
+def pair_batch(pairs, indices, pad_id):
+    """One batch of 2B sequences: the B chosen completions, then the B rejected ones."""
+    return collate([pairs[i][0] for i in indices] + [pairs[i][1] for i in indices], pad_id)
+
+
+def pair_forward(model, batch, neurons=None):
+    """One forward of a pair batch: (completion log-probs [2B], neuron scores [2B] or None).
+    neurons: (list of (layer, index), mean [K], std [K]); their activations are captured by
+    hooks in this same forward."""
+    if neurons is None:
+        return forward_logps(model, batch), None
+    with NeuronCapture(model, neurons[0]) as capture:
+        logps = forward_logps(model, batch)
+        return logps, neuron_scores(capture.activations(), batch["loss_mask"], neurons[1], neurons[2])
+
+
+@torch.no_grad()
+def reference_pass(model, pairs, neurons, batch_size, pad_id, device, autocast):
+    """Reference log-probs and neuron scores of every pair, each [N, 2] as (chosen, rejected)."""
+    from tqdm import tqdm
+    model.eval()
+    logps, scores = [], []
+    for indices in tqdm(batches_of(list(range(len(pairs))), batch_size), desc="reference", unit="batch"):
+        with autocast:
+            lp, s = pair_forward(model, to_device(pair_batch(pairs, indices, pad_id), device), neurons)
+        logps.append(lp.view(2, -1).T.cpu())
+        scores.append((s if s is not None else torch.zeros_like(lp)).view(2, -1).T.cpu())
+    return torch.cat(logps), torch.cat(scores)
+
+
+def warmup_cosine(warmup_steps, total_steps):
+    """Learning-rate factor: linear warmup to 1, then cosine decay to 0."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def peak_flops(device):
+    """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU a measured float32 matmul rate."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12, "L4": 121e12}
+        return next((v for k, v in peaks.items() if k in name), None)
+    a = torch.randn(1024, 1024)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        a @ a
+        n += 1
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - start)
+
+
+def save_checkpoint(out, model, tokenizer, optimizer, scheduler, step):
+    """OUT/model: save_pretrained weights and tokenizer plus trainer_state.pt, swapped in whole."""
+    final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    getattr(model, "module", model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               tmp / "trainer_state.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def cmd_train(args):
+    """train: DPO + lam * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
+    ddp = "RANK" in os.environ
+    if ddp:  # torchrun: one process per device; each takes every world-th micro-batch of a step
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
+    try:
+        train_loop(args, rank, world, master, DistributedDataParallel if ddp else None)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train_loop(args, rank, world, master, ddp_wrapper):
+    out = check_out_dir(args.out)
+    device = pick_device(args.device)
+    if device.type == "cuda":  # under torchrun, this rank's GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = pick_dtype(args.dtype, device)
+    if dtype == torch.float16:
+        raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss scaling)")
+    # Weights and optimizer stay float32; bf16 only inside autocast.
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    if args.lam > 0 and not args.neurons:
+        raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 trains plain DPO")
+    checkpoint = out / "model"
+    if args.resume and not (checkpoint / "trainer_state.pt").is_file():
+        raise UserError(f"--resume: no checkpoint in {checkpoint}; start without --resume")
+    rows = load_pairs(args.pairs)
+    set_seed(args.seed)
+    model, tokenizer = load_model(str(checkpoint) if args.resume else args.model, device, torch.float32, args.trust_remote_code)
+    neurons = None
+    if args.neurons:
+        saved = load_neurons(args.neurons, model)
+        neurons = ([(n[0], n[1]) for n in saved], torch.tensor([n[3] for n in saved], device=device),
+                   torch.tensor([n[4] for n in saved], device=device))
+    pairs = tokenize_pairs(tokenizer, rows, args.max_length)
+    if not pairs:
+        raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; raise it")
+    pairs_per_step = args.batch_size * args.grad_accum * world
+    steps_per_epoch = len(pairs) // pairs_per_step
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(pairs)} pairs are fewer than one optimizer step takes ({pairs_per_step} = batch x accum x "
+                        "processes); lower --batch-size or --grad-accum")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+    # Reference log-probs and neuron scores, once, before the first step (no second model in memory).
+    cache = out / "reference.pt"
+    fingerprint = hashlib.sha256(json.dumps([args.model, args.neurons, str(dtype), pairs]).encode()).hexdigest()
+    if master and not args.resume and (not cache.is_file() or torch.load(cache)["fingerprint"] != fingerprint):
+        ref_logps, ref_scores = reference_pass(model, pairs, neurons, args.batch_size, tokenizer.pad_token_id, device, autocast)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"fingerprint": fingerprint, "logps": ref_logps, "neuron": ref_scores}, cache)
+    if ddp_wrapper:
+        torch.distributed.barrier()
+    ref = torch.load(cache)
+    ref_logps, ref_scores = ref["logps"].to(device), ref["neuron"].to(device)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(args.warmup_ratio * total_steps), total_steps))
+    start_step = 0
+    if args.resume:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start_step = state["step"]
+        if master:  # forget the steps logged after the checkpoint; they are about to be redone
+            write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
+    elif master:
+        write_text(out / "metrics.jsonl", "")
+    if args.gradient_checkpointing:  # non-reentrant, so the hooked activations keep their gradient path
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if ddp_wrapper:
+        model = ddp_wrapper(model, device_ids=[device.index] if device.type == "cuda" else None)
+    num_params = sum(p.numel() for p in model.parameters())
+    peak = peak_flops(device) if master else None
+
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not master)
+    last_saved = start_step
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
+        chunk = order[k * pairs_per_step:(k + 1) * pairs_per_step]
+        learning_rate = scheduler.get_last_lr()[0]
+        sums = torch.zeros(len(PAIR_METRICS) + 1, device=device)  # + the token count
+        for micro in range(args.grad_accum):
+            m = micro * world + rank  # this rank's micro-batch; the same set of pairs for any world size
+            indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
+            batch = to_device(pair_batch(pairs, indices, tokenizer.pad_token_id), device)
+            sync = model.no_sync() if ddp_wrapper and micro < args.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    logps, scores = pair_forward(model, batch, neurons)
+                chosen, rejected = logps.view(2, -1)
+                s_chosen, s_rejected = scores.view(2, -1) if scores is not None else (None, None)
+                losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = yfpo_loss(
+                    chosen, rejected, ref_logps[indices, 0], ref_logps[indices, 1], s_chosen, s_rejected,
+                    beta=args.beta, lam=args.lam, gamma=args.gamma, yoke=args.yoke)
+                # Sum over pairs / pairs per rank per step: batch 1 x accum 4 == batch 4 x accum 1, and
+                # DDP's mean over ranks then makes it the mean over the whole step.
+                (losses.sum() / (args.batch_size * args.grad_accum)).backward()
+            with torch.no_grad():
+                margin = (s_chosen - s_rejected) if scores is not None else torch.zeros_like(chosen)
+                ref_margin = ref_scores[indices, 0] - ref_scores[indices, 1]
+                zero = torch.zeros_like(chosen)
+                values = [losses, dpo_losses, neuron_losses if neuron_losses is not None else zero,
+                          chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+                          chosen_rewards - rejected_rewards, chosen, rejected,
+                          s_chosen if scores is not None else zero, s_rejected if scores is not None else zero,
+                          margin, margin - ref_margin if scores is not None else zero]
+                sums += torch.stack([v.detach().float().sum() for v in values] + [batch["attention_mask"].sum().float()])
+        if ddp_wrapper:
+            torch.distributed.all_reduce(sums)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
+            raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The last good checkpoint is "
+                            f"{checkpoint} (step {last_saved}); lower --lr or inspect the pairs of this step")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        if master:
+            tokens = sums[-1].item()
+            metrics = {"step": step + 1, "epoch": epoch, **{name: (sums[i] / pairs_per_step).item()
+                                                             for i, name in enumerate(PAIR_METRICS)},
+                       "grad_norm": grad_norm.item(), "learning_rate": learning_rate, "step_time_s": seconds,
+                       "tokens_per_s": tokens / seconds,
+                       # MFU: 6 N FLOPs per trained token (forward + backward), over the peak of all devices.
+                       "mfu": 6 * num_params * tokens / seconds / (peak * world) if peak else None}
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                            neuron_margin=f"{metrics['neuron/margin']:.3f}")
+        bar.update(1)
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+            if master:
+                save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
+            last_saved = step + 1
+    bar.close()
+    if master:
+        print(f"trained {total_steps - start_step} steps ({len(pairs)} pairs, {pairs_per_step} per step); "
+              f"wrote {out / 'metrics.jsonl'} and {checkpoint}")
+
+
+def cmd_plot(args):
+    """plot: losses, reward accuracy and neuron margin from DIR/metrics.jsonl into DIR/training.png."""
+    path = Path(args.dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"no metrics.jsonl in {args.dir}; pass the --out folder of a train run")
+    rows = read_jsonl(path)
+    if not rows:
+        raise UserError(f"{path} is empty; train at least one step first")
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("loss", ["loss", "loss/dpo", "loss/neuron"]), ("reward accuracy", ["rewards/accuracies"]),
+              ("margins", ["rewards/margins", "neuron/margin"]), ("learning rate", ["learning_rate"])]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    steps = [r["step"] for r in rows]
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            ax.plot(steps, [r[key] for r in rows], label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    tmp = Path(args.dir) / "training.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, Path(args.dir) / "training.png")
+    print(f"wrote {Path(args.dir) / 'training.png'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: answer extraction, grading, batched greedy generation, statistics
+# ---------------------------------------------------------------------------------------------
+# A number: optional sign and $, digits with or without thousands commas, optional decimals.
+NUMBER = r"(?<![\w.])-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+STRICT = re.compile(r"answer is|####|\\boxed\{", re.IGNORECASE)
+
+
+def normalize_number(text):
+    return text.replace(",", "").replace("$", "").replace("%", "").rstrip(".")
+
+
+def extract_answer_rule(text):
+    """(answer, rule): rule 'strict' when the answer follows the last "The answer is", "####" or
+    "\\boxed{" marker that has a number after it on its line, 'flexible' for the last number in the
+    text, None when there is no number (then the answer is None too)."""
+    for marker in reversed(list(STRICT.finditer(text))):
+        line = text[marker.end():].split("\n", 1)[0]
+        found = re.search(NUMBER, line)
+        if found:
+            return normalize_number(found.group()), "strict"
+    numbers = re.findall(NUMBER, text)
+    return (normalize_number(numbers[-1]), "flexible") if numbers else (None, None)
+
+
+def extract_answer(text):
+    """The final numeric answer of a completion as a string ('1234', '-3.5'), or None."""
+    return extract_answer_rule(text)[0]
+
+
+def is_correct(text, gold):
+    """True when the extracted answer equals the gold number numerically ('18.00' == '18')."""
+    answer = extract_answer(text)
+    if answer is None:
+        return False
+    try:
+        return abs(float(answer) - float(normalize_number(gold))) <= 1e-6 * max(1.0, abs(float(gold)))
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate", temperature=0.0, num_samples=1):
+    """Completions for prompt texts, in order; num_samples per prompt (sampled when temperature > 0,
+    else greedy). Batched with left padding, longest prompts first; each stops at EOS."""
+    from tqdm import tqdm
+    tokenizer.padding_side = "left"
+    eos = model.generation_config.eos_token_id
+    eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    completions = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+        for chunk in batches_of(order, batch_size):
+            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = model.generate(input_ids=enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device), max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, do_sample=temperature > 0,
+                                 temperature=temperature or None, top_p=None, top_k=None)
+            texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, i in enumerate(chunk):
+                completions[i] = texts[j * num_samples:(j + 1) * num_samples]
+            bar.update(len(chunk))
+    return [text for per_prompt in completions for text in per_prompt]
+
+
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval for a binomial proportion."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    center = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar_exact(only_a, only_b):
+    """Two-sided exact McNemar p-value from the discordant counts (a right/b wrong, b right/a wrong)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def evaluate(model, tokenizer, rows, args):
+    """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
+    start = time.perf_counter()
+    prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
+    completions = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc="eval")
+    results = []
+    for i, (row, text) in enumerate(zip(rows, completions)):
+        answer, rule = extract_answer_rule(text)
+        results.append({"index": i, "question": row["question"], "gold": row["gold"], "completion": text,
+                        "extracted": answer, "rule": rule, "correct": is_correct(text, row["gold"])})
+    seconds = time.perf_counter() - start
+    correct = sum(r["correct"] for r in results)
+    low, high = wilson_interval(correct, len(results))
+    summary = {"accuracy": correct / len(results), "correct": correct, "total": len(results), "ci_low": low,
+               "ci_high": high, "prompt_format": prompt_format(tokenizer), "system": args.system,
+               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+               "wall_time_s": round(seconds, 2), "questions_per_s": round(len(results) / seconds, 3)}
+    return summary, results
+
+
+def compare_runs(results, other_path):
+    """Paired difference over the questions both runs answered, with the exact McNemar p-value."""
+    other = {(r["index"], r["question"]): r["correct"] for r in read_jsonl(other_path)}
+    shared = [(r["correct"], other[(r["index"], r["question"])]) for r in results if (r["index"], r["question"]) in other]
+    if not shared:
+        raise UserError(f"--compare {other_path} shares no questions with this run; compare runs on the same data")
+    only_this, only_other = sum(a and not b for a, b in shared), sum(b and not a for a, b in shared)
+    return {"shared": len(shared), "difference": (only_this - only_other) / len(shared), "only_this_correct": only_this,
+            "only_other_correct": only_other, "mcnemar_p": mcnemar_exact(only_this, only_other)}
+
+
+def cmd_eval(args):
+    """eval: GSM8K exact match with batched greedy decoding."""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    if args.compare and not Path(args.compare).is_file():
+        raise UserError(f"--compare file missing: {args.compare}; pass another run's eval.jsonl")
+    set_seed(args.seed)
+    rows = load_gsm8k(args.data, args.split)[:args.limit]
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    summary, results = evaluate(model, tokenizer, rows, args)
+    summary.update(model=args.model, data=args.data, split=args.split, limit=args.limit, seed=args.seed)
+    if args.compare:
+        summary["compare"] = {"other": args.compare, **compare_runs(results, args.compare)}
+    write_jsonl(out / "eval.jsonl", results)
+    write_json(out / "summary.json", summary)
+    print(f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}), 95% CI "
+          f"[{summary['ci_low']:.4f}, {summary['ci_high']:.4f}], {summary['questions_per_s']} questions/s")
+    if args.compare:
+        c = summary["compare"]
+        print(f"vs {args.compare}: difference {c['difference']:+.4f} over {c['shared']} shared questions "
+              f"({c['only_this_correct']} only here, {c['only_other_correct']} only there), McNemar p = {c['mcnemar_p']:.4g}")
+    print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo: every stage on a tiny random model, offline. It checks the install; its accuracy means nothing.
+# ---------------------------------------------------------------------------------------------
+DEMO_PROBLEMS = [
+    ("Tom has 3 apples and buys 5 more. How many apples does he have?", "Tom has 3+5=<<3+5=8>>8 apples.\n#### 8"),
+    ("A box holds 12 eggs. How many eggs are in 4 boxes?", "4 boxes hold 4*12=<<4*12=48>>48 eggs.\n#### 48"),
+    ("Sara reads 15 pages a day. How many pages does she read in a week?", "A week has 7 days, so she reads 15*7=<<15*7=105>>105 pages.\n#### 105"),
+    ("A shirt costs $20 and is 25% off. What does it cost now?", "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n#### 15"),
+    ("Ben had 50 marbles and gave away 18. How many are left?", "He has 50-18=<<50-18=32>>32 marbles left.\n#### 32"),
+    ("A train travels 60 miles per hour for 3 hours. How far does it go?", "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
+    ("Lily splits 36 candies among 4 friends. How many does each get?", "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
+    ("A farm has 7 cows and 3 times as many hens. How many animals are there?", "There are 7*3=<<7*3=21>>21 hens.\nIn all 7+21=<<7+21=28>>28 animals.\n#### 28"),
+    ("Max saves $1,200 a month. How much does he save in a year?", "He saves 1200*12=<<1200*12=14400>>14,400 dollars.\n#### 14,400"),
+    ("A rope is 9 meters long. It is cut into 3 equal parts. How long is each part?", "Each part is 9/3=<<9/3=3>>3 meters.\n#### 3"),
+    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?", "Her mother is 8*4=<<8*4=32>>32.\n#### 32"),
+    ("A class has 14 girls and 16 boys. How many students are there?", "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
+]
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_model(path, seed=0, model_type="qwen2"):
+    """A tiny random causal LM (2 layers, 128 neurons each) and a byte-level BPE tokenizer with a
+    ChatML template, trained on the spot on the demo problems, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([q + "\n" + a for q, a in DEMO_PROBLEMS] + [INSTRUCTION, "The answer is 0123456789."],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=CHATML_TEMPLATE, model_input_names=["input_ids", "attention_mask"])
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def cmd_demo(args):
+    """demo: build a tiny model and data, then run identify, ablate, pairs, train, eval and plot."""
+    out = check_out_dir(args.out)
+    start = time.perf_counter()
+    model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
+    write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
+    write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
+    print(f"[demo] tiny model in {model}, GSM8K-format data in {data}")
+    common = ["--seed", str(args.seed), "--device", "cpu"]
+    stages = [
+        ("identify", ["--model", model, "--data", str(data / "train.jsonl"), "--num-samples", "8", "--top-k", "16"]),
+        ("ablate", ["--model", model, "--data", str(data), "--neurons", str(out / "identify" / "neurons.json"),
+                    "--num-samples", "4", "--random-seeds", "2"]),
+        ("pairs", ["--model", model, "--data", str(data), "--num-questions", "8", "--samples-per-question", "2",
+                   "--max-new-tokens", "16"]),
+        ("train", ["--model", model, "--pairs", str(out / "pairs" / "pairs.jsonl"), "--neurons",
+                   str(out / "identify" / "neurons.json"), "--lam", "0.3", "--lr", "1e-4", "--batch-size", "2",
+                   "--grad-accum", "1", "--epochs", "2", "--max-length", "256"]),
+        ("eval", ["--model", str(out / "train" / "model"), "--data", str(data), "--max-new-tokens", "16"]),
+    ]
+    for name, argv in stages:
+        print(f"\n[demo] {name} -> {out / name}")
+        main([name, *argv, *common, "--out", str(out / name)], strict=True)
+    try:
+        import matplotlib  # noqa: F401
+        main(["plot", str(out / "train")], strict=True)
+    except ImportError:
+        print("[demo] plot skipped: matplotlib is not installed")
+    print(f"\n[demo] all stages ran in {time.perf_counter() - start:.1f}s; files in {out}. "
+          "This checks the install: the tiny model is random, so its accuracy means nothing.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local Hugging Face folder, or .gguf file")
+    common.add_argument("--data", default=DEFAULT_DATA, help="hub dataset, or a local .jsonl/.json/.parquet file or folder")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 where the GPU supports it, else float32")
+    common.add_argument("--out", default="out", help="folder for this command's files")
+    common.add_argument("--system", default=None, help="system prompt (default: none)")
+    common.add_argument("--trust-remote-code", action="store_true")
+    generation = argparse.ArgumentParser(add_help=False)
+    generation.add_argument("--batch-size", type=positive_int, default=8)
+    generation.add_argument("--max-new-tokens", type=positive_int, default=512)
+
+    parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = commands.add_parser("identify", parents=[common], help="score MLP neurons with AttnLRP, save the top k")
+    p.add_argument("--num-samples", type=positive_int, default=256)
+    p.add_argument("--top-k", type=positive_int, default=1000)
+    p.add_argument("--per-layer", action="store_true", help="top k/L neurons of every layer instead of the global top k")
+    p.add_argument("--control", help="non-math question/answer data; its mean relevance is subtracted")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--max-length", type=positive_int, default=512)
+    p.set_defaults(run=cmd_identify)
+
+    p = commands.add_parser("ablate", parents=[common, generation], help="zero the neurons: NLL vs random neurons")
+    p.add_argument("--neurons", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-samples", type=positive_int, default=200)
+    p.add_argument("--random-seeds", type=positive_int, default=3)
+    p.add_argument("--max-length", type=positive_int, default=512)
+    p.add_argument("--eval-accuracy", action="store_true", help="also run the evaluator with and without ablation")
+    p.set_defaults(run=cmd_ablate)
+
+    p = commands.add_parser("pairs", parents=[common, generation], help="sample, grade and pair GSM8K train answers")
+    p.add_argument("--num-questions", type=positive_int, default=2000)
+    p.add_argument("--samples-per-question", type=positive_int, default=4)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.set_defaults(run=cmd_pairs)
+
+    p = commands.add_parser("train", parents=[common], help="DPO + lam * neuron-margin loss")
+    p.add_argument("--pairs", help="pairs JSONL (default: OUT/pairs.jsonl)")
+    p.add_argument("--neurons", help="neurons.json (default: OUT/neurons.json when it exists)")
+    p.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
+    p.add_argument("--gamma", type=float, default=1.0, help="scale of the neuron margin")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
+    p.add_argument("--yoke", choices=["loss", "reward"], default="loss")
+    p.add_argument("--lr", type=float, default=5e-7)
+    p.add_argument("--batch-size", type=positive_int, default=2, help="pairs per micro-batch per process")
+    p.add_argument("--grad-accum", type=positive_int, default=4)
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--max-length", type=positive_int, default=512)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--save-every", type=positive_int, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/model")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("eval", parents=[common, generation], help="GSM8K exact match, greedy")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=positive_int, help="first N questions")
+    p.add_argument("--compare", help="another run's eval.jsonl: paired difference and McNemar p")
+    p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("plot", help="draw DIR/metrics.jsonl into DIR/training.png")
+    p.add_argument("dir")
+    p.set_defaults(run=cmd_plot)
+
+    p = commands.add_parser("demo", help="all stages on a tiny random model, offline")
+    p.add_argument("--out", default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv=None, strict=False):
+    """Run a command; a UserError becomes one line on stderr and exit code 2 (raised again if strict)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        args.pairs = args.pairs or str(Path(args.out) / "pairs.jsonl")
+        default_neurons = Path(args.out) / "neurons.json"
+        args.neurons = args.neurons or (str(default_neurons) if default_neurons.is_file() else None)
+    try:
+        args.run(args)
+    except UserError as e:
+        if strict:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
