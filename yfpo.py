@@ -578,15 +578,16 @@ def cmd_identify(args):
     rows = load_gsm8k(args.data, "train")[:args.num_samples]
     control = load_gsm8k(args.control, "train", require_gold=False)[:args.num_samples] if args.control else []
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
-    select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
-    math_batches, control_batches = solution_batches(tokenizer, rows, args, device), solution_batches(tokenizer, control, args, device)
     from tqdm import tqdm
-    start = time.perf_counter()
-    with attnlrp(model), tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
-        scores = score_neurons(model, math_batches, bar)
-        if control:  # keep what is specific to math, not what any text uses
-            scores = scores - score_neurons(model, control_batches, bar)
-    seconds = time.perf_counter() - start
+    with attnlrp(model):
+        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
+        math_batches = solution_batches(tokenizer, rows, args, device)
+        start = time.perf_counter()
+        with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
+            scores = score_neurons(model, math_batches, bar)
+            if control:  # keep what is specific to math, not what any text uses
+                scores = scores - score_neurons(model, solution_batches(tokenizer, control, args, device), bar)
+        seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
     mean, std = activation_stats(model, math_batches, neurons)
     num_layers, width = model_shape(model)
@@ -651,6 +652,31 @@ def cmd_ablate(args):
 # Preference pairs
 # ---------------------------------------------------------------------------------------------
 
+def make_pairs(tokenizer, rows, samples, system=None):
+    """Preference pairs from graded samples: samples[q] are the completions sampled for rows[q].
+
+    chosen = a correct sample, or the gold solution when none is (flagged chosen_is_gold);
+    rejected = an incorrect sample; questions whose samples are all correct give no pair.
+    Returns (pairs in TRL's format plus question_index and chosen_is_gold, counts).
+    """
+    pairs, counts = [], {"questions": len(rows), "samples": 0, "correct_samples": 0, "all_correct_skipped": 0,
+                         "chosen_is_gold": 0}
+    for q, (row, texts) in enumerate(zip(rows, samples)):
+        right = [t for t in texts if is_correct(t, row["gold"])]
+        wrong = [t for t in texts if not is_correct(t, row["gold"])]
+        counts["samples"] += len(texts)
+        counts["correct_samples"] += len(right)
+        if not wrong:
+            counts["all_correct_skipped"] += 1
+            continue
+        counts["chosen_is_gold"] += not right
+        prompt = make_prompt(tokenizer, row["question"], system)
+        pairs.append({"prompt": prompt, "chosen": make_completion(tokenizer, right[0] if right else gold_solution(row["answer"])),
+                      "rejected": make_completion(tokenizer, wrong[0]), "question_index": q, "chosen_is_gold": not right})
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
 def cmd_pairs(args):
     """pairs: sample the model on GSM8K train, grade with is_correct, pair a right and a wrong answer."""
     out, device = check_out_dir(args.out), pick_device(args.device)
@@ -658,23 +684,10 @@ def cmd_pairs(args):
     rows = load_gsm8k(args.data, "train")[:args.num_questions]
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
+    n = args.samples_per_question
     samples = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc="pairs",
-                       temperature=args.temperature, num_samples=args.samples_per_question)
-    pairs, counts = [], {"questions": len(rows), "samples": len(samples), "correct_samples": 0,
-                         "all_correct_skipped": 0, "chosen_is_gold": 0}
-    for q, row in enumerate(rows):
-        graded = [(text, is_correct(text, row["gold"])) for text in samples[q * args.samples_per_question:(q + 1) * args.samples_per_question]]
-        right, wrong = [t for t, ok in graded if ok], [t for t, ok in graded if not ok]
-        counts["correct_samples"] += len(right)
-        if not wrong:
-            counts["all_correct_skipped"] += 1
-            continue
-        chosen = right[0] if right else gold_solution(row["answer"])  # no right sample: teach the gold solution
-        counts["chosen_is_gold"] += not right
-        prompt = make_prompt(tokenizer, row["question"], args.system)
-        pairs.append({"prompt": prompt, "chosen": make_completion(tokenizer, chosen),
-                      "rejected": make_completion(tokenizer, wrong[0]), "question_index": q, "chosen_is_gold": not right})
-    counts["pairs"] = len(pairs)
+                       temperature=args.temperature, num_samples=n)
+    pairs, counts = make_pairs(tokenizer, rows, batches_of(samples, n), args.system)
     write_jsonl(out / "pairs.jsonl", pairs)
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
     print(f"wrote {out / 'pairs.jsonl'}")
@@ -913,6 +926,7 @@ def train_loop(args, rank, world, master, ddp_wrapper):
             torch.distributed.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
+            bar.close()
             raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The last good checkpoint is "
                             f"{checkpoint} (step {last_saved}); lower --lr or inspect the pairs of this step")
         optimizer.step()
@@ -976,9 +990,11 @@ def cmd_plot(args):
 # ---------------------------------------------------------------------------------------------
 # Evaluation: answer extraction, grading, batched greedy generation, statistics
 # ---------------------------------------------------------------------------------------------
-# A number: optional sign and $, digits with or without thousands commas, optional decimals.
-NUMBER = r"(?<![\w.])-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-STRICT = re.compile(r"answer is|####|\\boxed\{", re.IGNORECASE)
+# A number: optional sign, digits with or without thousands commas, optional decimals.
+NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+FLEXIBLE = re.compile(r"(?<![\w.])" + NUMBER)
+# The number right after "The answer is", "####" or "\boxed{" (allowing ':', '*', '$' in between).
+STRICT = re.compile(r"(?:answer is|####|\\boxed\{)[\s:*]*(?:\\?\$\s*)?(" + NUMBER + ")", re.IGNORECASE)
 
 
 def normalize_number(text):
@@ -986,15 +1002,12 @@ def normalize_number(text):
 
 
 def extract_answer_rule(text):
-    """(answer, rule): rule 'strict' when the answer follows the last "The answer is", "####" or
-    "\\boxed{" marker that has a number after it on its line, 'flexible' for the last number in the
-    text, None when there is no number (then the answer is None too)."""
-    for marker in reversed(list(STRICT.finditer(text))):
-        line = text[marker.end():].split("\n", 1)[0]
-        found = re.search(NUMBER, line)
-        if found:
-            return normalize_number(found.group()), "strict"
-    numbers = re.findall(NUMBER, text)
+    """(answer, rule): 'strict' for the number right after the last "The answer is", "####" or
+    "\\boxed{"; else 'flexible' for the last number in the text; (None, None) when there is none."""
+    strict = STRICT.findall(text)
+    if strict:
+        return normalize_number(strict[-1]), "strict"
+    numbers = FLEXIBLE.findall(text)
     return (normalize_number(numbers[-1]), "flexible") if numbers else (None, None)
 
 
@@ -1009,9 +1022,10 @@ def is_correct(text, gold):
     if answer is None:
         return False
     try:
-        return abs(float(answer) - float(normalize_number(gold))) <= 1e-6 * max(1.0, abs(float(gold)))
+        answer, gold = float(answer), float(normalize_number(gold))
     except ValueError:
         return False
+    return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
 
 
 @torch.no_grad()
@@ -1147,6 +1161,7 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
+                                  initializer_range=0.2,  # larger than usual, so greedy outputs differ by prompt
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,712 @@
+"""The specification of yfpo.py: one behaviour per test, on a tiny random model built from a config.
+
+Run: python -m pytest -q test_yfpo.py
+Optional, on a real model: YFPO_SMOLLM2=/path/to/SmolLM2-135M-Instruct python -m pytest -q -k smollm2
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import yfpo
+
+HERE = Path(__file__).resolve().parent
+DEMO_ROWS = [{"question": q, "answer": a} for q, a in yfpo.DEMO_PROBLEMS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return str(yfpo.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return str(yfpo.build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", model_type="llama"))
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    return yfpo.load_model(tiny_dir, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in DEMO_ROWS))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def neurons_file(tiny_dir, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("identify")
+    assert run("identify", "--model", tiny_dir, "--data", data_file, "--num-samples", "8", "--top-k", "12",
+               "--out", str(out)) == 0
+    return str(out / "neurons.json")
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tiny_dir, data_file, tmp_path_factory):
+    """Eight pairs in TRL's conversational format: chosen = the gold solution, rejected = a wrong number."""
+    _, tokenizer = yfpo.load_model(tiny_dir, torch.device("cpu"), torch.float32)
+    rows = []
+    for row in yfpo.load_gsm8k(data_file, "train")[:8]:
+        gold = yfpo.gold_solution(row["answer"])
+        rows.append({"prompt": yfpo.make_prompt(tokenizer, row["question"]),
+                     "chosen": yfpo.make_completion(tokenizer, gold),
+                     "rejected": yfpo.make_completion(tokenizer, gold.replace(row["gold"], str(int(row["gold"]) + 1)))})
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    yfpo.write_jsonl(path, rows)
+    return str(path)
+
+
+def run(*argv):
+    return yfpo.main(["--help"] if not argv else list(argv))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(tiny_dir, pairs_file, out, *extra):
+    argv = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--lr", "1e-3", "--batch-size", "2",
+            "--grad-accum", "1", "--max-length", "256", "--device", "cpu", "--out", str(out), *extra]
+    assert run(*argv) == 0
+    return metrics(out)
+
+
+def assert_user_error(capsys, out, *argv, says):
+    """A user mistake: exit code 2, one line naming the problem, and nothing written in out."""
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert says in err, err
+    assert not Path(out).exists() or not any(Path(out).iterdir())
+
+
+def sample_batch(tokenizer, rows, max_length=256):
+    return yfpo.collate(yfpo.solution_examples(tokenizer, rows, max_length), tokenizer.pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading: extract_answer and is_correct
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is 18.", "18"),
+    ("The answer is 1,234.", "1234"),
+    ("The answer is $1,234.56.", "1234.56"),
+    ("The answer is: -7", "-7"),
+    ("The final answer is **42**.", "42"),
+    ("#### 72", "72"),
+    ("so 5 + 3 = 8\n#### 8", "8"),
+    ("\\boxed{18}", "18"),
+    ("\\boxed{\\$25}", "25"),
+    ("The answer is 3. Wait, no. The answer is 4.", "4"),
+    ("The answer is 10.\nFollow-up: what if she had 20 more? Then 30.", "10"),
+    ("#### 5 then The answer is 6", "6"),
+    ("The answer is 2 * 2 = 4 bolts", "2"),
+    ("She paid $5 and then $7.", "7"),
+    ("It is 45%.", "45"),
+    ("He ran 3.50 miles.", "3.50"),
+    ("The temperature is -3 degrees.", "-3"),
+    ("pages 3-5 were torn", "5"),
+    ("x = 1.5.", "1.5"),
+    ("12 apples, 7 pears, 100 grapes", "100"),
+    ("He earns 1,000,000 dollars", "1000000"),
+    ("There is no number here.", None),
+    ("", None),
+    ("The answer is unknown.", None),
+    ("The answer is twelve, or 12 in digits", "12"),
+    ("In 2023 she was 30 years old and the answer is 31", "31"),
+])
+def test_extract_answer(text, expected):
+    assert yfpo.extract_answer(text) == expected
+
+
+def test_extract_answer_names_the_rule_that_fired():
+    assert yfpo.extract_answer_rule("so 4 then The answer is 5.") == ("5", "strict")
+    assert yfpo.extract_answer_rule("so 4 then 5") == ("5", "flexible")
+    assert yfpo.extract_answer_rule("nothing") == (None, None)
+
+
+@pytest.mark.parametrize("text, gold, expected", [
+    ("The answer is 18.00", "18", True),
+    ("The answer is 18", "18.0", True),
+    ("The answer is 1,800", "1800", True),
+    ("The answer is $1800.", "1,800", True),
+    ("The answer is 17.99", "18", False),
+    ("The answer is -5", "5", False),
+    ("no number", "5", False),
+    ("The answer is 0.5", ".5", True),
+])
+def test_is_correct_compares_numbers(text, gold, expected):
+    assert yfpo.is_correct(text, gold) is expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and prompts
+# ---------------------------------------------------------------------------------------------
+
+def test_gold_is_the_text_after_the_marker_without_commas():
+    assert yfpo.parse_gold("He has 5.\n#### 1,234") == "1234"
+    assert yfpo.parse_gold("#### -3.5 ") == "-3.5"
+
+
+def test_gold_solution_drops_calculator_marks_and_states_the_answer():
+    assert yfpo.gold_solution("4*12=<<4*12=48>>48 eggs.\n#### 48") == "4*12=48 eggs.\nThe answer is 48."
+
+
+def test_load_local_jsonl_adds_gold(data_file):
+    rows = yfpo.load_gsm8k(data_file, "test")
+    assert len(rows) == len(DEMO_ROWS) and rows[8]["gold"] == "14400" and rows[0]["question"] == DEMO_ROWS[0]["question"]
+
+
+def test_load_folder_picks_the_split_file(tmp_path):
+    yfpo.write_jsonl(tmp_path / "train.jsonl", DEMO_ROWS[:3])
+    yfpo.write_jsonl(tmp_path / "test.jsonl", DEMO_ROWS[3:5])
+    assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "test")] == ["15", "32"]
+
+
+def test_chat_template_prompt_holds_question_instruction_and_generation_prompt(tiny):
+    _, tokenizer = tiny
+    text = yfpo.format_prompt(tokenizer, "What is 2+2?", system="Be brief.")
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?\n" + yfpo.INSTRUCTION
+                    + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tokenizer_without_chat_template_gets_plain_format(tiny):
+    _, tokenizer = tiny
+    tokenizer.chat_template = None
+    assert yfpo.format_prompt(tokenizer, "What is 2+2?") == f"Question: What is 2+2?\n{yfpo.INSTRUCTION}\nAnswer:"
+    assert yfpo.prompt_format(tokenizer) == "plain"
+
+
+def test_tokenize_example_splits_the_templated_conversation(tiny):
+    _, tokenizer = tiny
+    prompt = yfpo.prompt_messages("What is 2+2?")
+    completion = [{"role": "assistant", "content": "The answer is 4."}]
+    prompt_ids, completion_ids = yfpo.tokenize_example(tokenizer, prompt, completion, 512)
+    assert prompt_ids + completion_ids == tokenizer.apply_chat_template(prompt + completion, tokenize=True)
+    assert tokenizer.decode(completion_ids) == "The answer is 4.<|im_end|>\n"
+    short = yfpo.tokenize_example(tokenizer, prompt, completion, len(prompt_ids) + 3)
+    assert short == (prompt_ids, completion_ids[:3])  # the completion's end is cut, never the prompt
+
+
+def test_collate_masks_exactly_the_positions_that_predict_completion_tokens():
+    batch = yfpo.collate([([1, 2, 3], [4, 5]), ([6], [7, 8, 9])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+def test_greedy_completions_do_not_depend_on_batch_size(tiny):
+    model, tokenizer = tiny
+    prompts = [yfpo.format_prompt(tokenizer, r["question"]) for r in DEMO_ROWS]
+    one = yfpo.generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=24)
+    eight = yfpo.generate(model, tokenizer, prompts, batch_size=8, max_new_tokens=24)
+    assert one == eight and len(set(one)) > 1
+
+
+def test_eval_cli_writes_rows_and_summary(tiny_dir, data_file, tmp_path, capsys):
+    assert run("eval", "--model", tiny_dir, "--data", data_file, "--limit", "5", "--max-new-tokens", "8",
+               "--out", str(tmp_path)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(5))
+    assert set(rows[0]) == {"index", "question", "gold", "completion", "extracted", "rule", "correct"}
+    assert all(r["correct"] == yfpo.is_correct(r["completion"], r["gold"]) for r in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["total"] == 5 and summary["accuracy"] == summary["correct"] / 5
+    assert summary["ci_low"] <= summary["accuracy"] <= summary["ci_high"]
+    assert summary["model"] == tiny_dir and summary["limit"] == 5 and summary["prompt_format"] == "chat_template"
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_eval_compare_reports_paired_difference(tiny_dir, data_file, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert run("eval", "--model", tiny_dir, "--data", data_file, "--limit", "3", "--max-new-tokens", "4", "--out", str(first)) == 0
+    rows = [json.loads(line) for line in (first / "eval.jsonl").read_text().splitlines()]
+    for r in rows:  # the other run got every question right
+        r["correct"] = True
+    yfpo.write_jsonl(first / "other.jsonl", rows)
+    assert run("eval", "--model", tiny_dir, "--data", data_file, "--limit", "3", "--max-new-tokens", "4",
+               "--out", str(tmp_path / "second"), "--compare", str(first / "other.jsonl")) == 0
+    compare = json.loads((tmp_path / "second" / "summary.json").read_text())["compare"]
+    assert compare["shared"] == 3 and compare["only_this_correct"] == 0 and compare["only_other_correct"] == 3
+    assert compare["difference"] == -1.0 and compare["mcnemar_p"] == 0.25
+
+
+def test_wilson_interval_known_value():
+    low, high = yfpo.wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    assert yfpo.wilson_interval(0, 10)[0] == 0.0
+
+
+def test_mcnemar_exact_known_values():
+    assert yfpo.mcnemar_exact(0, 0) == 1.0
+    assert yfpo.mcnemar_exact(0, 5) == 2 / 32
+    assert math.isclose(yfpo.mcnemar_exact(2, 8), 2 * (1 + 10 + 45) / 1024)
+
+
+@pytest.mark.parametrize("case", ["missing file", "bad json line", "no question", "no marker", "limit 0",
+                                  "negative limit", "model missing", "out is a file"])
+def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_file, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    out = tmp_path / "out"
+    argv = {"model": tiny_dir, "data": data_file, "out": str(out)}
+    extra, says = [], None
+    if case == "missing file":
+        argv["data"], says = str(tmp_path / "nope.jsonl"), "data file missing"
+    elif case == "bad json line":
+        bad.write_text(json.dumps(DEMO_ROWS[0]) + "\n{oops\n")
+        argv["data"], says = str(bad), "bad.jsonl:2: not valid JSON"
+    elif case == "no question":
+        bad.write_text(json.dumps({"answer": "#### 1"}) + "\n")
+        argv["data"], says = str(bad), "row 1 has no 'question' field"
+    elif case == "no marker":
+        bad.write_text(json.dumps(DEMO_ROWS[0]) + "\n" + json.dumps({"question": "q", "answer": "5"}) + "\n")
+        argv["data"], says = str(bad), "row 2: the answer has no '#### N'"
+    elif case == "limit 0":
+        extra, says = ["--limit", "0"], "--limit: must be a positive integer"
+    elif case == "negative limit":
+        extra, says = ["--limit", "-3"], "--limit: must be a positive integer"
+    elif case == "model missing":
+        argv["model"], says = str(tmp_path / "no-model"), "model path does not exist"
+    elif case == "out is a file":
+        out.write_text("x")
+        argv["out"], says = str(out), "is an existing file"
+    code = None
+    try:
+        code = run("eval", "--model", argv["model"], "--data", argv["data"], "--out", argv["out"], *extra)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert not out.is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Neurons: relevance, selection, the saved set, ablation
+# ---------------------------------------------------------------------------------------------
+
+def test_relevance_is_finite_and_zero_at_pad_positions(tiny):
+    model, tokenizer = tiny
+    batch = sample_batch(tokenizer, DEMO_ROWS[:4])
+    with yfpo.attnlrp(model):
+        per_token = yfpo.neuron_relevance(model, **batch, per_token=True)  # [B, T, L, I]
+    assert per_token.shape[:2] == batch["input_ids"].shape and torch.isfinite(per_token).all()
+    pads = batch["attention_mask"] == 0
+    assert pads.any() and per_token[pads].abs().max() == 0
+    assert per_token[~pads].abs().max() > 0
+
+
+def test_relevance_does_not_depend_on_batch_size(tiny):
+    model, tokenizer = tiny
+    with yfpo.attnlrp(model):
+        four = yfpo.neuron_relevance(model, **sample_batch(tokenizer, DEMO_ROWS[:4]))
+        ones = torch.cat([yfpo.neuron_relevance(model, **sample_batch(tokenizer, [r])) for r in DEMO_ROWS[:4]])
+    assert torch.allclose(four, ones, atol=1e-4 * ones.abs().max(), rtol=0)
+
+
+def test_relevance_is_conserved_from_logit_to_input(tiny_llama_dir):
+    # AttnLRP is conservative up to the bias terms of its softmax rule (and norm epsilons): the input
+    # relevance of one explained logit sums to that logit. Measured on this tiny Llama (no biases),
+    # |sum R - logit| / sum |R| = 1.3%, 1.9%, 4.1%, 1.4% for the four samples; tolerance 5%.
+    model, tokenizer = yfpo.load_model(tiny_llama_dir, torch.device("cpu"), torch.float32)
+    model.requires_grad_(False)
+    for row in DEMO_ROWS[:4]:
+        ids = sample_batch(tokenizer, [row])["input_ids"]
+        with yfpo.attnlrp(model):
+            x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            hidden = model.get_decoder()(inputs_embeds=x).last_hidden_state
+            logit = model.lm_head(hidden)[0, -2, ids[0, -1]]  # the gold logit of the last token
+            logit.backward()
+        relevance = x * x.grad
+        assert abs(relevance.sum().item() - logit.item()) <= 0.05 * relevance.abs().sum().item()
+
+
+def test_attnlrp_patch_is_undone(tiny):
+    model, tokenizer = tiny
+    batch = sample_batch(tokenizer, DEMO_ROWS[:2])
+
+    def grads():
+        model.zero_grad()
+        logps = yfpo.forward_logps(model, batch)
+        logps.sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+    before = grads()
+    with yfpo.attnlrp(model):
+        patched = grads()
+        yfpo.score_neurons(model, [batch])
+    after = grads()
+    assert any(not torch.equal(a, b) for a, b in zip(before, patched))  # the patch does change gradients
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(yfpo.UserError, match="'gpt2' is not supported.*llama, qwen2, qwen3"):
+        with yfpo.attnlrp(model):
+            pass
+
+
+def test_select_neurons_global_top_k_is_exact():
+    scores = torch.tensor([[0.1, 5.0, -1.0, 2.0], [3.0, 0.0, 4.0, -2.0], [1.0, 1.5, 0.2, 0.3]])
+    assert yfpo.select_neurons(scores, 3) == [(0, 1, 5.0), (1, 2, 4.0), (1, 0, 3.0)]
+
+
+def test_select_neurons_per_layer_takes_k_over_L_from_each_layer():
+    scores = torch.tensor([[0.1, 5.0, -1.0, 2.0], [3.0, 0.0, 4.0, -2.0], [1.0, 1.5, 0.2, 0.3]])
+    picked = yfpo.select_neurons(scores, 6, per_layer=True)
+    assert picked == [(0, 1, 5.0), (1, 2, 4.0), (1, 0, 3.0), (0, 3, 2.0), (2, 1, 1.5), (2, 0, 1.0)]
+
+
+def test_select_neurons_rejects_k_beyond_the_model():
+    with pytest.raises(yfpo.UserError, match="--top-k 13 is not between 1 and the model's 12 neurons"):
+        yfpo.select_neurons(torch.zeros(3, 4), 13)
+    with pytest.raises(yfpo.UserError, match="--per-layer"):
+        yfpo.select_neurons(torch.zeros(3, 4), 2, per_layer=True)
+
+
+def test_identify_writes_a_neuron_set_that_round_trips(neurons_file, tiny):
+    model, _ = tiny
+    saved = json.loads(Path(neurons_file).read_text())
+    assert (saved["num_layers"], saved["intermediate_size"]) == (2, 128)
+    assert len(saved["neurons"]) == 12 and sum(saved["counts_per_layer"]) == 12
+    scores = [n["score"] for n in saved["neurons"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(n["act_std"] > 0 for n in saved["neurons"])
+    loaded = yfpo.load_neurons(neurons_file, model)
+    assert loaded == [(n["layer"], n["index"], n["score"], n["act_mean"], n["act_std"]) for n in saved["neurons"]]
+
+
+def test_identify_selects_the_top_of_score_neurons(tiny, data_file, neurons_file):
+    model, tokenizer = tiny
+    rows = yfpo.load_gsm8k(data_file, "train")[:8]
+    batches = [sample_batch(tokenizer, rows[i:i + 4], 512) for i in (0, 4)]
+    with yfpo.attnlrp(model):
+        scores = yfpo.score_neurons(model, batches)
+    expected = [(layer, index) for layer, index, _ in yfpo.select_neurons(scores, 12)]
+    saved = json.loads(Path(neurons_file).read_text())["neurons"]
+    assert [(n["layer"], n["index"]) for n in saved] == expected
+
+
+def test_activation_stats_match_a_direct_computation(tiny):
+    model, tokenizer = tiny
+    batch = sample_batch(tokenizer, DEMO_ROWS[:3])
+    neurons = [(1, 5), (0, 7)]
+    mean, std = yfpo.activation_stats(model, [batch], neurons)
+    seen = {}
+    hooks = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
+             for i in (0, 1)]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in hooks:
+        h.remove()
+    keep = batch["loss_mask"].bool()
+    for k, (layer, index) in enumerate(neurons):
+        values = seen[layer][..., index][keep].double()
+        assert math.isclose(mean[k].item(), values.mean().item(), rel_tol=1e-5)
+        assert math.isclose(std[k].item(), values.std(unbiased=False).item(), rel_tol=1e-4)
+
+
+def test_ablation_zeroes_inside_and_leaves_the_model_exactly_as_it_was(tiny):
+    model, tokenizer = tiny
+    batch = sample_batch(tokenizer, DEMO_ROWS[:2])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(input_ids=batch["input_ids"]).logits
+    seen = []
+    with yfpo.ablate_neurons(model, [(0, 3, 1.0), (0, 9, 0.5), (1, 0, 0.1)]):
+        hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        inside = model(input_ids=batch["input_ids"]).logits
+        hook.remove()
+    after = model(input_ids=batch["input_ids"]).logits
+    assert torch.equal(before, after) and not torch.equal(before, inside)
+    assert seen[0][..., [3, 9]].abs().max() == 0 and seen[0][..., 4].abs().max() > 0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(not layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
+
+
+def test_ablate_cli_writes_the_comparison(tiny_dir, data_file, neurons_file, tmp_path):
+    assert run("ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file, "--num-samples", "4",
+               "--random-seeds", "2", "--out", str(tmp_path)) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert len(result["nll_random"]) == 2 and result["nll_ablated"] != result["nll_base"]
+    rise = result["nll_random_mean"] - result["nll_base"]
+    assert math.isclose(result["ratio"], (result["nll_ablated"] - result["nll_base"]) / rise)
+
+
+@pytest.mark.parametrize("case", ["shape mismatch", "k too large", "unsupported", "num-samples 0"])
+def test_identify_and_ablate_bad_input(case, tiny_dir, data_file, neurons_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    if case == "shape mismatch":
+        saved = json.loads(Path(neurons_file).read_text())
+        saved["intermediate_size"] = 99
+        bad = tmp_path / "neurons.json"
+        bad.write_text(json.dumps(saved))
+        assert_user_error(capsys, out, "ablate", "--model", tiny_dir, "--data", data_file, "--neurons", str(bad), "--out", out,
+                          says="was made for 2 layers x 99 neurons but the model has 2 x 128")
+    elif case == "k too large":
+        assert_user_error(capsys, out, "identify", "--model", tiny_dir, "--data", data_file, "--top-k", "257", "--out", out,
+                          says="--top-k 257 is not between 1 and the model's 256 neurons")
+    elif case == "unsupported":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=400)).save_pretrained(tmp_path / "gpt2")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (tmp_path / "gpt2" / name).write_bytes((Path(tiny_dir) / name).read_bytes())
+        assert_user_error(capsys, out, "identify", "--model", str(tmp_path / "gpt2"), "--data", data_file, "--out", out,
+                          says="supported: llama, qwen2, qwen3")
+    else:
+        with pytest.raises(SystemExit) as e:
+            run("identify", "--model", tiny_dir, "--num-samples", "0", "--out", out)
+        assert e.value.code == 2 and "--num-samples: must be a positive integer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs
+# ---------------------------------------------------------------------------------------------
+
+def test_make_pairs_pairs_a_right_and_a_wrong_sample(tiny):
+    _, tokenizer = tiny
+    rows = [dict(r, gold=yfpo.parse_gold(r["answer"])) for r in DEMO_ROWS[:3]]
+    samples = [["The answer is 7.", "The answer is 8."],  # gold 8: one right, one wrong
+               ["The answer is 1.", "no idea"],           # gold 48: none right -> the gold solution is chosen
+               ["The answer is 105.", "#### 105"]]        # gold 105: all right -> skipped
+    pairs, counts = yfpo.make_pairs(tokenizer, rows, samples)
+    assert counts == {"questions": 3, "samples": 6, "correct_samples": 3, "all_correct_skipped": 1,
+                      "chosen_is_gold": 1, "pairs": 2}
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "The answer is 8."}]
+    assert pairs[0]["rejected"] == [{"role": "assistant", "content": "The answer is 7."}]
+    assert pairs[1]["chosen"][0]["content"] == yfpo.gold_solution(rows[1]["answer"]) and pairs[1]["chosen_is_gold"]
+    assert pairs[1]["prompt"] == yfpo.prompt_messages(rows[1]["question"]) and pairs[1]["question_index"] == 1
+
+
+def test_pairs_cli_writes_trl_rows(tiny_dir, data_file, tmp_path):
+    assert run("pairs", "--model", tiny_dir, "--data", data_file, "--num-questions", "3", "--samples-per-question", "2",
+               "--max-new-tokens", "8", "--out", str(tmp_path)) == 0
+    rows = yfpo.load_pairs(tmp_path / "pairs.jsonl")
+    assert len(rows) == 3 and [r["question_index"] for r in rows] == [0, 1, 2]  # a random model is always wrong
+    assert all(r["chosen_is_gold"] and r["rejected"][0]["role"] == "assistant" for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+def test_dpo_loss_on_hand_computed_numbers():
+    losses, chosen, rejected = yfpo.dpo_loss(torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0]),
+                                             torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0]), beta=0.5)
+    # h = (1) - (-1) = 2 -> -log sigmoid(1); h = 0 - 1 = -1 -> -log sigmoid(-0.5)
+    assert torch.allclose(losses, torch.tensor([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(0.5))]))
+    assert torch.allclose(chosen, torch.tensor([0.5, 0.0])) and torch.allclose(rejected, torch.tensor([-0.5, 0.5]))
+
+
+def test_yfpo_loss_variants():
+    pc, pr, rc, rr = torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5])
+    sc, sr = torch.tensor([0.3]), torch.tensor([0.1])
+    h, m = 1.0, 0.2
+    loss = yfpo.yfpo_loss(pc, pr, rc, rr, sc, sr, beta=0.1, lam=0.5, gamma=2.0, yoke="loss")[0]
+    assert torch.allclose(loss, torch.tensor([-math.log(1 / (1 + math.exp(-0.1 * h))) - 0.5 * math.log(1 / (1 + math.exp(-2 * m)))]))
+    reward = yfpo.yfpo_loss(pc, pr, rc, rr, sc, sr, beta=0.1, lam=0.5, gamma=2.0, yoke="reward")[0]
+    assert torch.allclose(reward, torch.tensor([-math.log(1 / (1 + math.exp(-(0.1 * h + 0.5 * 2 * m))))]))
+    dpo = yfpo.dpo_loss(pc, pr, rc, rr, 0.1)[0]
+    assert torch.equal(yfpo.yfpo_loss(pc, pr, rc, rr, None, None, beta=0.1, lam=0.0)[0], dpo)
+
+
+def test_completion_logps_matches_a_direct_log_softmax():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]).float()
+    direct = (logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0] * mask).sum(-1)
+    assert torch.allclose(yfpo.completion_logps(logits, labels, mask), direct, atol=1e-6)
+
+
+def test_neuron_scores_normalize_sign_align_and_average():
+    acts = torch.tensor([[[3.0, -4.0], [5.0, -2.0], [100.0, 100.0]]])  # [B=1, T=3, K=2]
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    mean, std = torch.tensor([1.0, -2.0]), torch.tensor([2.0, 1.0])
+    # z = [[1, 2], [2, 0]] -> per-token means [1.5, 1.0] -> 1.25 (the masked token is ignored)
+    assert torch.allclose(yfpo.neuron_scores(acts, mask, mean, std), torch.tensor([1.25]))
+
+
+def test_capture_hooks_take_exactly_the_down_proj_inputs(tiny):
+    model, tokenizer = tiny
+    batch = sample_batch(tokenizer, DEMO_ROWS[:2])
+    seen = {}
+    hooks = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
+             for i in (0, 1)]
+    neurons = [(1, 7), (0, 3), (1, 2), (0, 100)]
+    with yfpo.NeuronCapture(model, neurons) as capture:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        acts = capture.activations()
+    for h in hooks:
+        h.remove()
+    expected = torch.stack([seen[layer][..., index] for layer, index in neurons], dim=-1)
+    assert torch.equal(acts, expected) and acts.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def test_train_cli_logs_trl_metrics_and_saves_a_loadable_model(tiny_dir, pairs_file, neurons_file, tmp_path):
+    rows = train(tiny_dir, pairs_file, tmp_path, "--neurons", neurons_file, "--max-steps", "3", "--warmup-ratio", "0.5")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert set(yfpo.PAIR_METRICS) | {"grad_norm", "learning_rate", "step_time_s", "tokens_per_s", "mfu"} <= set(rows[0])
+    assert [r["learning_rate"] for r in rows] == [5e-4, 1e-3, 1e-3] and all(r["mfu"] > 0 for r in rows)
+    assert abs(rows[0]["rewards/margins"]) < 1e-4  # step 1: the policy is the reference
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.num_hidden_layers == 2 and (tmp_path / "model" / "trainer_state.pt").is_file()
+
+
+def test_gradient_accumulation_is_invariant(tiny_dir, pairs_file, neurons_file, tmp_path, monkeypatch):
+    # batch 1 x accum 4 == batch 4 x accum 1: the same loss and the same gradients (the neuron term included)
+    grads = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def record_then_clip(parameters, max_norm):
+        parameters = list(parameters)
+        grads.append([p.grad.clone() for p in parameters])
+        return clip(parameters, max_norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
+    (a,) = train(tiny_dir, pairs_file, tmp_path / "a", "--batch-size", "1", "--grad-accum", "4", "--max-steps", "1", "--neurons", neurons_file)
+    (b,) = train(tiny_dir, pairs_file, tmp_path / "b", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "1", "--neurons", neurons_file)
+    for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+        assert math.isclose(a[key], b[key], rel_tol=1e-5), key
+    # every gradient tensor agrees to 1e-5 of its own scale (measured: 1.6e-6; padding changes the sums' order)
+    assert len(grads) == 2 and all((x - y).abs().max() <= 1e-5 * y.abs().max() for x, y in zip(*grads))
+
+
+def test_lambda_zero_is_plain_dpo(tiny_dir, pairs_file, neurons_file, tmp_path):
+    from safetensors.torch import load_file
+    train(tiny_dir, pairs_file, tmp_path / "plain", "--lam", "0", "--max-steps", "3")
+    train(tiny_dir, pairs_file, tmp_path / "zero", "--lam", "0", "--neurons", neurons_file, "--max-steps", "3")
+    plain, zero = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("plain", "zero"))
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+
+
+def test_neuron_term_raises_the_neuron_margin(tiny_dir, pairs_file, neurons_file, tmp_path):
+    base = train(tiny_dir, pairs_file, tmp_path / "dpo", "--lam", "0", "--neurons", neurons_file, "--epochs", "3")
+    yoked = train(tiny_dir, pairs_file, tmp_path / "yfpo", "--lam", "1", "--gamma", "5", "--neurons", neurons_file, "--epochs", "3")
+    assert base[0]["neuron/margin"] == yoked[0]["neuron/margin"]  # the same start
+    gain = lambda rows: sum(r["neuron/margin_gain"] for r in rows[-4:]) / 4  # margin over the reference's, late in training
+    assert gain(yoked) > gain(base) + 0.05
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_dir, pairs_file, neurons_file, tmp_path, monkeypatch):
+    full = train(tiny_dir, pairs_file, tmp_path / "full", "--neurons", neurons_file, "--epochs", "2", "--save-every", "2")
+    saves = []
+    real_save = yfpo.save_checkpoint
+
+    def save_then_die(*args):
+        real_save(*args)
+        saves.append(args[-1])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed right after the step-4 checkpoint
+    monkeypatch.setattr(yfpo, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_dir, pairs_file, tmp_path / "killed", "--neurons", neurons_file, "--epochs", "2", "--save-every", "2")
+    monkeypatch.setattr(yfpo, "save_checkpoint", real_save)
+    resumed = train(tiny_dir, pairs_file, tmp_path / "killed", "--neurons", neurons_file, "--epochs", "2", "--save-every", "2", "--resume")
+    assert len(resumed) == len(full) == 8
+    timing = {"step_time_s", "tokens_per_s", "mfu"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in full]
+
+
+def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir, pairs_file, tmp_path):
+    common = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--lam", "0", "--lr", "1e-3", "--batch-size", "1",
+              "--max-steps", "2", "--max-length", "256", "--device", "cpu"]
+    assert run(*common, "--grad-accum", "4", "--out", str(tmp_path / "one")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(HERE / "yfpo.py"), *common, "--grad-accum", "2", "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert math.isclose(one["loss"], two["loss"], rel_tol=1e-5) and math.isclose(one["grad_norm"], two["grad_norm"], rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing field", "empty file", "all truncated", "lam without neurons",
+                                  "neurons shape", "resume without checkpoint"])
+def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--out", out, "--lam", "0", "--device", "cpu"]
+    bad = tmp_path / "bad.jsonl"
+    if case == "missing field":
+        lines = Path(pairs_file).read_text().splitlines()
+        row = json.loads(lines[2])
+        del row["rejected"]
+        bad.write_text("\n".join(lines[:2] + [json.dumps(row)]) + "\n")
+        argv[4], says = str(bad), "bad.jsonl:3: missing field 'rejected'"
+    elif case == "empty file":
+        bad.write_text("")
+        argv[4], says = str(bad), "holds no pairs"
+    elif case == "all truncated":
+        argv, says = argv + ["--max-length", "8"], "every pair was truncated away"
+    elif case == "lam without neurons":
+        argv, says = argv + ["--lam", "0.3"], "--lam 0.3 needs --neurons"
+    elif case == "neurons shape":
+        saved = json.loads(Path(neurons_file).read_text())
+        saved["num_layers"] = 5
+        (tmp_path / "n.json").write_text(json.dumps(saved))
+        argv, says = argv + ["--neurons", str(tmp_path / "n.json")], "was made for 5 layers x 128 neurons"
+    else:
+        argv, says = argv + ["--resume"], "--resume: no checkpoint"
+    assert_user_error(capsys, out, *argv, says=says)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, pairs_file, tmp_path, capsys):
+    code = run("train", "--model", tiny_dir, "--pairs", pairs_file, "--lam", "0", "--lr", "1e30", "--warmup-ratio", "0",
+               "--batch-size", "2", "--grad-accum", "1", "--save-every", "1", "--device", "cpu", "--out", str(tmp_path))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # after the progress bars
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: non-finite loss or gradient at step 2"), errors
+    state = torch.load(tmp_path / "model" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 1 and len(metrics(tmp_path)) == 1
+
+
+def test_plot_draws_the_training_curves(tiny_dir, pairs_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    train(tiny_dir, pairs_file, tmp_path, "--max-steps", "2", "--lam", "0")
+    assert run("plot", str(tmp_path)) == 0
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_runs_every_stage(tmp_path, capsys):
+    assert run("demo", "--out", str(tmp_path)) == 0
+    for path in ("identify/neurons.json", "ablate/ablation.json", "pairs/pairs.jsonl", "train/metrics.jsonl",
+                 "train/model/model.safetensors", "eval/summary.json"):
+        assert (tmp_path / path).is_file(), path
+    assert "accuracy means nothing" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional: a real model (YFPO_SMOLLM2=/path/to/SmolLM2-135M-Instruct)
+# ---------------------------------------------------------------------------------------------
+SMOLLM2 = os.environ.get("YFPO_SMOLLM2")
+GSM8K_TEST = HERE.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+@pytest.mark.skipif(not SMOLLM2 or not GSM8K_TEST.is_file(), reason="set YFPO_SMOLLM2 and have ../shared/data/gsm8k")
+def test_smollm2_eval_and_identify(tmp_path):
+    assert run("eval", "--model", SMOLLM2, "--data", str(GSM8K_TEST), "--limit", "2", "--max-new-tokens", "64",
+               "--out", str(tmp_path / "eval")) == 0
+    assert run("identify", "--model", SMOLLM2, "--data", str(GSM8K_TEST), "--num-samples", "2", "--top-k", "30",
+               "--out", str(tmp_path / "identify")) == 0
+    assert json.loads((tmp_path / "identify" / "neurons.json").read_text())["num_layers"] == 30
