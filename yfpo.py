@@ -1030,21 +1030,25 @@ def is_correct(text, gold):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate", temperature=0.0, num_samples=1):
-    """Completions for prompt texts, in order; num_samples per prompt (sampled when temperature > 0,
-    else greedy). Batched with left padding, longest prompts first; each stops at EOS."""
+    """Completions for prompt texts, in order, num_samples per prompt: greedy, or plain sampling at
+    temperature > 0 (no top-k/top-p, no repetition penalty: the model's generation_config defaults are
+    not used). Batched with left padding, longest prompts first; each completion stops at EOS."""
     from tqdm import tqdm
-    tokenizer.padding_side = "left"
+    from transformers import GenerationConfig
     eos = model.generation_config.eos_token_id
     eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_return_sequences=num_samples, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id, **sampling)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     completions = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
         for chunk in batches_of(order, batch_size):
-            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            ids = model.generate(input_ids=enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device), max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, do_sample=temperature > 0,
-                                 temperature=temperature or None, top_p=None, top_k=None)
+            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, padding_side="left",
+                            add_special_tokens=False).to(model.device)
+            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 generation_config=config, use_model_defaults=False)
             texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for j, i in enumerate(chunk):
                 completions[i] = texts[j * num_samples:(j + 1) * num_samples]
