@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import yfpo
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach for the hub
+import yfpo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEMO_ROWS = [{"question": q, "answer": a} for q, a in yfpo.DEMO_PROBLEMS]
@@ -262,7 +262,7 @@ def test_mcnemar_exact_known_values():
 
 
 @pytest.mark.parametrize("case", ["missing file", "bad json line", "no question", "no marker", "limit 0",
-                                  "negative limit", "model missing", "out is a file"])
+                                  "negative limit", "model missing", "out is a file", "hub model", "hub data"])
 def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_file, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     out = tmp_path / "out"
@@ -288,6 +288,10 @@ def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_fi
     elif case == "out is a file":
         out.write_text("x")
         argv["out"], says = str(out), "is an existing file"
+    elif case == "hub model":  # offline, a hub id that is not cached
+        argv["model"], says = "no-such-org/no-such-model", "offline, pass a local folder or .gguf file"
+    elif case == "hub data":
+        argv["data"], says = "no-such-org/no-such-data", "offline, pass a local file"
     code = None
     try:
         code = run("eval", "--model", argv["model"], "--data", argv["data"], "--out", argv["out"], *extra)

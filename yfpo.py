@@ -835,11 +835,10 @@ def train_loop(args, rank, world, master, ddp_wrapper):
     rows = load_pairs(args.pairs)
     set_seed(args.seed)
     model, tokenizer = load_model(str(checkpoint) if args.resume else args.model, device, torch.float32, args.trust_remote_code)
-    neurons = None
+    neurons, saved_neurons = None, load_neurons(args.neurons, model) if args.neurons else []
     if args.neurons:
-        saved = load_neurons(args.neurons, model)
-        neurons = ([(n[0], n[1]) for n in saved], torch.tensor([n[3] for n in saved], device=device),
-                   torch.tensor([n[4] for n in saved], device=device))
+        neurons = ([(n[0], n[1]) for n in saved_neurons], torch.tensor([n[3] for n in saved_neurons], device=device),
+                   torch.tensor([n[4] for n in saved_neurons], device=device))
     pairs = tokenize_pairs(tokenizer, rows, args.max_length)
     if not pairs:
         raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; raise it")
@@ -852,7 +851,7 @@ def train_loop(args, rank, world, master, ddp_wrapper):
 
     # Reference log-probs and neuron scores, once, before the first step (no second model in memory).
     cache = out / "reference.pt"
-    fingerprint = hashlib.sha256(json.dumps([args.model, args.neurons, str(dtype), pairs]).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps([args.model, saved_neurons, str(dtype), pairs]).encode()).hexdigest()
     if master and not args.resume and (not cache.is_file() or torch.load(cache)["fingerprint"] != fingerprint):
         ref_logps, ref_scores = reference_pass(model, pairs, neurons, args.batch_size, tokenizer.pad_token_id, device, autocast)
         out.mkdir(parents=True, exist_ok=True)
@@ -1307,6 +1306,8 @@ def build_parser():
 def main(argv=None, strict=False):
     """Run a command; a UserError becomes one line on stderr and exit code 2 (raised again if strict)."""
     args = build_parser().parse_args(argv)
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.set_verbosity_error()  # an unreachable hub ends in one UserError line, not a retry log
     if args.command == "train":
         args.pairs = args.pairs or str(Path(args.out) / "pairs.jsonl")
         default_neurons = Path(args.out) / "neurons.json"
