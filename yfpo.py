@@ -397,36 +397,31 @@ def select_neurons(scores, k, per_layer=False):
 class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs).
 
-    Inside `with NeuronCapture(model, neurons) as cap:` every forward fills cap.activations() with
+    Inside `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
     [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph.
     """
 
     def __init__(self, model, neurons):
-        self.layers = decoder_layers(model)
-        self.by_layer = {}
-        for k, (layer, index) in enumerate((n[0], n[1]) for n in neurons):
-            self.by_layer.setdefault(layer, ([], []))
-            self.by_layer[layer][0].append(index)
-            self.by_layer[layer][1].append(k)
-        self.order = torch.tensor([k for layer in sorted(self.by_layer) for k in self.by_layer[layer][1]]).argsort()
-        self.captured, self.hooks = {}, []
+        neurons = [(n[0], n[1]) for n in neurons]
+        self.layers, self.captured, self.hooks = decoder_layers(model), {}, []
+        self.index = {layer: torch.tensor([i for l, i in neurons if l == layer]) for layer in sorted({l for l, _ in neurons})}
+        # Hooks fill the columns layer by layer; this permutation restores the order given.
+        self.order = torch.tensor(sorted(range(len(neurons)), key=lambda k: neurons[k][0])).argsort()
 
     def __enter__(self):
-        for layer, (indices, _) in self.by_layer.items():
-            index = torch.tensor(indices)
-
+        for layer, index in self.index.items():
             def pre_hook(module, args, layer=layer, index=index):
                 self.captured[layer] = args[0][..., index.to(args[0].device)]
             self.hooks.append(self.layers[layer].mlp.down_proj.register_forward_pre_hook(pre_hook))
         return self
 
     def __exit__(self, *exc):
-        for h in self.hooks:
-            h.remove()
-        self.captured = {}
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, self.captured = [], {}
 
     def activations(self):
-        acts = torch.cat([self.captured[layer] for layer in sorted(self.by_layer)], dim=-1)
+        acts = torch.cat([self.captured[layer] for layer in self.index], dim=-1)
         return acts[..., self.order.to(acts.device)]
 
 
@@ -435,14 +430,13 @@ def ablate_neurons(model, neurons):
     """Zero the given neurons [(layer, index, ...)] inside the with-block (pre-hooks on down_proj)."""
     layers = decoder_layers(model)
     width = layers[0].mlp.down_proj.in_features
-    keep = {}
+    masks = {}
     for n in neurons:
-        keep.setdefault(n[0], torch.ones(width))[n[1]] = 0.0
+        masks.setdefault(n[0], torch.ones(width))[n[1]] = 0.0
 
-    def pre_hook(module, args, layer):
-        return (args[0] * keep[layer].to(args[0]),) + args[1:]
-    hooks = [layers[layer].mlp.down_proj.register_forward_pre_hook(
-        lambda m, a, layer=layer: pre_hook(m, a, layer)) for layer in keep]
+    def zero(mask):
+        return lambda module, args: (args[0] * mask.to(args[0]),) + args[1:]
+    hooks = [layers[layer].mlp.down_proj.register_forward_pre_hook(zero(mask)) for layer, mask in masks.items()]
     try:
         yield model
     finally:
@@ -911,16 +905,14 @@ def train_loop(args, rank, world, master, ddp_wrapper):
                 # Sum over pairs / pairs per rank per step: batch 1 x accum 4 == batch 4 x accum 1, and
                 # DDP's mean over ranks then makes it the mean over the whole step.
                 (losses.sum() / (args.batch_size * args.grad_accum)).backward()
-            with torch.no_grad():
-                margin = (s_chosen - s_rejected) if scores is not None else torch.zeros_like(chosen)
-                ref_margin = ref_scores[indices, 0] - ref_scores[indices, 1]
-                zero = torch.zeros_like(chosen)
-                values = [losses, dpo_losses, neuron_losses if neuron_losses is not None else zero,
-                          chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
-                          chosen_rewards - rejected_rewards, chosen, rejected,
-                          s_chosen if scores is not None else zero, s_rejected if scores is not None else zero,
-                          margin, margin - ref_margin if scores is not None else zero]
-                sums += torch.stack([v.detach().float().sum() for v in values] + [batch["attention_mask"].sum().float()])
+            with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without a neuron set
+                if scores is None:
+                    s_chosen = s_rejected = neuron_losses = torch.zeros_like(chosen)
+                margin, ref_margin = s_chosen - s_rejected, ref_scores[indices, 0] - ref_scores[indices, 1]
+                values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
+                          (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards, chosen,
+                          rejected, s_chosen, s_rejected, margin, margin - ref_margin]
+                sums += torch.stack([v.float().sum() for v in values] + [batch["attention_mask"].sum().float()])
         if ddp_wrapper:
             torch.distributed.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
