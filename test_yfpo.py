@@ -549,6 +549,41 @@ def test_neuron_scores_normalize_sign_align_and_average():
     assert torch.allclose(yfpo.neuron_scores(acts, mask, mean, std), torch.tensor([1.25]))
 
 
+def test_completion_logps_reads_several_label_sets_off_one_logits_tensor():
+    torch.manual_seed(0)
+    logits, labels, mask = torch.randn(2, 4, 7), torch.randint(0, 7, (2, 4, 2)), torch.randint(0, 2, (2, 4, 2)).float()
+    both = yfpo.completion_logps(logits, labels, mask)
+    assert both.shape == (2, 2)
+    for j in (0, 1):
+        assert torch.allclose(both[:, j], yfpo.completion_logps(logits, labels[..., j], mask[..., j]))
+
+
+def test_collate_pairs_packs_prompt_once_with_a_block_mask():
+    batch = yfpo.collate_pairs([([1, 2], [3, 4], [5]), ([6], [7], [8, 9])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
+    assert batch["attention"][0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                                    [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]  # rejected skips chosen
+    assert batch["loss_mask"][0].T.tolist() == [[0, 1, 1, 0, 0], [0, 1, 0, 0, 0]]
+    assert batch["labels"][0, 1].tolist() == [3, 5]  # the last prompt token predicts both first tokens
+    assert batch["loss_mask"][1].T.tolist() == [[1, 0, 0, 0, 0], [1, 0, 1, 0, 0]]
+    assert batch["labels"][1, 2, 1] == 9
+
+
+def test_packed_pairs_give_the_log_probs_and_neuron_scores_of_separate_sequences(tiny, pairs_file):
+    model, tokenizer = tiny
+    pairs = yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file)[:3], 256)
+    neurons = ([(0, 3), (1, 5), (1, 100)], torch.tensor([0.1, -0.2, 0.3]), torch.tensor([1.0, 2.0, 0.5]))
+    logps, scores = yfpo.pair_forward(model, yfpo.collate_pairs(pairs, tokenizer.pad_token_id), neurons)
+    for j in (0, 1):  # chosen, then rejected, as ordinary right-padded sequences
+        separate = yfpo.collate([(p, pair[j + 1]) for pair in pairs for p in [pair[0]]], tokenizer.pad_token_id)
+        with yfpo.NeuronCapture(model, neurons[0]) as capture:
+            expected = yfpo.forward_logps(model, separate)
+            expected_scores = yfpo.neuron_scores(capture.activations(), separate["loss_mask"], neurons[1], neurons[2])
+        assert torch.allclose(logps[:, j], expected, rtol=1e-5)
+        assert torch.allclose(scores[:, j], expected_scores, rtol=1e-4, atol=1e-6)
+
+
 def test_capture_hooks_take_exactly_the_down_proj_inputs(tiny):
     model, tokenizer = tiny
     batch = sample_batch(tokenizer, DEMO_ROWS[:2])

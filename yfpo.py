@@ -487,10 +487,15 @@ def completion_logps(logits, labels, mask):
 
     logits: [B, T, V]; labels: [B, T], labels[b, t] = the token position t predicts; mask: [B, T].
     Returns [B] float32: sum_t mask[b, t] * log softmax(logits[b, t])[labels[b, t]].
-    cross_entropy fuses the log-softmax, so no [B, T, V] log-prob tensor is kept around.
+    labels and mask may also be [B, T, S], S label sets read off the same logits (returns [B, S]);
+    the log-normalizer is computed once for all of them and no [B, T, V] log-prob tensor is made.
     """
-    logps = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (logps.view_as(mask) * mask).sum(-1)
+    single = labels.dim() == 2
+    if single:
+        labels, mask = labels[..., None], mask[..., None]
+    logits = logits.float()
+    logps = ((logits.gather(-1, labels) - logits.logsumexp(-1, keepdim=True)) * mask).sum(1)
+    return logps[:, 0] if single else logps
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -715,28 +720,70 @@ PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/re
 
 
 def tokenize_pairs(tokenizer, rows, max_length):
-    """[(chosen, rejected)], each (prompt_ids, completion_ids); pairs whose prompt fills max_length are dropped."""
+    """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
     if isinstance(rows[0]["prompt"], list) and not tokenizer.chat_template:
         raise UserError("the pairs hold chat messages but this tokenizer has no chat template; write the pairs as text")
-    pairs = [(tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
-              tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)) for r in rows]
-    return [(c, r) for c, r in pairs if c[1] and r[1]]
+    pairs = []
+    for r in rows:
+        prompt_ids, chosen_ids = tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length)
+        rejected_ids = tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]
+        if chosen_ids and rejected_ids:
+            pairs.append((prompt_ids, chosen_ids, rejected_ids))
+    return pairs
 
 
-def pair_batch(pairs, indices, pad_id):
-    """One batch of 2B sequences: the B chosen completions, then the B rejected ones."""
-    return collate([pairs[i][0] for i in indices] + [pairs[i][1] for i in indices], pad_id)
+def collate_pairs(pairs, pad_id):
+    """B preference pairs packed one per row: [prompt | chosen | rejected | padding].
+
+    The prompt is shared, so it is computed once (TRL computes it twice, once per completion):
+    rejected tokens attend to the prompt and to earlier rejected tokens, never to chosen ones,
+    and their positions continue the prompt's, so each completion sees exactly its own context.
+    Returns input_ids, position_ids [B, T]; attention [B, T, T] (True: query t may attend key s);
+    labels [B, T, 2] and loss_mask [B, T, 2] for (chosen, rejected): position t predicts
+    labels[b, t, j] where loss_mask[b, t, j] = 1. The last prompt position predicts the first
+    token of both completions.
+    """
+    width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
+    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(len(pairs), width, dtype=torch.long)
+    segment = torch.full((len(pairs), width), -1)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    labels = torch.zeros(len(pairs), width, 2, dtype=torch.long)
+    loss_mask = torch.zeros(len(pairs), width, 2)
+    for b, (p, c, r) in enumerate(pairs):
+        P, C, R = len(p), len(c), len(r)
+        input_ids[b, :P + C + R] = torch.tensor(p + c + r)
+        position_ids[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = 0, 1, 2
+        chosen_at = torch.arange(P - 1, P + C - 1)
+        rejected_at = torch.cat([torch.tensor([P - 1]), torch.arange(P + C, P + C + R - 1)])
+        labels[b, chosen_at, 0], labels[b, rejected_at, 1] = torch.tensor(c), torch.tensor(r)
+        loss_mask[b, chosen_at, 0], loss_mask[b, rejected_at, 1] = 1, 1
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    # Every position sees itself, so padding rows are never all-masked (that would make NaNs).
+    attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | torch.eye(width, dtype=torch.bool)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention": attention, "labels": labels,
+            "loss_mask": loss_mask}
 
 
 def pair_forward(model, batch, neurons=None):
-    """One forward of a pair batch: (completion log-probs [2B], neuron scores [2B] or None).
-    neurons: (list of (layer, index), mean [K], std [K]); their activations are captured by
-    hooks in this same forward."""
-    if neurons is None:
-        return forward_logps(model, batch), None
-    with NeuronCapture(model, neurons[0]) as capture:
-        logps = forward_logps(model, batch)
-        return logps, neuron_scores(capture.activations(), batch["loss_mask"], neurons[1], neurons[2])
+    """One forward of packed pairs (see collate_pairs): (log-probs [B, 2], neuron scores [B, 2] or None)
+    as (chosen, rejected). neurons: (list of (layer, index), mean [K], std [K]); their activations
+    are read by hooks in this same forward. Logits are made only from the first position that
+    predicts a completion token onwards (logits_to_keep): the prompt costs no lm_head."""
+    attention, mask = batch["attention"][:, None], batch["loss_mask"]
+    if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask
+        attention = torch.zeros(attention.shape, device=attention.device).masked_fill(~attention, torch.finfo(torch.float32).min)
+    first = int(mask[..., 0].argmax(1).min())
+    with NeuronCapture(model, neurons[0]) if neurons else contextlib.nullcontext() as capture:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=attention,
+                       logits_to_keep=mask.shape[1] - first, use_cache=False).logits
+        logps = completion_logps(logits, batch["labels"][:, first:], mask[:, first:])
+        if not neurons:
+            return logps, None
+        acts = capture.activations()
+    scores = [neuron_scores(acts, mask[..., j], neurons[1], neurons[2]) for j in (0, 1)]
+    return logps, torch.stack(scores, dim=-1)
 
 
 @torch.no_grad()
@@ -745,11 +792,11 @@ def reference_pass(model, pairs, neurons, batch_size, pad_id, device, autocast):
     from tqdm import tqdm
     model.eval()
     logps, scores = [], []
-    for indices in tqdm(batches_of(list(range(len(pairs))), batch_size), desc="reference", unit="batch"):
+    for chunk in tqdm(batches_of(pairs, batch_size), desc="reference", unit="batch"):
         with autocast:
-            lp, s = pair_forward(model, to_device(pair_batch(pairs, indices, pad_id), device), neurons)
-        logps.append(lp.view(2, -1).T.cpu())
-        scores.append((s if s is not None else torch.zeros_like(lp)).view(2, -1).T.cpu())
+            lp, s = pair_forward(model, to_device(collate_pairs(chunk, pad_id), device), neurons)
+        logps.append(lp.cpu())
+        scores.append(torch.zeros_like(lp).cpu() if s is None else s.cpu())
     return torch.cat(logps), torch.cat(scores)
 
 
@@ -888,17 +935,17 @@ def train_loop(args, rank, world, master, ddp_wrapper):
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
         chunk = order[k * pairs_per_step:(k + 1) * pairs_per_step]
         learning_rate = scheduler.get_last_lr()[0]
-        sums = torch.zeros(len(PAIR_METRICS) + 1, device=device)  # + the token count
+        sums = torch.zeros(len(PAIR_METRICS) + 1, device=device)  # + the count of tokens processed
         for micro in range(args.grad_accum):
             m = micro * world + rank  # this rank's micro-batch; the same set of pairs for any world size
             indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
-            batch = to_device(pair_batch(pairs, indices, tokenizer.pad_token_id), device)
+            batch = to_device(collate_pairs([pairs[i] for i in indices], tokenizer.pad_token_id), device)
             sync = model.no_sync() if ddp_wrapper and micro < args.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
                     logps, scores = pair_forward(model, batch, neurons)
-                chosen, rejected = logps.view(2, -1)
-                s_chosen, s_rejected = scores.view(2, -1) if scores is not None else (None, None)
+                chosen, rejected = logps.unbind(-1)
+                s_chosen, s_rejected = scores.unbind(-1) if scores is not None else (None, None)
                 losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = yfpo_loss(
                     chosen, rejected, ref_logps[indices, 0], ref_logps[indices, 1], s_chosen, s_rejected,
                     beta=args.beta, lam=args.lam, gamma=args.gamma, yoke=args.yoke)
@@ -912,7 +959,8 @@ def train_loop(args, rank, world, master, ddp_wrapper):
                 values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
                           (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards, chosen,
                           rejected, s_chosen, s_rejected, margin, margin - ref_margin]
-                sums += torch.stack([v.float().sum() for v in values] + [batch["attention_mask"].sum().float()])
+                tokens = sum(len(ids) for i in indices for ids in pairs[i])
+                sums += torch.stack([v.float().sum() for v in values] + [torch.tensor(float(tokens), device=device)])
         if ddp_wrapper:
             torch.distributed.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
