@@ -573,15 +573,15 @@ def test_collate_pairs_packs_prompt_once_with_a_block_mask():
 def test_packed_pairs_give_the_log_probs_and_neuron_scores_of_separate_sequences(tiny, pairs_file):
     model, tokenizer = tiny
     pairs = yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file)[:3], 256)
-    neurons = ([(0, 3), (1, 5), (1, 100)], torch.tensor([0.1, -0.2, 0.3]), torch.tensor([1.0, 2.0, 0.5]))
-    logps, scores = yfpo.pair_forward(model, yfpo.collate_pairs(pairs, tokenizer.pad_token_id), neurons)
-    for j in (0, 1):  # chosen, then rejected, as ordinary right-padded sequences
-        separate = yfpo.collate([(p, pair[j + 1]) for pair in pairs for p in [pair[0]]], tokenizer.pad_token_id)
-        with yfpo.NeuronCapture(model, neurons[0]) as capture:
+    neurons, mean, std = [(0, 3), (1, 5), (1, 100)], torch.tensor([0.1, -0.2, 0.3]), torch.tensor([1.0, 2.0, 0.5])
+    with yfpo.NeuronCapture(model, neurons, mean, std) as capture:
+        logps, scores = yfpo.pair_forward(model, yfpo.collate_pairs(pairs, tokenizer.pad_token_id), capture)
+        for j in (0, 1):  # chosen, then rejected, as ordinary right-padded sequences
+            separate = yfpo.collate([(pair[0], pair[j + 1]) for pair in pairs], tokenizer.pad_token_id)
             expected = yfpo.forward_logps(model, separate)
-            expected_scores = yfpo.neuron_scores(capture.activations(), separate["loss_mask"], neurons[1], neurons[2])
-        assert torch.allclose(logps[:, j], expected, rtol=1e-5)
-        assert torch.allclose(scores[:, j], expected_scores, rtol=1e-4, atol=1e-6)
+            expected_scores = capture.scores(separate["loss_mask"])
+            assert torch.allclose(logps[:, j], expected, rtol=1e-5)
+            assert torch.allclose(scores[:, j], expected_scores, rtol=1e-4, atol=1e-6)
 
 
 def test_capture_hooks_take_exactly_the_down_proj_inputs(tiny):
@@ -647,6 +647,15 @@ def test_neuron_term_raises_the_neuron_margin(tiny_dir, pairs_file, neurons_file
     assert base[0]["neuron/margin"] == yoked[0]["neuron/margin"]  # the same start
     gain = lambda rows: sum(r["neuron/margin_gain"] for r in rows[-4:]) / 4  # margin over the reference's, late in training
     assert gain(yoked) > gain(base) + 0.05
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradient(tiny_dir, pairs_file, neurons_file, tmp_path):
+    # non-reentrant checkpointing keeps the hooked activations, and so the neuron term, differentiable
+    args = ("--lam", "1", "--neurons", neurons_file, "--max-steps", "1")
+    (plain,) = train(tiny_dir, pairs_file, tmp_path / "plain", *args)
+    (checkpointed,) = train(tiny_dir, pairs_file, tmp_path / "gc", *args, "--gradient-checkpointing")
+    for key in ("loss", "loss/neuron", "grad_norm"):
+        assert math.isclose(plain[key], checkpointed[key], rel_tol=1e-5), key
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_dir, pairs_file, neurons_file, tmp_path, monkeypatch):

@@ -398,13 +398,16 @@ class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs).
 
     Inside `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
-    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph.
+    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
+    capture.scores(mask) the neuron scores [B] (needs the neurons' activation mean and std).
+    Keep it open through backward: gradient checkpointing runs the hooks again there.
     """
 
-    def __init__(self, model, neurons):
+    def __init__(self, model, neurons, mean=None, std=None):
         neurons = [(n[0], n[1]) for n in neurons]
-        self.layers, self.captured, self.hooks = decoder_layers(model), {}, []
-        self.index = {layer: torch.tensor([i for l, i in neurons if l == layer]) for layer in sorted({l for l, _ in neurons})}
+        self.layers, self.captured, self.hooks, self.mean, self.std = decoder_layers(model), {}, [], mean, std
+        self.index = {layer: torch.tensor([i for l, i in neurons if l == layer])
+                      for layer in sorted({l for l, _ in neurons})}
         # Hooks fill the columns layer by layer; this permutation restores the order given.
         self.order = torch.tensor(sorted(range(len(neurons)), key=lambda k: neurons[k][0])).argsort()
 
@@ -423,6 +426,9 @@ class NeuronCapture:
     def activations(self):
         acts = torch.cat([self.captured[layer] for layer in self.index], dim=-1)
         return acts[..., self.order.to(acts.device)]
+
+    def scores(self, mask):
+        return neuron_scores(self.activations(), mask, self.mean, self.std)
 
 
 @contextlib.contextmanager
@@ -601,7 +607,8 @@ def cmd_identify(args):
         "neurons": [{"layer": l, "index": i, "score": s, "act_mean": float(m), "act_std": float(d)}
                     for (l, i, s), m, d in zip(neurons, mean, std)],
     })
-    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s ({(len(rows) + len(control)) / seconds:.2f} samples/s)")
+    samples = len(rows) + len(control)
+    print(f"scored {samples} samples in {seconds:.1f}s ({samples / seconds:.2f} samples/s)")
     print("selected neurons per layer:")
     for layer, count in enumerate(counts):
         print(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}")
@@ -641,8 +648,9 @@ def cmd_ablate(args):
         with ablate_neurons(model, neurons):
             result["accuracy_ablated"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
     write_json(out / "ablation.json", result)
-    for key in ("nll_base", "nll_ablated", "nll_random_mean", "nll_random_std", "ratio", "accuracy_base", "accuracy_ablated"):
-        if key in result:
+    for key in ("nll_base", "nll_ablated", "nll_random_mean", "nll_random_std", "ratio", "accuracy_base",
+                "accuracy_ablated"):
+        if result.get(key) is not None:
             print(f"{key:18s} {result[key]:.4f}")
     print(f"wrote {out / 'ablation.json'}")
 
@@ -670,7 +678,8 @@ def make_pairs(tokenizer, rows, samples, system=None):
             continue
         counts["chosen_is_gold"] += not right
         prompt = make_prompt(tokenizer, row["question"], system)
-        pairs.append({"prompt": prompt, "chosen": make_completion(tokenizer, right[0] if right else gold_solution(row["answer"])),
+        chosen = right[0] if right else gold_solution(row["answer"])
+        pairs.append({"prompt": prompt, "chosen": make_completion(tokenizer, chosen),
                       "rejected": make_completion(tokenizer, wrong[0]), "question_index": q, "chosen_is_gold": not right})
     counts["pairs"] = len(pairs)
     return pairs, counts
@@ -705,8 +714,9 @@ def load_pairs(path):
         for field in ("prompt", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
                 raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs prompt, chosen and rejected")
-        if isinstance(row["prompt"], list) != isinstance(row["chosen"], list) or isinstance(row["chosen"], list) != isinstance(row["rejected"], list):
-            raise UserError(f"{path}:{lineno}: mixes text and message lists; use strings for all three fields, or lists for all three")
+        if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
+            raise UserError(f"{path}:{lineno}: mixes text and message lists; use strings for all three fields, "
+                            "or message lists for all three")
     return rows
 
 
@@ -766,35 +776,32 @@ def collate_pairs(pairs, pad_id):
             "loss_mask": loss_mask}
 
 
-def pair_forward(model, batch, neurons=None):
+def pair_forward(model, batch, capture=None):
     """One forward of packed pairs (see collate_pairs): (log-probs [B, 2], neuron scores [B, 2] or None)
-    as (chosen, rejected). neurons: (list of (layer, index), mean [K], std [K]); their activations
-    are read by hooks in this same forward. Logits are made only from the first position that
-    predicts a completion token onwards (logits_to_keep): the prompt costs no lm_head."""
+    as (chosen, rejected). capture: an open NeuronCapture whose hooks read the neurons in this same
+    forward. Logits are made only from the first position that predicts a completion token onwards
+    (logits_to_keep): the prompt costs no lm_head."""
     attention, mask = batch["attention"][:, None], batch["loss_mask"]
     if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask
-        attention = torch.zeros(attention.shape, device=attention.device).masked_fill(~attention, torch.finfo(torch.float32).min)
+        attention = torch.zeros(attention.shape, device=attention.device).masked_fill(~attention, -torch.inf)
     first = int(mask[..., 0].argmax(1).min())
-    with NeuronCapture(model, neurons[0]) if neurons else contextlib.nullcontext() as capture:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=attention,
-                       logits_to_keep=mask.shape[1] - first, use_cache=False).logits
-        logps = completion_logps(logits, batch["labels"][:, first:], mask[:, first:])
-        if not neurons:
-            return logps, None
-        acts = capture.activations()
-    scores = [neuron_scores(acts, mask[..., j], neurons[1], neurons[2]) for j in (0, 1)]
-    return logps, torch.stack(scores, dim=-1)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=attention,
+                   logits_to_keep=mask.shape[1] - first, use_cache=False).logits
+    logps = completion_logps(logits, batch["labels"][:, first:], mask[:, first:])
+    if capture is None:
+        return logps, None
+    return logps, torch.stack([capture.scores(mask[..., 0]), capture.scores(mask[..., 1])], dim=-1)
 
 
 @torch.no_grad()
-def reference_pass(model, pairs, neurons, batch_size, pad_id, device, autocast):
+def reference_pass(model, pairs, capture, batch_size, pad_id, device, autocast):
     """Reference log-probs and neuron scores of every pair, each [N, 2] as (chosen, rejected)."""
     from tqdm import tqdm
     model.eval()
     logps, scores = [], []
     for chunk in tqdm(batches_of(pairs, batch_size), desc="reference", unit="batch"):
         with autocast:
-            lp, s = pair_forward(model, to_device(collate_pairs(chunk, pad_id), device), neurons)
+            lp, s = pair_forward(model, to_device(collate_pairs(chunk, pad_id), device), capture)
         logps.append(lp.cpu())
         scores.append(torch.zeros_like(lp).cpu() if s is None else s.cpu())
     return torch.cat(logps), torch.cat(scores)
@@ -875,11 +882,12 @@ def train_loop(args, rank, world, master, ddp_wrapper):
         raise UserError(f"--resume: no checkpoint in {checkpoint}; start without --resume")
     rows = load_pairs(args.pairs)
     set_seed(args.seed)
-    model, tokenizer = load_model(str(checkpoint) if args.resume else args.model, device, torch.float32, args.trust_remote_code)
-    neurons, saved_neurons = None, load_neurons(args.neurons, model) if args.neurons else []
-    if args.neurons:
-        neurons = ([(n[0], n[1]) for n in saved_neurons], torch.tensor([n[3] for n in saved_neurons], device=device),
-                   torch.tensor([n[4] for n in saved_neurons], device=device))
+    model, tokenizer = load_model(str(checkpoint) if args.resume else args.model, device, torch.float32,
+                                  args.trust_remote_code)
+    neurons = load_neurons(args.neurons, model) if args.neurons else []
+    # The hooks stay on for the whole run (gradient checkpointing re-runs them during backward).
+    capture = NeuronCapture(model, neurons, torch.tensor([n[3] for n in neurons], device=device),
+                            torch.tensor([n[4] for n in neurons], device=device)).__enter__() if neurons else None
     pairs = tokenize_pairs(tokenizer, rows, args.max_length)
     if not pairs:
         raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; raise it")
@@ -892,9 +900,10 @@ def train_loop(args, rank, world, master, ddp_wrapper):
 
     # Reference log-probs and neuron scores, once, before the first step (no second model in memory).
     cache = out / "reference.pt"
-    fingerprint = hashlib.sha256(json.dumps([args.model, saved_neurons, str(dtype), pairs]).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps([args.model, neurons, str(dtype), pairs]).encode()).hexdigest()
     if master and not args.resume and (not cache.is_file() or torch.load(cache)["fingerprint"] != fingerprint):
-        ref_logps, ref_scores = reference_pass(model, pairs, neurons, args.batch_size, tokenizer.pad_token_id, device, autocast)
+        ref_logps, ref_scores = reference_pass(model, pairs, capture, args.batch_size, tokenizer.pad_token_id, device,
+                                               autocast)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"fingerprint": fingerprint, "logps": ref_logps, "neuron": ref_scores}, cache)
     if ddp_wrapper:
@@ -903,7 +912,8 @@ def train_loop(args, rank, world, master, ddp_wrapper):
     ref_logps, ref_scores = ref["logps"].to(device), ref["neuron"].to(device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(args.warmup_ratio * total_steps), total_steps))
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
     start_step = 0
     if args.resume:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
@@ -943,7 +953,7 @@ def train_loop(args, rank, world, master, ddp_wrapper):
             sync = model.no_sync() if ddp_wrapper and micro < args.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
-                    logps, scores = pair_forward(model, batch, neurons)
+                    logps, scores = pair_forward(model, batch, capture)
                 chosen, rejected = logps.unbind(-1)
                 s_chosen, s_rejected = scores.unbind(-1) if scores is not None else (None, None)
                 losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = yfpo_loss(
@@ -1076,7 +1086,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
     from transformers import GenerationConfig
     eos = model.generation_config.eos_token_id
     eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_return_sequences=num_samples, eos_token_id=eos,
                               pad_token_id=tokenizer.pad_token_id, **sampling)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
@@ -1164,7 +1174,8 @@ def cmd_eval(args):
     if args.compare:
         c = summary["compare"]
         print(f"vs {args.compare}: difference {c['difference']:+.4f} over {c['shared']} shared questions "
-              f"({c['only_this_correct']} only here, {c['only_other_correct']} only there), McNemar p = {c['mcnemar_p']:.4g}")
+              f"({c['only_this_correct']} right only here, {c['only_other_correct']} only there), "
+              f"McNemar p = {c['mcnemar_p']:.4g}")
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
 
 
@@ -1174,16 +1185,25 @@ def cmd_eval(args):
 DEMO_PROBLEMS = [
     ("Tom has 3 apples and buys 5 more. How many apples does he have?", "Tom has 3+5=<<3+5=8>>8 apples.\n#### 8"),
     ("A box holds 12 eggs. How many eggs are in 4 boxes?", "4 boxes hold 4*12=<<4*12=48>>48 eggs.\n#### 48"),
-    ("Sara reads 15 pages a day. How many pages does she read in a week?", "A week has 7 days, so she reads 15*7=<<15*7=105>>105 pages.\n#### 105"),
-    ("A shirt costs $20 and is 25% off. What does it cost now?", "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n#### 15"),
+    ("Sara reads 15 pages a day. How many pages does she read in a week?",
+     "A week has 7 days, so she reads 15*7=<<15*7=105>>105 pages.\n#### 105"),
+    ("A shirt costs $20 and is 25% off. What does it cost now?",
+     "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n#### 15"),
     ("Ben had 50 marbles and gave away 18. How many are left?", "He has 50-18=<<50-18=32>>32 marbles left.\n#### 32"),
-    ("A train travels 60 miles per hour for 3 hours. How far does it go?", "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
-    ("Lily splits 36 candies among 4 friends. How many does each get?", "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
-    ("A farm has 7 cows and 3 times as many hens. How many animals are there?", "There are 7*3=<<7*3=21>>21 hens.\nIn all 7+21=<<7+21=28>>28 animals.\n#### 28"),
-    ("Max saves $1,200 a month. How much does he save in a year?", "He saves 1200*12=<<1200*12=14400>>14,400 dollars.\n#### 14,400"),
-    ("A rope is 9 meters long. It is cut into 3 equal parts. How long is each part?", "Each part is 9/3=<<9/3=3>>3 meters.\n#### 3"),
-    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?", "Her mother is 8*4=<<8*4=32>>32.\n#### 32"),
-    ("A class has 14 girls and 16 boys. How many students are there?", "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
+    ("A train travels 60 miles per hour for 3 hours. How far does it go?",
+     "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
+    ("Lily splits 36 candies among 4 friends. How many does each get?",
+     "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
+    ("A farm has 7 cows and 3 times as many hens. How many animals are there?",
+     "There are 7*3=<<7*3=21>>21 hens.\nIn all 7+21=<<7+21=28>>28 animals.\n#### 28"),
+    ("Max saves $1,200 a month. How much does he save in a year?",
+     "He saves 1200*12=<<1200*12=14400>>14,400 dollars.\n#### 14,400"),
+    ("A rope is 9 meters long. It is cut into 3 equal parts. How long is each part?",
+     "Each part is 9/3=<<9/3=3>>3 meters.\n#### 3"),
+    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?",
+     "Her mother is 8*4=<<8*4=32>>32.\n#### 32"),
+    ("A class has 14 girls and 16 boys. How many students are there?",
+     "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
 ]
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -1197,7 +1217,8 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator([q + "\n" + a for q, a in DEMO_PROBLEMS] + [INSTRUCTION, "The answer is 0123456789."],
-                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                            trainers.BpeTrainer(vocab_size=400,
+                                                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         chat_template=CHATML_TEMPLATE, model_input_names=["input_ids", "attention_mask"])
@@ -1208,7 +1229,8 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
