@@ -484,6 +484,90 @@ def activation_stats(model, batches, neurons):
     return mean.float(), (total_sq / count - mean ** 2).clamp_min(0).sqrt().float()
 
 
+def solution_batches(tokenizer, rows, args, device):
+    examples = solution_examples(tokenizer, rows, args.max_length, args.system)
+    return [to_device(collate(chunk, tokenizer.pad_token_id), device) for chunk in batches_of(examples, args.batch_size)]
+
+
+def cmd_identify(args):
+    """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k."""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    set_seed(args.seed)
+    rows = load_gsm8k(args.data, "train")[:args.num_samples]
+    control = load_gsm8k(args.control, "train", require_gold=False)[:args.num_samples] if args.control else []
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    from tqdm import tqdm
+    with attnlrp(model):
+        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
+        math_batches = solution_batches(tokenizer, rows, args, device)
+        start = time.perf_counter()
+        with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
+            scores = score_neurons(model, math_batches, bar)
+            if control:  # keep what is specific to math, not what any text uses
+                scores = scores - score_neurons(model, solution_batches(tokenizer, control, args, device), bar)
+        seconds = time.perf_counter() - start
+    neurons = select_neurons(scores, args.top_k, args.per_layer)
+    mean, std = activation_stats(model, math_batches, neurons)
+    num_layers, width = model_shape(model)
+    counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
+    write_json(out / "neurons.json", {
+        "model": args.model, "num_layers": num_layers, "intermediate_size": width,
+        "selection": {"rule": "per_layer_top_k" if args.per_layer else "global_top_k", "top_k": args.top_k,
+                      "score": "mean AttnLRP relevance at down_proj input" + (" minus control" if control else ""),
+                      "data": args.data, "num_samples": len(rows), "control": args.control,
+                      "num_control_samples": len(control), "max_length": args.max_length, "seed": args.seed},
+        "counts_per_layer": counts, "scoring_seconds": round(seconds, 2),
+        "neurons": [{"layer": l, "index": i, "score": s, "act_mean": float(m), "act_std": float(d)}
+                    for (l, i, s), m, d in zip(neurons, mean, std)],
+    })
+    samples = len(rows) + len(control)
+    print(f"scored {samples} samples in {seconds:.1f}s ({samples / seconds:.2f} samples/s)")
+    print("selected neurons per layer:")
+    for layer, count in enumerate(counts):
+        print(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}")
+    print(f"wrote {out / 'neurons.json'}")
+
+
+def cmd_ablate(args):
+    """ablate: does zeroing the selected neurons hurt gold-solution likelihood more than random ones?"""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    set_seed(args.seed)
+    rows = load_gsm8k(args.data, args.split)[:args.num_samples]
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    neurons = load_neurons(args.neurons, model)
+    batches = solution_batches(tokenizer, rows, args, device)
+    num_layers, width = model_shape(model)
+    chosen = {(n[0], n[1]) for n in neurons}
+    result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
+              "num_neurons": len(neurons), "nll_base": gold_nll(model, batches)}
+    with ablate_neurons(model, neurons):
+        result["nll_ablated"] = gold_nll(model, batches)
+    random_nlls = []
+    for seed in range(args.random_seeds):  # as many random neurons per layer as selected, none of the selected
+        g = torch.Generator().manual_seed(args.seed + seed)
+        control = []
+        for layer in range(num_layers):
+            candidates = [i for i in torch.randperm(width, generator=g).tolist() if (layer, i) not in chosen]
+            control += [(layer, i) for i in candidates[:sum(n[0] == layer for n in neurons)]]
+        with ablate_neurons(model, control):
+            random_nlls.append(gold_nll(model, batches))
+    result["nll_random"] = random_nlls
+    result["nll_random_mean"] = sum(random_nlls) / len(random_nlls)
+    result["nll_random_std"] = torch.tensor(random_nlls).std(unbiased=False).item()
+    rise_random = result["nll_random_mean"] - result["nll_base"]
+    result["ratio"] = (result["nll_ablated"] - result["nll_base"]) / rise_random if rise_random else None
+    if args.eval_accuracy:
+        result["accuracy_base"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
+        with ablate_neurons(model, neurons):
+            result["accuracy_ablated"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
+    write_json(out / "ablation.json", result)
+    for key in ("nll_base", "nll_ablated", "nll_random_mean", "nll_random_std", "ratio", "accuracy_base",
+                "accuracy_ablated"):
+        if result.get(key) is not None:
+            print(f"{key:18s} {result[key]:.4f}")
+    print(f"wrote {out / 'ablation.json'}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------
@@ -569,90 +653,6 @@ def gold_nll(model, batches):
         total -= forward_logps(model, batch).sum().item()
         tokens += batch["loss_mask"].sum().item()
     return total / tokens
-
-
-def solution_batches(tokenizer, rows, args, device):
-    examples = solution_examples(tokenizer, rows, args.max_length, args.system)
-    return [to_device(collate(chunk, tokenizer.pad_token_id), device) for chunk in batches_of(examples, args.batch_size)]
-
-
-def cmd_identify(args):
-    """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
-    set_seed(args.seed)
-    rows = load_gsm8k(args.data, "train")[:args.num_samples]
-    control = load_gsm8k(args.control, "train", require_gold=False)[:args.num_samples] if args.control else []
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
-    from tqdm import tqdm
-    with attnlrp(model):
-        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
-        math_batches = solution_batches(tokenizer, rows, args, device)
-        start = time.perf_counter()
-        with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
-            scores = score_neurons(model, math_batches, bar)
-            if control:  # keep what is specific to math, not what any text uses
-                scores = scores - score_neurons(model, solution_batches(tokenizer, control, args, device), bar)
-        seconds = time.perf_counter() - start
-    neurons = select_neurons(scores, args.top_k, args.per_layer)
-    mean, std = activation_stats(model, math_batches, neurons)
-    num_layers, width = model_shape(model)
-    counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
-    write_json(out / "neurons.json", {
-        "model": args.model, "num_layers": num_layers, "intermediate_size": width,
-        "selection": {"rule": "per_layer_top_k" if args.per_layer else "global_top_k", "top_k": args.top_k,
-                      "score": "mean AttnLRP relevance at down_proj input" + (" minus control" if control else ""),
-                      "data": args.data, "num_samples": len(rows), "control": args.control,
-                      "num_control_samples": len(control), "max_length": args.max_length, "seed": args.seed},
-        "counts_per_layer": counts, "scoring_seconds": round(seconds, 2),
-        "neurons": [{"layer": l, "index": i, "score": s, "act_mean": float(m), "act_std": float(d)}
-                    for (l, i, s), m, d in zip(neurons, mean, std)],
-    })
-    samples = len(rows) + len(control)
-    print(f"scored {samples} samples in {seconds:.1f}s ({samples / seconds:.2f} samples/s)")
-    print("selected neurons per layer:")
-    for layer, count in enumerate(counts):
-        print(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}")
-    print(f"wrote {out / 'neurons.json'}")
-
-
-def cmd_ablate(args):
-    """ablate: does zeroing the selected neurons hurt gold-solution likelihood more than random ones?"""
-    out, device = check_out_dir(args.out), pick_device(args.device)
-    set_seed(args.seed)
-    rows = load_gsm8k(args.data, args.split)[:args.num_samples]
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
-    neurons = load_neurons(args.neurons, model)
-    batches = solution_batches(tokenizer, rows, args, device)
-    num_layers, width = model_shape(model)
-    chosen = {(n[0], n[1]) for n in neurons}
-    result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
-              "num_neurons": len(neurons), "nll_base": gold_nll(model, batches)}
-    with ablate_neurons(model, neurons):
-        result["nll_ablated"] = gold_nll(model, batches)
-    random_nlls = []
-    for seed in range(args.random_seeds):  # as many random neurons per layer as selected, none of the selected
-        g = torch.Generator().manual_seed(args.seed + seed)
-        control = []
-        for layer in range(num_layers):
-            candidates = [i for i in torch.randperm(width, generator=g).tolist() if (layer, i) not in chosen]
-            control += [(layer, i) for i in candidates[:sum(n[0] == layer for n in neurons)]]
-        with ablate_neurons(model, control):
-            random_nlls.append(gold_nll(model, batches))
-    result["nll_random"] = random_nlls
-    result["nll_random_mean"] = sum(random_nlls) / len(random_nlls)
-    result["nll_random_std"] = torch.tensor(random_nlls).std(unbiased=False).item()
-    rise_random = result["nll_random_mean"] - result["nll_base"]
-    result["ratio"] = (result["nll_ablated"] - result["nll_base"]) / rise_random if rise_random else None
-    if args.eval_accuracy:
-        result["accuracy_base"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
-        with ablate_neurons(model, neurons):
-            result["accuracy_ablated"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
-    write_json(out / "ablation.json", result)
-    for key in ("nll_base", "nll_ablated", "nll_random_mean", "nll_random_std", "ratio", "accuracy_base",
-                "accuracy_ablated"):
-        if result.get(key) is not None:
-            print(f"{key:18s} {result[key]:.4f}")
-    print(f"wrote {out / 'ablation.json'}")
 
 
 # ---------------------------------------------------------------------------------------------
