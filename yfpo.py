@@ -17,7 +17,6 @@ completion_logps, dpo_loss, neuron_scores, yfpo_loss) are standalone and can be 
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -327,12 +326,12 @@ def neuron_relevance(model, input_ids, attention_mask, loss_mask, per_token=Fals
 
     def capture(layer):
         def pre_hook(module, args):
-            a = args[0]
+            a = args[0].detach()  # the hook must not hold args[0] itself: that cycle would never be freed
 
             def on_grad(grad):  # called during backward with dF/da, shape [B, T, I]
-                r = a.detach().float() * grad.float()
+                r = a.float() * grad.float()
                 relevance[layer] = r if per_token else (r * keep).sum(1)
-            a.register_hook(on_grad)
+            args[0].register_hook(on_grad)
         return pre_hook
 
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
@@ -475,8 +474,8 @@ def activation_stats(model, batches, neurons):
     """Mean and std [K] of the given neurons' activations over the loss_mask positions."""
     total, total_sq, count = 0.0, 0.0, 0.0
     with NeuronCapture(model, neurons) as capture:
-        for batch in batches:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for batch in batches:  # the decoder alone: no logits needed
+            model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             acts, keep = capture.activations().double(), batch["loss_mask"][..., None].double()
             total, total_sq = total + (acts * keep).sum((0, 1)), total_sq + (acts ** 2 * keep).sum((0, 1))
             count += keep.sum()
@@ -877,9 +876,9 @@ def train_loop(args, rank, world, master, ddp_wrapper):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     if args.lam > 0 and not args.neurons:
         raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 trains plain DPO")
-    checkpoint = out / "model"
-    if args.resume and not (checkpoint / "trainer_state.pt").is_file():
-        raise UserError(f"--resume: no checkpoint in {checkpoint}; start without --resume")
+    checkpoint, cache = out / "model", out / "reference.pt"
+    if args.resume and not ((checkpoint / "trainer_state.pt").is_file() and cache.is_file()):
+        raise UserError(f"--resume: no checkpoint in {checkpoint} (or no {cache}); start without --resume")
     rows = load_pairs(args.pairs)
     set_seed(args.seed)
     model, tokenizer = load_model(str(checkpoint) if args.resume else args.model, device, torch.float32,
@@ -898,14 +897,13 @@ def train_loop(args, rank, world, master, ddp_wrapper):
                         "processes); lower --batch-size or --grad-accum")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
-    # Reference log-probs and neuron scores, once, before the first step (no second model in memory).
-    cache = out / "reference.pt"
-    fingerprint = hashlib.sha256(json.dumps([args.model, neurons, str(dtype), pairs]).encode()).hexdigest()
-    if master and not args.resume and (not cache.is_file() or torch.load(cache)["fingerprint"] != fingerprint):
+    # Reference log-probs and neuron scores, once, before the first step (no second model in memory);
+    # --resume reuses them.
+    if master and not args.resume:
         ref_logps, ref_scores = reference_pass(model, pairs, capture, args.batch_size, tokenizer.pad_token_id, device,
                                                autocast)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"fingerprint": fingerprint, "logps": ref_logps, "neuron": ref_scores}, cache)
+        torch.save({"logps": ref_logps, "neuron": ref_scores}, cache)
     if ddp_wrapper:
         torch.distributed.barrier()
     ref = torch.load(cache)
