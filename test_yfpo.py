@@ -449,9 +449,10 @@ def test_ablation_zeroes_inside_and_leaves_the_model_exactly_as_it_was(tiny):
 
 def test_ablate_cli_writes_the_comparison(tiny_dir, data_file, neurons_file, tmp_path):
     assert run("ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file, "--num-samples", "4",
-               "--random-seeds", "2", "--out", str(tmp_path)) == 0
+               "--random-seeds", "2", "--eval-accuracy", "--max-new-tokens", "4", "--out", str(tmp_path)) == 0
     result = json.loads((tmp_path / "ablation.json").read_text())
     assert len(result["nll_random"]) == 2 and result["nll_ablated"] != result["nll_base"]
+    assert 0 <= result["accuracy_base"] <= 1 and 0 <= result["accuracy_ablated"] <= 1
     rise = result["nll_random_mean"] - result["nll_base"]
     assert math.isclose(result["ratio"], (result["nll_ablated"] - result["nll_base"]) / rise)
 

@@ -1144,7 +1144,11 @@ def evaluate(model, tokenizer, rows, args):
 
 def compare_runs(results, other_path):
     """Paired difference over the questions both runs answered, with the exact McNemar p-value."""
-    other = {(r["index"], r["question"]): r["correct"] for r in read_jsonl(other_path)}
+    try:
+        other = {(r["index"], r["question"]): r["correct"] for r in read_jsonl(other_path)}
+    except (KeyError, TypeError):
+        raise UserError(f"--compare {other_path} is not an eval.jsonl of `yfpo.py eval` (rows need index, question, "
+                        "correct)") from None
     shared = [(r["correct"], other[(r["index"], r["question"])]) for r in results if (r["index"], r["question"]) in other]
     if not shared:
         raise UserError(f"--compare {other_path} shares no questions with this run; compare runs on the same data")
