@@ -177,6 +177,13 @@ def test_load_folder_picks_the_split_file(tmp_path):
     assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "test")] == ["15", "32"]
 
 
+def test_load_folder_reads_every_shard_of_the_split_only(tmp_path):
+    yfpo.write_jsonl(tmp_path / "train-00000-of-00002.jsonl", DEMO_ROWS[:2])
+    yfpo.write_jsonl(tmp_path / "train-00001-of-00002.jsonl", DEMO_ROWS[2:3])
+    yfpo.write_jsonl(tmp_path / "trainextra.jsonl", DEMO_ROWS[3:])
+    assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "train")] == ["8", "48", "105"]
+
+
 def test_chat_template_prompt_holds_question_instruction_and_generation_prompt(tiny):
     _, tokenizer = tiny
     text = yfpo.format_prompt(tokenizer, "What is 2+2?", system="Be brief.")
@@ -261,7 +268,7 @@ def test_mcnemar_exact_known_values():
     assert math.isclose(yfpo.mcnemar_exact(2, 8), 2 * (1 + 10 + 45) / 1024)
 
 
-@pytest.mark.parametrize("case", ["missing file", "bad json line", "no question", "no marker", "limit 0",
+@pytest.mark.parametrize("case", ["missing file", "bad json line", "no question", "answer not text", "no marker", "limit 0",
                                   "negative limit", "model missing", "out is a file", "hub model", "hub data"])
 def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_file, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
@@ -276,6 +283,9 @@ def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_fi
     elif case == "no question":
         bad.write_text(json.dumps({"answer": "#### 1"}) + "\n")
         argv["data"], says = str(bad), "row 1 has no 'question' field"
+    elif case == "answer not text":
+        bad.write_text(json.dumps({"question": "q", "answer": 5}) + "\n")
+        argv["data"], says = str(bad), "row 1: 'question' and 'answer' must be text"
     elif case == "no marker":
         bad.write_text(json.dumps(DEMO_ROWS[0]) + "\n" + json.dumps({"question": "q", "answer": "5"}) + "\n")
         argv["data"], says = str(bad), "row 2: the answer has no '#### N'"
@@ -502,6 +512,13 @@ def test_make_pairs_pairs_a_right_and_a_wrong_sample(tiny):
     assert pairs[1]["prompt"] == yfpo.prompt_messages(rows[1]["question"]) and pairs[1]["question_index"] == 1
 
 
+def test_plain_format_completions_start_with_one_space(tiny):
+    _, tokenizer = tiny
+    tokenizer.chat_template = None
+    assert yfpo.make_completion(tokenizer, " The answer is 4.") == yfpo.make_completion(tokenizer, "The answer is 4.")
+    assert yfpo.make_completion(tokenizer, "The answer is 4.") == " The answer is 4."
+
+
 def test_pairs_cli_writes_trl_rows(tiny_dir, data_file, tmp_path):
     assert run("pairs", "--model", tiny_dir, "--data", data_file, "--num-questions", "3", "--samples-per-question", "2",
                "--max-new-tokens", "8", "--out", str(tmp_path)) == 0
@@ -688,12 +705,14 @@ def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir,
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                     str(HERE / "yfpo.py"), *common, "--grad-accum", "2", "--out", str(tmp_path / "two")],
                    check=True, env=env, capture_output=True, timeout=300)
+    assert len(metrics(tmp_path / "one")) == len(metrics(tmp_path / "two")) == 2
     for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert math.isclose(one["loss"], two["loss"], rel_tol=1e-5) and math.isclose(one["grad_norm"], two["grad_norm"], rel_tol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["missing field", "empty file", "all truncated", "lam without neurons",
-                                  "neurons shape", "resume without checkpoint"])
+                                  "negative lam without neurons", "neurons shape", "resume without checkpoint",
+                                  "no such device"])
 def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--out", out, "--lam", "0", "--device", "cpu"]
@@ -711,6 +730,10 @@ def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, cap
         argv, says = argv + ["--max-length", "8"], "every pair was truncated away"
     elif case == "lam without neurons":
         argv, says = argv + ["--lam", "0.3"], "--lam 0.3 needs --neurons"
+    elif case == "negative lam without neurons":
+        argv, says = argv + ["--lam", "-0.3"], "--lam -0.3 needs --neurons"
+    elif case == "no such device":
+        argv, says = argv + ["--device", "gpu"], "--device gpu is not a device"
     elif case == "neurons shape":
         saved = json.loads(Path(neurons_file).read_text())
         saved["num_layers"] = 5
@@ -719,6 +742,15 @@ def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, cap
     else:
         argv, says = argv + ["--resume"], "--resume: no checkpoint"
     assert_user_error(capsys, out, *argv, says=says)
+
+
+def test_resume_refuses_a_checkpoint_of_other_pairs(tiny_dir, pairs_file, tmp_path, capsys):
+    train(tiny_dir, pairs_file, tmp_path, "--lam", "0", "--max-steps", "1")
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(Path(pairs_file).read_text().splitlines(keepends=True)[:6]))
+    assert run("train", "--model", tiny_dir, "--pairs", str(fewer), "--lam", "0", "--batch-size", "2", "--grad-accum", "1",
+               "--max-length", "256", "--device", "cpu", "--resume", "--out", str(tmp_path)) == 2
+    assert "was trained with other pairs" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, pairs_file, tmp_path, capsys):

@@ -17,6 +17,7 @@ completion_logps, dpo_loss, neuron_scores, yfpo_loss) are standalone and can be 
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -96,7 +97,15 @@ def set_seed(seed):
 
 
 def pick_device(name):
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return device
 
 
 def pick_dtype(name, device):
@@ -122,8 +131,8 @@ def load_model(name, device, dtype, trust_remote_code=False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
-    except OSError as e:
-        first_line = str(e).strip().splitlines()[0]
+    except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local folder "
                         "or .gguf file: --model /path/to/model") from None
     if tokenizer.pad_token is None:
@@ -144,10 +153,11 @@ def load_rows(data, split, config=None):
     """Rows of a local .jsonl/.json/.parquet file (or a folder holding SPLIT.*), or a hub dataset."""
     path = Path(data)
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.stem.startswith(split) and p.suffix in (".jsonl", ".json", ".parquet"))
+        found = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")
+                       and (p.stem == split or p.stem.startswith(split + "-")))  # SPLIT.jsonl or SPLIT-00000-of-00002.*
         if not found:
             raise UserError(f"no {split}.jsonl, {split}.json or {split}.parquet in {data}; add one or pass the file itself")
-        path = found[0]
+        return [row for shard in found for row in load_rows(str(shard), split)]
     if path.is_file():
         if path.suffix == ".jsonl":
             return read_jsonl(path)
@@ -181,6 +191,8 @@ def load_gsm8k(data, split, require_gold=True):
         missing = [k for k in ("question", "answer") if not isinstance(row, dict) or k not in row]
         if missing:
             raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need 'question' and 'answer'")
+        if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
+            raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text")
         if require_gold and "####" not in row["answer"]:
             raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; end it with '#### <number>'")
         row["gold"] = parse_gold(row["answer"]) if "####" in row["answer"] else None
@@ -223,7 +235,8 @@ def make_prompt(tokenizer, question, system=None):
 
 
 def make_completion(tokenizer, text):
-    return [{"role": "assistant", "content": text}] if tokenizer.chat_template else " " + text
+    """A completion in TRL's format; as text it starts with exactly one space (sampled text may bring its own)."""
+    return [{"role": "assistant", "content": text}] if tokenizer.chat_template else " " + text.lstrip()
 
 
 def tokenize_example(tokenizer, prompt, completion, max_length):
@@ -317,7 +330,8 @@ def neuron_relevance(model, input_ids, attention_mask, loss_mask, per_token=Fals
         F = sum_{t : loss_mask[t] = 1} z_t[input_ids[t + 1]],   z_t = the logits at position t,
     and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}, where a_l is the input of layer l's down_proj.
     Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside
-    it is plain gradient x input. Weights get no gradient; computed in float32.
+    it is plain gradient x input. R is accumulated in float32 (the forward runs in the model's dtype).
+    Freeze the weights first (score_neurons does), or their .grad fills up too.
     Returns [B, L, I] (summed over the loss_mask positions), or [B, T, L, I] unsummed if per_token.
     """
     layers = decoder_layers(model)
@@ -466,6 +480,8 @@ def load_neurons(path, model):
     if shape != model_shape(model):
         raise UserError(f"{path} was made for {shape[0]} layers x {shape[1]} neurons but the model has "
                         f"{model_shape(model)[0]} x {model_shape(model)[1]}; run identify with this model")
+    if not neurons:
+        raise UserError(f"{path} lists no neurons; run identify with --top-k of at least 1")
     return neurons
 
 
@@ -730,7 +746,7 @@ PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/re
 
 def tokenize_pairs(tokenizer, rows, max_length):
     """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
-    if isinstance(rows[0]["prompt"], list) and not tokenizer.chat_template:
+    if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError("the pairs hold chat messages but this tokenizer has no chat template; write the pairs as text")
     pairs = []
     for r in rows:
@@ -830,13 +846,13 @@ def peak_flops(device):
     return 2 * 1024 ** 3 * n / (time.perf_counter() - start)
 
 
-def save_checkpoint(out, model, tokenizer, optimizer, scheduler, step):
+def save_checkpoint(out, model, tokenizer, optimizer, scheduler, run, step):
     """OUT/model: save_pretrained weights and tokenizer plus trainer_state.pt, swapped in whole."""
     final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
     shutil.rmtree(tmp, ignore_errors=True)
     getattr(model, "module", model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"step": step, "run": run, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                tmp / "trainer_state.pt")
@@ -852,8 +868,11 @@ def cmd_train(args):
     if ddp:  # torchrun: one process per device; each takes every world-th micro-batch of a step
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
+        import datetime
+        on_gpu = pick_device(args.device).type == "cuda"
+        # Rank 0 alone makes the reference pass while the others wait: allow it hours, not NCCL's 10 minutes.
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
+        if on_gpu:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
@@ -874,7 +893,7 @@ def train_loop(args, rank, world, master, ddp_wrapper):
         raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss scaling)")
     # Weights and optimizer stay float32; bf16 only inside autocast.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    if args.lam > 0 and not args.neurons:
+    if args.lam != 0 and not args.neurons:
         raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 trains plain DPO")
     checkpoint, cache = out / "model", out / "reference.pt"
     if args.resume and not ((checkpoint / "trainer_state.pt").is_file() and cache.is_file()):
@@ -896,6 +915,8 @@ def train_loop(args, rank, world, master, ddp_wrapper):
         raise UserError(f"{len(pairs)} pairs are fewer than one optimizer step takes ({pairs_per_step} = batch x accum x "
                         "processes); lower --batch-size or --grad-accum")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    # What a checkpoint must share with the run that resumes it: the data order and the reference depend on it.
+    run = hashlib.sha256(json.dumps([pairs, neurons, pairs_per_step, args.seed]).encode()).hexdigest()
 
     # Reference log-probs and neuron scores, once, before the first step (no second model in memory);
     # --resume reuses them.
@@ -914,7 +935,10 @@ def train_loop(args, rank, world, master, ddp_wrapper):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
     start_step = 0
     if args.resume:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["run"] != run:
+            raise UserError(f"--resume: {checkpoint} was trained with other pairs, neurons, batch x accum x "
+                            "processes or seed; resume with the same ones, or train into a new --out")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["rng"]["python"])
@@ -995,7 +1019,7 @@ def train_loop(args, rank, world, master, ddp_wrapper):
         bar.update(1)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
             if master:
-                save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
+                save_checkpoint(out, model, tokenizer, optimizer, scheduler, run, step + 1)
             last_saved = step + 1
     bar.close()
     if master:
@@ -1289,6 +1313,16 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'")
+    return value
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local Hugging Face folder, or .gguf file")
@@ -1328,7 +1362,7 @@ def build_parser():
     p = commands.add_parser("pairs", parents=[common, generation], help="sample, grade and pair GSM8K train answers")
     p.add_argument("--num-questions", type=positive_int, default=2000)
     p.add_argument("--samples-per-question", type=positive_int, default=4)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=positive_float, default=0.8)
     p.set_defaults(run=cmd_pairs)
 
     p = commands.add_parser("train", parents=[common], help="DPO + lam * neuron-margin loss")
