@@ -290,9 +290,9 @@ def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_fi
         bad.write_text(json.dumps(DEMO_ROWS[0]) + "\n" + json.dumps({"question": "q", "answer": "5"}) + "\n")
         argv["data"], says = str(bad), "row 2: the answer has no '#### N'"
     elif case == "limit 0":
-        extra, says = ["--limit", "0"], "--limit: must be a positive integer"
+        extra, says = ["--limit", "0"], "--limit: must be a positive int"
     elif case == "negative limit":
-        extra, says = ["--limit", "-3"], "--limit: must be a positive integer"
+        extra, says = ["--limit", "-3"], "--limit: must be a positive int"
     elif case == "model missing":
         argv["model"], says = str(tmp_path / "no-model"), "model path does not exist"
     elif case == "out is a file":
@@ -490,7 +490,7 @@ def test_identify_and_ablate_bad_input(case, tiny_dir, data_file, neurons_file, 
     else:
         with pytest.raises(SystemExit) as e:
             run("identify", "--model", tiny_dir, "--num-samples", "0", "--out", out)
-        assert e.value.code == 2 and "--num-samples: must be a positive integer" in capsys.readouterr().err
+        assert e.value.code == 2 and "--num-samples: must be a positive int" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,6 +140,15 @@ def load_model(name, device, dtype, trust_remote_code=False):
     return model.to(device).eval(), tokenizer
 
 
+def start_command(args, split, limit):
+    """What a command starts with: the output folder checked, the seed set, the data rows, the model."""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    set_seed(args.seed)
+    rows = load_gsm8k(args.data, split)[:limit]
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    return out, device, rows, model, tokenizer
+
+
 def decoder_layers(model):
     """The transformer blocks of a (possibly DDP-wrapped) causal LM."""
     return getattr(model, "module", model).get_decoder().layers
@@ -506,11 +515,8 @@ def solution_batches(tokenizer, rows, args, device):
 
 def cmd_identify(args):
     """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
-    set_seed(args.seed)
-    rows = load_gsm8k(args.data, "train")[:args.num_samples]
     control = load_gsm8k(args.control, "train", require_gold=False)[:args.num_samples] if args.control else []
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    out, device, rows, model, tokenizer = start_command(args, "train", args.num_samples)
     from tqdm import tqdm
     with attnlrp(model):
         select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
@@ -545,10 +551,7 @@ def cmd_identify(args):
 
 def cmd_ablate(args):
     """ablate: does zeroing the selected neurons hurt gold-solution likelihood more than random ones?"""
-    out, device = check_out_dir(args.out), pick_device(args.device)
-    set_seed(args.seed)
-    rows = load_gsm8k(args.data, args.split)[:args.num_samples]
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
     batches = solution_batches(tokenizer, rows, args, device)
     num_layers, width = model_shape(model)
@@ -702,10 +705,7 @@ def make_pairs(tokenizer, rows, samples, system=None):
 
 def cmd_pairs(args):
     """pairs: sample the model on GSM8K train, grade with is_correct, pair a right and a wrong answer."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
-    set_seed(args.seed)
-    rows = load_gsm8k(args.data, "train")[:args.num_questions]
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
     n = args.samples_per_question
     samples = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc="pairs",
@@ -1183,12 +1183,9 @@ def compare_runs(results, other_path):
 
 def cmd_eval(args):
     """eval: GSM8K exact match with batched greedy decoding."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
     if args.compare and not Path(args.compare).is_file():
         raise UserError(f"--compare file missing: {args.compare}; pass another run's eval.jsonl")
-    set_seed(args.seed)
-    rows = load_gsm8k(args.data, args.split)[:args.limit]
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    out, device, rows, model, tokenizer = start_command(args, args.split, args.limit)
     summary, results = evaluate(model, tokenizer, rows, args)
     summary.update(model=args.model, data=args.data, split=args.split, limit=args.limit, seed=args.seed)
     if args.compare:
@@ -1303,24 +1300,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
-    return value
+def positive(kind):
+    """An argparse type: a number of this kind above zero."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'")
+        return value
+    return parse
 
 
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'")
-    return value
+positive_int, positive_float = positive(int), positive(float)
 
 
 def build_parser():
