@@ -214,6 +214,7 @@ def test_collate_masks_exactly_the_positions_that_predict_completion_tokens():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[2, 3, 4, 5, 0], [7, 8, 9, 0, 0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,7 +581,7 @@ def test_collate_pairs_packs_prompt_once_with_a_block_mask():
     batch = yfpo.collate_pairs([([1, 2], [3, 4], [5]), ([6], [7], [8, 9])], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
-    assert batch["attention"][0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+    assert batch["attention_mask"][0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
                                                     [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]  # rejected skips chosen
     assert batch["loss_mask"][0].T.tolist() == [[0, 1, 1, 0, 0], [0, 1, 0, 0, 0]]
     assert batch["labels"][0, 1].tolist() == [3, 5]  # the last prompt token predicts both first tokens

@@ -270,8 +270,8 @@ def tokenize_example(tokenizer, prompt, completion, max_length):
 def collate(examples, pad_id):
     """Right-padded batch from (prompt_ids, completion_ids) pairs.
 
-    Returns input_ids, attention_mask and loss_mask, each [B, T]; loss_mask[b, t] = 1 where
-    position t predicts a completion token, input_ids[b, t + 1].
+    Returns input_ids, attention_mask, labels and loss_mask, each [B, T]; labels[b, t] = input_ids[b, t + 1],
+    and loss_mask[b, t] = 1 where that label is a completion token.
     """
     width = max(len(p) + len(c) for p, c in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -281,7 +281,8 @@ def collate(examples, pad_id):
         input_ids[b, :len(p) + len(c)] = torch.tensor(p + c)
         attention_mask[b, :len(p) + len(c)] = 1
         loss_mask[b, len(p) - 1:len(p) + len(c) - 1] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_mask": loss_mask}
 
 
 def batches_of(items, size):
@@ -332,11 +333,11 @@ def attnlrp(model):
                     setattr(target, name, value)
 
 
-def neuron_relevance(model, input_ids, attention_mask, loss_mask, per_token=False):
+def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask, per_token=False):
     """Relevance of every MLP neuron for the gold next-token logits (activation x gradient).
 
-    input_ids, attention_mask, loss_mask: [B, T] (see collate). The explained quantity is
-        F = sum_{t : loss_mask[t] = 1} z_t[input_ids[t + 1]],   z_t = the logits at position t,
+    input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). The explained quantity is
+        F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
     and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}, where a_l is the input of layer l's down_proj.
     Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside
     it is plain gradient x input. R is accumulated in float32 (the forward runs in the model's dtype).
@@ -363,11 +364,11 @@ def neuron_relevance(model, input_ids, attention_mask, loss_mask, per_token=Fals
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
             # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary-wide matmul.
-            head, gold = model.get_output_embeddings(), input_ids[:, 1:]
-            logits = (hidden[:, :-1] * head.weight[gold]).sum(-1)
+            head = model.get_output_embeddings()
+            logits = (hidden * head.weight[labels]).sum(-1)
             if head.bias is not None:
-                logits = logits + head.bias[gold]
-            (logits * loss_mask[:, :-1]).sum().backward()
+                logits = logits + head.bias[labels]
+            (logits * loss_mask).sum().backward()
     finally:
         for h in hooks:
             h.remove()
@@ -653,14 +654,19 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_c
 
 
 def forward_logps(model, batch):
-    """Completion log-probs [B] from one forward. Logits are made only from the earliest position
-    that predicts a completion token onwards (logits_to_keep), so the prompt costs no lm_head."""
-    input_ids, mask = batch["input_ids"], batch["loss_mask"]
-    first = int(mask.argmax(1).min())
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
-                   logits_to_keep=input_ids.shape[1] - first).logits
-    labels = F.pad(input_ids[:, 1:], (0, 1))
-    return completion_logps(logits, labels[:, first:], mask[:, first:])
+    """Completion log-probs from one forward: [B] for a collate batch, [B, 2] for packed pairs
+    (collate_pairs). Logits are made only from the earliest position that predicts a completion
+    token onwards (logits_to_keep), so the prompt costs no lm_head."""
+    attention, mask = batch["attention_mask"], batch["loss_mask"]
+    if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
+        attention = attention[:, None]
+        if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask
+            attention = torch.zeros(attention.shape, device=attention.device).masked_fill(~attention, -torch.inf)
+    predicts = mask.amax(-1) if mask.dim() == 3 else mask  # [B, T]: position t predicts a completion token
+    first = int(predicts.argmax(1).min())
+    logits = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=batch.get("position_ids"),
+                   logits_to_keep=mask.shape[1] - first, use_cache=False).logits
+    return completion_logps(logits, batch["labels"][:, first:], mask[:, first:])
 
 
 @torch.no_grad()
@@ -763,7 +769,7 @@ def collate_pairs(pairs, pad_id):
     The prompt is shared, so it is computed once (TRL computes it twice, once per completion):
     rejected tokens attend to the prompt and to earlier rejected tokens, never to chosen ones,
     and their positions continue the prompt's, so each completion sees exactly its own context.
-    Returns input_ids, position_ids [B, T]; attention [B, T, T] (True: query t may attend key s);
+    Returns input_ids, position_ids [B, T]; attention_mask [B, T, T] (True: query t may attend key s);
     labels [B, T, 2] and loss_mask [B, T, 2] for (chosen, rejected): position t predicts
     labels[b, t, j] where loss_mask[b, t, j] = 1. The last prompt position predicts the first
     token of both completions.
@@ -787,22 +793,14 @@ def collate_pairs(pairs, pad_id):
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     # Every position sees itself, so padding rows are never all-masked (that would make NaNs).
     attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | torch.eye(width, dtype=torch.bool)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention": attention, "labels": labels,
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention, "labels": labels,
             "loss_mask": loss_mask}
 
 
 def pair_forward(model, batch, capture=None):
     """One forward of packed pairs (see collate_pairs): (log-probs [B, 2], neuron scores [B, 2] or None)
-    as (chosen, rejected). capture: an open NeuronCapture whose hooks read the neurons in this same
-    forward. Logits are made only from the first position that predicts a completion token onwards
-    (logits_to_keep): the prompt costs no lm_head."""
-    attention, mask = batch["attention"][:, None], batch["loss_mask"]
-    if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask
-        attention = torch.zeros(attention.shape, device=attention.device).masked_fill(~attention, -torch.inf)
-    first = int(mask[..., 0].argmax(1).min())
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=attention,
-                   logits_to_keep=mask.shape[1] - first, use_cache=False).logits
-    logps = completion_logps(logits, batch["labels"][:, first:], mask[:, first:])
+    as (chosen, rejected). capture: an open NeuronCapture whose hooks read the neurons in this same forward."""
+    logps, mask = forward_logps(model, batch), batch["loss_mask"]
     if capture is None:
         return logps, None
     return logps, torch.stack([capture.scores(mask[..., 0]), capture.scores(mask[..., 1])], dim=-1)
