@@ -221,12 +221,196 @@ def test_collate_masks_exactly_the_positions_that_predict_completion_tokens():
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
+def texts(completions):
+    return [c["text"] for c in completions]
+
+
+@pytest.mark.parametrize("text, stated", [
+    ("so 3 + 9 = 12. The answer is 1", False),      # the number may go on: "... is 12"
+    ("The answer is 12", False),
+    ("The answer is 12.", False),                   # "12." may still become 12.5
+    ("The answer is 12.\n", True),
+    ("The answer is 12. ", True),
+    ("The answer is 12.5 dollars", True),
+    ("The answer is 1,2", False),                   # "1,2" may become 1,234
+    ("The answer is 1,234 apples", True),
+    ("The answer is $15.", False),
+    ("The answer is $15.)", True),
+    ("#### 42\n", True),
+    ("\\boxed{42}", True),
+    ("Step 1 is 12 apples.", False),                # no stated answer at all
+])
+def test_answer_is_stated_only_once_the_number_is_complete(text, stated):
+    assert bool(yfpo.ANSWER_STATED.search(text)) == stated
+
+
+class ScriptedTokenizer:
+    """The tiny tokenizer, except that the first n generated tokens decode to SCRIPT[:n] (one character each)."""
+    SCRIPT = "So 3 + 9 = 12. The answer is 12. Then more text follows here."
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def decode(self, tokens, **kwargs):
+        return self.SCRIPT[:len(tokens)]
+
+
+def test_generation_stops_once_the_answer_is_stated(tiny):
+    model, tokenizer = tiny
+    model.generation_config.eos_token_id = None
+    prompts = [yfpo.format_prompt(tokenizer, r["question"]) for r in DEMO_ROWS[:3]]
+    for completion in yfpo.generate(model, ScriptedTokenizer(tokenizer), prompts, 2, max_new_tokens=60):
+        assert completion == {"text": "So 3 + 9 = 12. The answer is 12. ", "stop": "answer", "tokens": 33}
+    tokenizer.eos_token = None  # no EOS either: only the length ends it
+    short = yfpo.generate(model, ScriptedTokenizer(tokenizer), prompts[:1], 1, max_new_tokens=31)
+    assert short == [{"text": "So 3 + 9 = 12. The answer is 12", "stop": "length", "tokens": 31}]
+
+
 def test_greedy_completions_do_not_depend_on_batch_size(tiny):
     model, tokenizer = tiny
     prompts = [yfpo.format_prompt(tokenizer, r["question"]) for r in DEMO_ROWS]
     one = yfpo.generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=24)
-    eight = yfpo.generate(model, tokenizer, prompts, batch_size=8, max_new_tokens=24)
-    assert one == eight and len(set(one)) > 1
+    default = yfpo.generate(model, tokenizer, prompts, batch_size=yfpo.GENERATION_BATCH["cpu"], max_new_tokens=24)
+    assert one == default and len(set(texts(one))) > 1
+
+
+def test_rows_that_finish_early_leave_and_each_row_gets_its_own_completion(tiny):
+    model, tokenizer = tiny
+    prompts = [yfpo.format_prompt(tokenizer, r["question"]) for r in DEMO_ROWS]
+    alone = [yfpo.generate(model, tokenizer, [p], 1, max_new_tokens=40)[0] for p in prompts]
+    # Make EOS a token these completions emit at different steps, so rows finish (and are refilled) at different times.
+    emitted = [t for c in alone for t in tokenizer(c["text"])["input_ids"] if "\ufffd" not in tokenizer.decode([t])]
+    model.generation_config.eos_token_id = max(set(emitted), key=emitted.count)
+    alone = [yfpo.generate(model, tokenizer, [p], 1, max_new_tokens=40)[0] for p in prompts]
+    assert len({c["tokens"] for c in alone}) > 3 and {c["stop"] for c in alone} == {"eos", "length"}
+    for batch_size in (3, 8):  # 3: finished rows take waiting prompts; 8: then the batch shrinks
+        assert yfpo.generate(model, tokenizer, prompts, batch_size, max_new_tokens=40) == alone
+
+
+def test_samples_are_seeded_per_sequence_not_per_batch(tiny):
+    model, tokenizer = tiny
+    prompts = [yfpo.format_prompt(tokenizer, r["question"]) for r in DEMO_ROWS[:5]]
+    sample = lambda batch_size, seed: yfpo.generate(model, tokenizer, prompts, batch_size, 16, temperature=0.8,
+                                                    num_samples=3, seed=seed)
+    one = sample(1, seed=7)
+    assert sample(4, seed=7) == one and sample(4, seed=8) != one
+    assert len(set(texts(one))) == 15  # three different samples of each prompt
+
+
+def test_eval_and_pairs_under_torchrun_write_what_one_process_writes(tiny_dir, data_file, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for argv, files in [(["eval", "--limit", "7", "--max-new-tokens", "12"], ["eval.jsonl"]),
+                        (["pairs", "--num-questions", "7", "--samples-per-question", "2", "--max-new-tokens", "12"],
+                         ["pairs.jsonl"])]:
+        argv = [*argv, "--model", tiny_dir, "--data", data_file, "--device", "cpu", "--batch-size", "2"]
+        assert run(*argv, "--out", str(tmp_path / "one")) == 0
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29518", str(HERE / "yfpo.py"), *argv, "--out", str(tmp_path / "two")],
+                       check=True, env=env, capture_output=True, timeout=300)
+        for name in files:
+            assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+
+
+@pytest.fixture
+def fake_server(tiny_dir):
+    """An OpenAI-compatible server on localhost that serves tiny_dir, records each request body and answers
+    n choices (in reverse index order, as a server may) that state an answer and then go on."""
+    import http.server
+    import threading
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a model list at /v1/models, a web page anywhere else
+            if self.path == "/v1/models":
+                return self.answer({"object": "list", "data": [{"id": tiny_dir, "object": "model"}]})
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>")
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            self.answer({"choices": [{"index": i, "text": f"Sample {i}. The answer is {8 + i}.\nMore.",
+                                      "finish_reason": "length"} for i in reversed(range(body["n"]))]})
+
+        def answer(self, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+def test_eval_through_a_server_sends_the_prompt_ids_and_settings_and_grades_the_reply(tiny, tiny_dir, data_file,
+                                                                                      fake_server, tmp_path):
+    url, requests = fake_server
+    _, tokenizer = tiny
+    assert run("eval", "--model", tiny_dir, "--data", data_file, "--limit", "3", "--max-new-tokens", "50",
+               "--server", url + "/v1", "--seed", "5", "--out", str(tmp_path)) == 0
+    assert sorted(r["seed"] for r in requests) == [yfpo.sequence_seed(5, q) for q in range(3)]
+    first = next(r for r in requests if r["seed"] == yfpo.sequence_seed(5, 0))
+    assert first == {"model": tiny_dir, "prompt": tokenizer(yfpo.format_prompt(tokenizer, DEMO_ROWS[0]["question"]),
+                                                            add_special_tokens=False)["input_ids"],
+                     "max_tokens": 50, "n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                     "repetition_penalty": 1.0, "seed": yfpo.sequence_seed(5, 0)}
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in rows] == ["Sample 0. The answer is 8.\n"] * 3  # cut where generate() stops
+    assert [r["correct"] for r in rows] == [True, False, False] and rows[0]["stop"] == "answer"  # gold 8, 48, 105
+    assert json.loads((tmp_path / "summary.json").read_text())["server"] == url
+
+
+def test_pairs_through_a_server_asks_n_samples_per_question_in_order(tiny_dir, data_file, fake_server, tmp_path):
+    url, requests = fake_server
+    assert run("pairs", "--model", tiny_dir, "--data", data_file, "--num-questions", "2", "--samples-per-question",
+               "3", "--temperature", "0.7", "--server", url, "--out", str(tmp_path)) == 0
+    assert len(requests) == 2 and all(r["n"] == 3 and r["temperature"] == 0.7 for r in requests)
+    rows = yfpo.load_pairs(tmp_path / "pairs.jsonl")  # question 0 (gold 8): sample 0 is right, sample 1 the first wrong
+    assert rows[0]["chosen"][0]["content"] == "Sample 0. The answer is 8.\n"
+    assert rows[0]["rejected"][0]["content"] == "Sample 1. The answer is 9.\n"
+
+
+@pytest.mark.parametrize("case", ["unreachable", "not openai", "other model", "ablate", "identify"])
+def test_server_bad_input(case, tiny_dir, data_file, neurons_file, fake_server, tmp_path, capsys):
+    url, requests = fake_server
+    out = tmp_path / "out"
+    argv = ["eval", "--model", tiny_dir, "--data", data_file, "--out", str(out), "--server", url]
+    if case == "unreachable":
+        import socket
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            argv[-1], says = f"http://127.0.0.1:{s.getsockname()[1]}", "is not an OpenAI-compatible server"
+    elif case == "not openai":
+        argv[-1], says = url + "/nothing-here", "is not an OpenAI-compatible server"
+    elif case == "other model":
+        argv[2], says = data_file, f"serves {tiny_dir}, not --model {data_file}"  # any other name
+    elif case == "ablate":
+        argv[0], says = "ablate", "--server works with eval and pairs only"
+        argv += ["--neurons", neurons_file]
+    else:
+        argv[0], says = "identify", "unrecognized arguments: --server"
+    try:
+        code = run(*argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2 and not requests
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert not out.exists()
 
 
 def test_eval_cli_writes_rows_and_summary(tiny_dir, data_file, tmp_path, capsys):
@@ -234,7 +418,7 @@ def test_eval_cli_writes_rows_and_summary(tiny_dir, data_file, tmp_path, capsys)
                "--out", str(tmp_path)) == 0
     rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(5))
-    assert set(rows[0]) == {"index", "question", "gold", "completion", "extracted", "rule", "correct"}
+    assert set(rows[0]) == {"index", "question", "gold", "completion", "extracted", "rule", "correct", "stop", "tokens"}
     assert all(r["correct"] == yfpo.is_correct(r["completion"], r["gold"]) for r in rows)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["total"] == 5 and summary["accuracy"] == summary["correct"] / 5

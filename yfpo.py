@@ -36,6 +36,7 @@ DEFAULT_DATA = "openai/gsm8k"
 # Appended to every question; the strict extraction rule looks for exactly this phrase.
 INSTRUCTION = 'Solve the problem step by step, then finish with "The answer is N." where N is the final number.'
 LRP_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # the ones lxt's AttnLRP patches and we test
+GENERATION_BATCH = {"cpu": 32, "cuda": 128}  # default rows decoded at once (measured: see the README)
 
 
 class UserError(Exception):
@@ -53,6 +54,8 @@ def check_out_dir(out):
 
 
 def write_text(path, text):
+    if rank_and_world()[0] > 0:  # under torchrun, rank 0 writes
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -108,6 +111,20 @@ def pick_device(name):
     return device
 
 
+def rank_and_world():
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather_results(results, total):
+    """The list [results[0], ..., results[total - 1]] from every rank's dict {index: result}."""
+    if rank_and_world()[1] > 1:
+        parts = [None] * rank_and_world()[1]
+        torch.distributed.all_gather_object(parts, results)
+        results = {k: v for part in parts for k, v in part.items()}
+    return [results[i] for i in range(total)]
+
+
 def pick_dtype(name, device):
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -115,8 +132,8 @@ def pick_dtype(name, device):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(name, device, dtype, trust_remote_code=False):
-    """(model, tokenizer) from a hub id, a local Hugging Face folder, or a .gguf file."""
+def load_model(name, device, dtype, trust_remote_code=False, weights=True):
+    """(model, tokenizer) from a hub id, a local Hugging Face folder, or a .gguf file (model None without weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"trust_remote_code": trust_remote_code}
     if Path(name).exists():
@@ -130,22 +147,28 @@ def load_model(name, device, dtype, trust_remote_code=False):
         raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder, a .gguf file or a hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs) if weights else None
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local folder "
                         "or .gguf file: --model /path/to/model") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model and model.to(device).eval(), tokenizer
 
 
 def start_command(args, split, limit):
-    """What a command starts with: the output folder checked, the seed set, the data rows, the model."""
+    """What a command starts with: the output folder checked, the seed set, the data rows, the model
+    (only its tokenizer with --server, after checking the server)."""
     out, device = check_out_dir(args.out), pick_device(args.device)
     set_seed(args.seed)
     rows = load_gsm8k(args.data, split)[:limit]
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    if getattr(args, "server", None):
+        args.server = check_server(args.server, args.model)
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code,
+                                  weights=not getattr(args, "server", None))
+    if getattr(args, "batch_size", 0) is None:  # generation's default, measured (see the README)
+        args.batch_size = 64 if args.server else GENERATION_BATCH[device.type]
     return out, device, rows, model, tokenizer
 
 
@@ -509,9 +532,9 @@ def activation_stats(model, batches, neurons):
     return mean.float(), (total_sq / count - mean ** 2).clamp_min(0).sqrt().float()
 
 
-def solution_batches(tokenizer, rows, args, device):
+def solution_batches(tokenizer, rows, args, device, batch_size):
     examples = solution_examples(tokenizer, rows, args.max_length, args.system)
-    return [to_device(collate(chunk, tokenizer.pad_token_id), device) for chunk in batches_of(examples, args.batch_size)]
+    return [to_device(collate(chunk, tokenizer.pad_token_id), device) for chunk in batches_of(examples, batch_size)]
 
 
 def cmd_identify(args):
@@ -521,12 +544,13 @@ def cmd_identify(args):
     from tqdm import tqdm
     with attnlrp(model):
         select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
-        math_batches = solution_batches(tokenizer, rows, args, device)
+        math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
         start = time.perf_counter()
         with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
             scores = score_neurons(model, math_batches, bar)
             if control:  # keep what is specific to math, not what any text uses
-                scores = scores - score_neurons(model, solution_batches(tokenizer, control, args, device), bar)
+                control_batches = solution_batches(tokenizer, control, args, device, args.batch_size)
+                scores = scores - score_neurons(model, control_batches, bar)
         seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
     mean, std = activation_stats(model, math_batches, neurons)
@@ -554,7 +578,7 @@ def cmd_ablate(args):
     """ablate: does zeroing the selected neurons hurt gold-solution likelihood more than random ones?"""
     out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
-    batches = solution_batches(tokenizer, rows, args, device)
+    batches = solution_batches(tokenizer, rows, args, device, args.nll_batch_size)
     num_layers, width = model_shape(model)
     chosen = {(n[0], n[1]) for n in neurons}
     result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
@@ -653,15 +677,26 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_c
     return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
 
 
+def attention_mask_4d(model, allowed):
+    """allowed [B, Q, K] bool (query may attend key) as the [B, 1, Q, K] mask the model's attention takes:
+    bool for sdpa, additive for eager. Other implementations ignore such masks, so they are refused."""
+    implementation = getattr(model, "module", model).config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise UserError(f"attention implementation '{implementation}' cannot take yfpo's attention masks; "
+                        "load the model with attn_implementation='sdpa' or 'eager'")
+    allowed = allowed[:, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, -torch.inf)
+
+
 def forward_logps(model, batch):
     """Completion log-probs from one forward: [B] for a collate batch, [B, 2] for packed pairs
     (collate_pairs). Logits are made only from the earliest position that predicts a completion
     token onwards (logits_to_keep), so the prompt costs no lm_head."""
     attention, mask = batch["attention_mask"], batch["loss_mask"]
     if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
-        attention = attention[:, None]
-        if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask
-            attention = torch.zeros(attention.shape, device=attention.device).masked_fill(~attention, -torch.inf)
+        attention = attention_mask_4d(model, attention)
     predicts = mask.amax(-1) if mask.dim() == 3 else mask  # [B, T]: position t predicts a completion token
     first = int(predicts.argmax(1).min())
     logits = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=batch.get("position_ids"),
@@ -671,12 +706,15 @@ def forward_logps(model, batch):
 
 @torch.no_grad()
 def gold_nll(model, batches):
-    """Mean negative log-likelihood per completion token over batches (see collate)."""
-    total, tokens = 0.0, 0.0
-    for batch in batches:
-        total -= forward_logps(model, batch).sum().item()
-        tokens += batch["loss_mask"].sum().item()
-    return total / tokens
+    """Mean negative log-likelihood per completion token over batches (see collate); under torchrun each
+    rank takes every world-th batch."""
+    rank, world = rank_and_world()
+    sums = torch.zeros(2, dtype=torch.float64)  # -sum log p, tokens
+    for batch in batches[rank::world]:
+        sums += torch.tensor([-forward_logps(model, batch).sum().item(), batch["loss_mask"].sum().item()])
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,12 +751,14 @@ def cmd_pairs(args):
     """pairs: sample the model on GSM8K train, grade with is_correct, pair a right and a wrong answer."""
     out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
-    n = args.samples_per_question
-    samples = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc="pairs",
-                       temperature=args.temperature, num_samples=n)
-    pairs, counts = make_pairs(tokenizer, rows, batches_of(samples, n), args.system)
+    n, start = args.samples_per_question, time.perf_counter()
+    samples = sample_completions(model, tokenizer, prompts, args, "pairs", args.temperature, n)
+    speed = generation_summary(samples, args, time.perf_counter() - start)
+    pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n), args.system)
     write_jsonl(out / "pairs.jsonl", pairs)
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"{len(samples)} samples in {speed['wall_time_s']}s ({len(samples) / speed['wall_time_s']:.3f} samples/s, "
+          f"{speed['tokens_per_s']} tokens/s); stops {speed['stops']}")
     print(f"wrote {out / 'pairs.jsonl'}")
 
 
@@ -862,26 +902,8 @@ def save_checkpoint(out, model, tokenizer, optimizer, scheduler, run, step):
 
 def cmd_train(args):
     """train: DPO + lam * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
-    ddp = "RANK" in os.environ
-    if ddp:  # torchrun: one process per device; each takes every world-th micro-batch of a step
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-        import datetime
-        on_gpu = pick_device(args.device).type == "cuda"
-        # Rank 0 alone makes the reference pass while the others wait: allow it hours, not NCCL's 10 minutes.
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
-    try:
-        train_loop(args, rank, world, master, DistributedDataParallel if ddp else None)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def train_loop(args, rank, world, master, ddp_wrapper):
+    rank, world = rank_and_world()  # under torchrun each rank takes every world-th micro-batch of a step
+    master, ddp = rank == 0, world > 1
     out = check_out_dir(args.out)
     device = pick_device(args.device)
     if device.type == "cuda":  # under torchrun, this rank's GPU
@@ -923,7 +945,7 @@ def train_loop(args, rank, world, master, ddp_wrapper):
                                                autocast)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"logps": ref_logps, "neuron": ref_scores}, cache)
-    if ddp_wrapper:
+    if ddp:
         torch.distributed.barrier()
     ref = torch.load(cache)
     ref_logps, ref_scores = ref["logps"].to(device), ref["neuron"].to(device)
@@ -951,8 +973,8 @@ def train_loop(args, rank, world, master, ddp_wrapper):
     if args.gradient_checkpointing:  # non-reentrant, so the hooked activations keep their gradient path
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    if ddp_wrapper:
-        model = ddp_wrapper(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     num_params = sum(p.numel() for p in model.parameters())
     peak = peak_flops(device) if master else None
 
@@ -970,7 +992,7 @@ def train_loop(args, rank, world, master, ddp_wrapper):
             m = micro * world + rank  # this rank's micro-batch; the same set of pairs for any world size
             indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
             batch = to_device(collate_pairs([pairs[i] for i in indices], tokenizer.pad_token_id), device)
-            sync = model.no_sync() if ddp_wrapper and micro < args.grad_accum - 1 else contextlib.nullcontext()
+            sync = model.no_sync() if ddp and micro < args.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
                     logps, scores = pair_forward(model, batch, capture)
@@ -991,7 +1013,7 @@ def train_loop(args, rank, world, master, ddp_wrapper):
                           rejected, s_chosen, s_rejected, margin, margin - ref_margin]
                 tokens = sum(len(ids) for i in indices for ids in pairs[i])
                 sums += torch.stack([v.float().sum() for v in values] + [torch.tensor(float(tokens), device=device)])
-        if ddp_wrapper:
+        if ddp:
             torch.distributed.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
@@ -1097,32 +1119,253 @@ def is_correct(text, gold):
     return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
 
 
+# A completion ends at EOS, after max_new_tokens, or once it has stated its answer: the strict pattern
+# followed by a character that cannot continue the number ("The answer is 1" does not stop "... is 12").
+ANSWER_STATED = re.compile(STRICT.pattern + r"(?=[^\d.,]|[.,]\D)", re.IGNORECASE)
+STOP_RULE = 'EOS, max_new_tokens, or the strict answer ("The answer is N", "#### N", "\\boxed{N") once N is complete'
+
+
+def sequence_seed(seed, index):
+    """The sampling seed of sequence `index` (question q, sample j: q * num_samples + j): per question,
+    so a sample is the same on any rank, at any batch size."""
+    return (seed * 1_000_003 + index) % 2 ** 31
+
+
+class SlotCache:
+    """The KV cache of continuous batching. Row s holds one live sequence whose tokens end at the shared
+    column `length`; valid [S, W] marks the columns it owns. A finished row takes the next waiting prompt
+    (its prefilled keys written right-aligned), or leaves; update() writes each step in place, no torch.cat."""
+
+    def __init__(self, prefill, rows, width):
+        k = prefill[0][0]  # [1, H, P, D]
+        self.keys = [k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill]
+        self.values = [k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill]
+        self.valid = torch.zeros(rows, width, dtype=torch.bool, device=k.device)
+        self.length = 0
+
+    def update(self, keys, values, layer, cache_kwargs=None):  # the model's attention layers call this
+        end = self.length + keys.shape[2]
+        self.keys[layer][:, :, self.length:end], self.values[layer][:, :, self.length:end] = keys, values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def get_seq_length(self, layer=0):
+        return self.length
+
+    def move(self, start, to):
+        """Columns [start, length) move to begin at column `to` (dropping dead columns, or making room)."""
+        n = self.length - start
+        for bufs in (self.keys, self.values):
+            for i, old in enumerate(bufs):
+                bufs[i] = torch.zeros_like(old)
+                bufs[i][:, :, to:to + n] = old[:, :, start:self.length]
+        valid, self.valid = self.valid, torch.zeros_like(self.valid)
+        self.valid[:, to:to + n] = valid[:, start:self.length]
+        self.length = to + n
+
+    def place(self, row, prefill):
+        """Row `row` takes a prompt's prefilled keys and values [(keys, values) [1, H, P, D] per layer]."""
+        size = prefill[0][0].shape[2]
+        if self.length < size:
+            self.move(0, size - self.length)
+        self.valid[row] = False
+        self.valid[row, self.length - size:self.length] = True
+        for layer, (k, v) in enumerate(prefill):
+            self.keys[layer][row, :, self.length - size:self.length] = k[0]
+            self.values[layer][row, :, self.length - size:self.length] = v[0]
+
+    def keep(self, rows):
+        """Only these rows stay (the others finished and no prompt waits)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.valid = self.valid[rows]
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for generate(), registered with transformers: a prompt goes to sdpa as usual; one new token's
+    query heads that share a key head (grouped-query attention) become query rows of that head, so the cache
+    is read in place instead of copied n_rep times (repeat_kv) at every step. query [B, H, 1, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    batch, heads, length, dim = query.shape
+    if length > 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    grouped = query.view(batch, key.shape[1], heads // key.shape[1], dim)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate", temperature=0.0, num_samples=1):
-    """Completions for prompt texts, in order, num_samples per prompt: greedy, or plain sampling at
-    temperature > 0 (no top-k/top-p, no repetition penalty: the model's generation_config defaults are
-    not used). Batched with left padding, longest prompts first; each completion stops at EOS."""
+def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate", temperature=0.0, num_samples=1,
+             seed=0):
+    """num_samples completions per prompt text, in order, as {text, stop, tokens} with stop one of eos, answer,
+    length (see STOP_RULE). Greedy, or plain sampling at temperature > 0 with one generator per sequence
+    (no top-k/top-p/repetition penalty: the model's generation defaults are not used).
+
+    Continuous batching: each prompt is prefilled alone, then decoded in a batch of batch_size rows; a
+    finished row takes the next waiting prompt at once, so no step computes a finished sequence. Under
+    torchrun each rank takes every world-th prompt and all ranks return the whole list.
+    """
     from tqdm import tqdm
-    from transformers import GenerationConfig
+    from transformers import AttentionInterface
+    AttentionInterface.register("yfpo_decode", decode_attention)
+    implementation, model.config._attn_implementation = model.config._attn_implementation, "yfpo_decode"
+    try:
+        return decode_batches(model, tokenizer, prompts, batch_size, max_new_tokens, desc, temperature, num_samples,
+                              seed, tqdm)
+    finally:
+        model.config._attn_implementation = implementation
+
+
+def decode_batches(model, tokenizer, prompts, batch_size, max_new_tokens, desc, temperature, num_samples, seed, tqdm):
+    rank, world = rank_and_world()
     eos = model.generation_config.eos_token_id
-    eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, num_return_sequences=num_samples, eos_token_id=eos,
-                              pad_token_id=tokenizer.pad_token_id, **sampling)
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    completions = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
-        for chunk in batches_of(order, batch_size):
-            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, padding_side="left",
-                            add_special_tokens=False).to(model.device)
-            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                 generation_config=config, use_model_defaults=False)
-            texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for j, i in enumerate(chunk):
-                completions[i] = texts[j * num_samples:(j + 1) * num_samples]
-            bar.update(len(chunk))
-    return [text for per_prompt in completions for text in per_prompt]
+    eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # longest first: few moves
+    waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]  # a stack: pop() takes the next
+    if not waiting:
+        return gather_results({}, len(prompts) * num_samples)
+    device, layers = model.device, len(decoder_layers(model))
+    rows, cache, prefilled, results = [], None, {}, {}
+    generators = {}
+
+    def pick(logits, sequences):  # logits [S, V] -> next tokens [S]
+        if not temperature:
+            return logits.argmax(-1).tolist()
+        probs = (logits.float() / temperature).softmax(-1)
+        return [int(torch.multinomial(p, 1, generator=generators[s["index"]])) for p, s in zip(probs, sequences)]
+
+    def push(sequence, token):  # append a token; True when the sequence has ended (and is recorded)
+        sequence["count"] += 1
+        if token not in eos:
+            sequence["tokens"].append(token)
+        text = tokenizer.decode(sequence["tokens"], skip_special_tokens=True)
+        stop = "eos" if token in eos else "answer" if ANSWER_STATED.search(text) else \
+            "length" if sequence["count"] == max_new_tokens else None
+        if stop:
+            results[sequence["index"]] = {"text": text, "stop": stop, "tokens": sequence["count"]}
+            bar.update(1)
+        return stop is not None
+
+    with tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample", disable=rank > 0) as bar:
+        while waiting or rows:
+            free = [r for r, s in enumerate(rows) if s is None] + list(range(len(rows), batch_size))
+            while free and waiting:  # refill: prefill the next prompt alone and take its first token
+                q, j = waiting.pop()
+                if q not in prefilled:
+                    out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True, logits_to_keep=1)
+                    prefilled[q] = ([out.past_key_values[i][:2] for i in range(layers)], out.logits[0, -1])
+                kv, logits = prefilled[q] if j < num_samples - 1 else prefilled.pop(q)
+                sequence = {"index": q * num_samples + j, "tokens": [], "count": 0, "position": len(ids[q])}
+                generators[sequence["index"]] = torch.Generator(device).manual_seed(
+                    sequence_seed(seed, sequence["index"]))
+                if push(sequence, pick(logits[None], [sequence])[0]):
+                    continue
+                if cache is None:
+                    cache = SlotCache(kv, min(batch_size, len(waiting) + 1), max(map(len, ids)) + max_new_tokens + 64)
+                row = free.pop(0)
+                cache.place(row, kv)
+                rows[row:row + 1] = [sequence]
+            live = [r for r, s in enumerate(rows) if s is not None]
+            if not live:
+                break
+            if len(live) < len(rows):  # nothing waits: finished rows leave the batch
+                cache.keep(torch.tensor(live, device=device))
+                rows = [rows[r] for r in live]
+            start = int(cache.valid.any(0).int().argmax())
+            if start >= 64:  # drop the columns no live row owns any more
+                cache.move(start, 0)
+            cache.valid[:, cache.length] = True
+            out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
+                        position_ids=torch.tensor([[s["position"] + len(s["tokens"]) - 1] for s in rows], device=device),
+                        attention_mask=cache.valid[:, None, None, :cache.length + 1],
+                        past_key_values=cache, cache_position=torch.tensor([cache.length], device=device), use_cache=True)
+            cache.length += 1
+            for r, token in enumerate(pick(out.logits[:, -1], rows)):
+                if push(rows[r], token):
+                    rows[r] = None
+                    cache.valid[r] = False
+    return gather_results(results, len(prompts) * num_samples)
+
+
+def check_server(url, model_name):
+    """The base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp) that serves model_name."""
+    import urllib.request
+    base = url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
+            served = [m["id"] for m in json.load(response)["data"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreachable, not JSON, not a model list
+        raise UserError(f"--server {url} is not an OpenAI-compatible server that answers ({type(e).__name__}); "
+                        "start one, e.g. `vllm serve MODEL`, and pass its URL (http://localhost:8000)") from None
+    if model_name not in served:
+        raise UserError(f"--server {url} serves {', '.join(served) or 'no model'}, not --model {model_name}; "
+                        "pass --model as the server names it")
+    return base
+
+
+def cut_at_answer(tokenizer, text):
+    """(text, cut): text ended where generate() would have stopped it, at the token that completes the
+    stated answer (the shortest token prefix in which ANSWER_STATED matches)."""
+    if not ANSWER_STATED.search(text):
+        return text, False
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    low, high = 1, len(tokens)
+    while low < high:  # a prefix that states the answer stays one when it grows: bisect
+        middle = (low + high) // 2
+        if ANSWER_STATED.search(tokenizer.decode(tokens[:middle], skip_special_tokens=True)):
+            high = middle
+        else:
+            low = middle + 1
+    return tokenizer.decode(tokens[:low], skip_special_tokens=True), True
+
+
+def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_tokens, desc="generate", temperature=0.0,
+                    num_samples=1, seed=0):
+    """generate() through an OpenAI-compatible /v1/completions endpoint: the same prompt token ids, plain
+    sampling (or greedy) seeded per question, the stop rule applied to the text that comes back, in_flight
+    requests at once. Same return as generate()."""
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+
+    def complete(q):
+        body = {"model": model_name, "prompt": tokenizer(prompts[q], add_special_tokens=False)["input_ids"],
+                "max_tokens": max_new_tokens, "n": num_samples, "temperature": temperature, "top_p": 1.0, "top_k": -1,
+                "min_p": 0.0, "repetition_penalty": 1.0, "seed": sequence_seed(seed, q)}  # no server-side defaults
+        request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=3600) as response:
+                choices = sorted(json.load(response)["choices"], key=lambda c: c["index"])
+        except urllib.error.HTTPError as e:
+            raise UserError(f"--server answered HTTP {e.code} for prompt {q}: {e.read().decode()[:200]}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--server failed on prompt {q} ({type(e).__name__}: {e}); is it still running?") from None
+        completions = []
+        for choice in choices:
+            text, cut = cut_at_answer(tokenizer, choice["text"])
+            stop = "answer" if cut else "length" if choice.get("finish_reason") == "length" else "eos"
+            completions.append({"text": text, "stop": stop,
+                                "tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"])})
+        bar.update(1)
+        return completions
+
+    pool = ThreadPoolExecutor(in_flight)
+    try:
+        with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+            return [c for per_prompt in pool.map(complete, range(len(prompts))) for c in per_prompt]
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, send nothing more
+
+
+def sample_completions(model, tokenizer, prompts, args, desc, temperature=0.0, num_samples=1):
+    """generate() in this process, or server_generate() with --server."""
+    if getattr(args, "server", None):
+        return server_generate(args.server, args.model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc,
+                               temperature, num_samples, args.seed)
+    return generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc, temperature, num_samples,
+                    args.seed)
 
 
 def wilson_interval(correct, total, z=1.96):
@@ -1148,20 +1391,30 @@ def evaluate(model, tokenizer, rows, args):
     """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
     start = time.perf_counter()
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
-    completions = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc="eval")
+    completions = sample_completions(model, tokenizer, prompts, args, "eval")
     results = []
-    for i, (row, text) in enumerate(zip(rows, completions)):
-        answer, rule = extract_answer_rule(text)
-        results.append({"index": i, "question": row["question"], "gold": row["gold"], "completion": text,
-                        "extracted": answer, "rule": rule, "correct": is_correct(text, row["gold"])})
+    for i, (row, c) in enumerate(zip(rows, completions)):
+        answer, rule = extract_answer_rule(c["text"])
+        results.append({"index": i, "question": row["question"], "gold": row["gold"], "completion": c["text"],
+                        "extracted": answer, "rule": rule, "correct": is_correct(c["text"], row["gold"]),
+                        "stop": c["stop"], "tokens": c["tokens"]})
     seconds = time.perf_counter() - start
     correct = sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
     summary = {"accuracy": correct / len(results), "correct": correct, "total": len(results), "ci_low": low,
                "ci_high": high, "prompt_format": prompt_format(tokenizer), "system": args.system,
-               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-               "wall_time_s": round(seconds, 2), "questions_per_s": round(len(results) / seconds, 3)}
+               **generation_summary(completions, args, seconds), "questions_per_s": round(len(results) / seconds, 3)}
     return summary, results
+
+
+def generation_summary(completions, args, seconds):
+    """How completions were made and ended, and how fast (for summary.json and the screen)."""
+    tokens = sum(c["tokens"] for c in completions)
+    return {"stop_rule": STOP_RULE, "stops": {s: sum(c["stop"] == s for c in completions) for s in
+                                              ("eos", "answer", "length")},
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "server": args.server,
+            "processes": rank_and_world()[1], "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
 
 
 def compare_runs(results, other_path):
@@ -1326,7 +1579,10 @@ def build_parser():
     common.add_argument("--system", default=None, help="system prompt (default: none)")
     common.add_argument("--trust-remote-code", action="store_true")
     generation = argparse.ArgumentParser(add_help=False)
-    generation.add_argument("--batch-size", type=positive_int, default=8)
+    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: "
+                            f"{GENERATION_BATCH['cpu']} on CPU, {GENERATION_BATCH['cuda']} on GPU); with --server, "
+                            "requests in flight (default 64)")
+    generation.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve): eval and pairs only")
     generation.add_argument("--max-new-tokens", type=positive_int, default=512)
 
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
@@ -1346,6 +1602,7 @@ def build_parser():
     p.add_argument("--split", default="test")
     p.add_argument("--num-samples", type=positive_int, default=200)
     p.add_argument("--random-seeds", type=positive_int, default=3)
+    p.add_argument("--nll-batch-size", type=positive_int, default=8, help="solutions per teacher-forced batch")
     p.add_argument("--max-length", type=positive_int, default=512)
     p.add_argument("--eval-accuracy", action="store_true", help="also run the evaluator with and without ablation")
     p.set_defaults(run=cmd_ablate)
@@ -1401,13 +1658,30 @@ def main(argv=None, strict=False):
         args.pairs = args.pairs or str(Path(args.out) / "pairs.jsonl")
         default_neurons = Path(args.out) / "neurons.json"
         args.neurons = args.neurons or (str(default_neurons) if default_neurons.is_file() else None)
+    distributed = "RANK" in os.environ and args.command in ("identify", "ablate", "pairs", "train", "eval")
+    if distributed:  # torchrun: one process per device; rank 0 prints and writes
+        import datetime
+        import torch.distributed as dist
+        on_gpu = torch.cuda.is_available() and args.device != "cpu"
+        # Rank 0 alone makes train's reference pass while the others wait: allow it hours, not NCCL's 10 minutes.
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
     try:
+        if getattr(args, "server", None) and args.command not in ("eval", "pairs"):
+            raise UserError(f"--server works with eval and pairs only; {args.command} needs the model's weights in "
+                            "this process: drop --server")
         args.run(args)
     except UserError as e:
         if strict:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
     return 0
 
 
