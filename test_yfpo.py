@@ -270,6 +270,8 @@ def test_generation_stops_once_the_answer_is_stated(tiny):
     tokenizer.eos_token = None  # no EOS either: only the length ends it
     short = yfpo.generate(model, ScriptedTokenizer(tokenizer), prompts[:1], 1, max_new_tokens=31)
     assert short == [{"text": "So 3 + 9 = 12. The answer is 12", "stop": "length", "tokens": 31}]
+    assert yfpo.generate(model, ScriptedTokenizer(tokenizer), prompts, 2, max_new_tokens=1) == \
+           [{"text": "S", "stop": "length", "tokens": 1}] * 3  # every sequence ends at its first token
 
 
 def test_greedy_completions_do_not_depend_on_batch_size(tiny):
@@ -303,19 +305,25 @@ def test_samples_are_seeded_per_sequence_not_per_batch(tiny):
     assert len(set(texts(one))) == 15  # three different samples of each prompt
 
 
-def test_eval_and_pairs_under_torchrun_write_what_one_process_writes(tiny_dir, data_file, tmp_path):
+def test_eval_pairs_and_ablate_under_torchrun_write_what_one_process_writes(tiny_dir, data_file, neurons_file,
+                                                                            tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for argv, files in [(["eval", "--limit", "7", "--max-new-tokens", "12"], ["eval.jsonl"]),
-                        (["pairs", "--num-questions", "7", "--samples-per-question", "2", "--max-new-tokens", "12"],
-                         ["pairs.jsonl"])]:
+    for argv in (["eval", "--limit", "7", "--max-new-tokens", "12"],
+                 ["pairs", "--num-questions", "7", "--samples-per-question", "2", "--max-new-tokens", "12"],
+                 ["ablate", "--neurons", neurons_file, "--num-samples", "7", "--nll-batch-size", "2", "--random-seeds",
+                  "2", "--eval-accuracy", "--max-new-tokens", "12"]):
         argv = [*argv, "--model", tiny_dir, "--data", data_file, "--device", "cpu", "--batch-size", "2"]
         assert run(*argv, "--out", str(tmp_path / "one")) == 0
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         "29518", str(HERE / "yfpo.py"), *argv, "--out", str(tmp_path / "two")],
                        check=True, env=env, capture_output=True, timeout=300)
-        for name in files:
-            assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    for name in ("eval.jsonl", "pairs.jsonl"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    one, two = (json.loads((tmp_path / d / "ablation.json").read_text()) for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for key in one:  # each rank sums its own NLL batches: equal up to the order of the sums
+        assert two[key] == (pytest.approx(one[key], rel=1e-6) if isinstance(one[key], (float, list)) else one[key]), key
 
 
 @pytest.fixture

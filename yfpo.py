@@ -11,12 +11,11 @@ DPO for math reasoning plus a reward read from the model's own "math neurons":
     plot      training curves from metrics.jsonl
     demo      every stage on a tiny random model, offline, in about a minute
 
-The file reads top to bottom in the order of the method. Functions marked public in the README
-(extract_answer, is_correct, neuron_relevance, score_neurons, select_neurons, ablate_neurons,
-completion_logps, dpo_loss, neuron_scores, yfpo_loss) are standalone and can be copied.
-"""
+The file reads top to bottom in the order of the method; the functions the README calls public stand alone."""
 import argparse
+import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -26,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -43,9 +43,7 @@ class UserError(Exception):
     """A mistake in the user's input. main() prints it as one line and exits with code 2."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Files: every output is written whole (temporary name, then rename), so a failed run leaves none
-# ---------------------------------------------------------------------------------------------
+# --- Files: every output is written whole (temporary name, then rename), so a failed run leaves none ---
 
 def check_out_dir(out):
     if Path(out).exists() and not Path(out).is_dir():
@@ -75,10 +73,9 @@ def read_jsonl(path):
     rows = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             try:
-                rows.append(json.loads(line))
+                if line.strip():
+                    rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line") from None
     return rows
@@ -90,9 +87,7 @@ def looks_like_path(name):
         ".json", ".jsonl", ".parquet", ".gguf", ".pt")
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, device, seed
-# ---------------------------------------------------------------------------------------------
+# --- Model, device, seed -------------------------------------------------------------------------
 
 def set_seed(seed):
     random.seed(seed)
@@ -116,19 +111,9 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def gather_results(results, total):
-    """The list [results[0], ..., results[total - 1]] from every rank's dict {index: result}."""
-    if rank_and_world()[1] > 1:
-        parts = [None] * rank_and_world()[1]
-        torch.distributed.all_gather_object(parts, results)
-        results = {k: v for part in parts for k, v in part.items()}
-    return [results[i] for i in range(total)]
-
-
 def pick_dtype(name, device):
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -158,8 +143,7 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
 
 
 def start_command(args, split, limit):
-    """What a command starts with: the output folder checked, the seed set, the data rows, the model
-    (only its tokenizer with --server, after checking the server)."""
+    """Output folder checked, seed set, data rows, model (with --server: the server checked, only the tokenizer)."""
     out, device = check_out_dir(args.out), pick_device(args.device)
     set_seed(args.seed)
     rows = load_gsm8k(args.data, split)[:limit]
@@ -177,9 +161,7 @@ def decoder_layers(model):
     return getattr(model, "module", model).get_decoder().layers
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: GSM8K rows, gold answers, prompts
-# ---------------------------------------------------------------------------------------------
+# --- Data: GSM8K rows, gold answers, prompts -----------------------------------------------------
 
 def load_rows(data, split, config=None):
     """Rows of a local .jsonl/.json/.parquet file (or a folder holding SPLIT.*), or a hub dataset."""
@@ -220,8 +202,7 @@ def load_gsm8k(data, split, require_gold=True):
     With require_gold=False (control text for identify) answers need no '####' and gold is None."""
     rows = load_rows(data, split, config="main" if data == DEFAULT_DATA else None)
     for i, row in enumerate(rows, 1):
-        missing = [k for k in ("question", "answer") if not isinstance(row, dict) or k not in row]
-        if missing:
+        if missing := [k for k in ("question", "answer") if not isinstance(row, dict) or k not in row]:
             raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need 'question' and 'answer'")
         if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
             raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text")
@@ -239,8 +220,7 @@ def parse_gold(answer):
 
 
 def gold_solution(answer):
-    """A GSM8K solution as a model should write it: calculator marks <<...>> removed, ending
-    "The answer is N." instead of "#### N"."""
+    """A GSM8K solution as a model should write it: no <<...>> calculator marks, ending "The answer is N."."""
     reasoning = re.sub(r"<<[^>]*>>", "", answer.rsplit("####", 1)[0]).strip()
     return f"{reasoning}\nThe answer is {parse_gold(answer)}."
 
@@ -272,12 +252,9 @@ def make_completion(tokenizer, text):
 
 
 def tokenize_example(tokenizer, prompt, completion, max_length):
-    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them.
-
-    Conversational (lists of messages): prompt ids = chat template with the generation prompt;
-    completion ids = the rest of the templated full conversation. Standard (strings): the text's
-    tokens, and EOS closes the completion. The completion is truncated at its end to fit max_length.
-    """
+    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them. Conversational (message lists): prompt ids =
+    the chat template with the generation prompt, completion ids = the rest of the templated conversation.
+    Standard (strings): the text's tokens, EOS closing the completion. The completion is cut to fit max_length."""
     if isinstance(prompt, list):
         prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
         full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
@@ -291,15 +268,11 @@ def tokenize_example(tokenizer, prompt, completion, max_length):
 
 
 def collate(examples, pad_id):
-    """Right-padded batch from (prompt_ids, completion_ids) pairs.
-
-    Returns input_ids, attention_mask, labels and loss_mask, each [B, T]; labels[b, t] = input_ids[b, t + 1],
-    and loss_mask[b, t] = 1 where that label is a completion token.
-    """
+    """Right-padded batch from (prompt_ids, completion_ids) pairs: input_ids, attention_mask, labels and loss_mask,
+    each [B, T]; labels[b, t] = input_ids[b, t + 1], and loss_mask[b, t] = 1 where that label is a completion token."""
     width = max(len(p) + len(c) for p, c in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)
-    loss_mask = torch.zeros(len(examples), width)
+    attention_mask, loss_mask = torch.zeros(len(examples), width, dtype=torch.long), torch.zeros(len(examples), width)
     for b, (p, c) in enumerate(examples):
         input_ids[b, :len(p) + len(c)] = torch.tensor(p + c)
         attention_mask[b, :len(p) + len(c)] = 1
@@ -317,26 +290,21 @@ def to_device(batch, device):
 
 
 def solution_examples(tokenizer, rows, max_length, system=None):
-    """Tokenized (prompt, gold solution) examples, formatted exactly as training sees them.
-    Answers without a '####' marker (control text) are used whole."""
+    """Tokenized (prompt, gold solution) examples as training sees them; control answers (no '####') are whole."""
     return [tokenize_example(tokenizer, make_prompt(tokenizer, r["question"], system), make_completion(
         tokenizer, gold_solution(r["answer"]) if "####" in r["answer"] else r["answer"]), max_length) for r in rows]
 
 
-# ---------------------------------------------------------------------------------------------
-# Neurons: AttnLRP relevance, selection, the saved set, ablation
-# ---------------------------------------------------------------------------------------------
+# --- Neurons: AttnLRP relevance, selection, the saved set, ablation ------------------------------
 # A "neuron" is one coordinate of an MLP's hidden layer, i.e. of the input of down_proj:
 # a = act(gate_proj(x)) * up_proj(x), shape [B, T, intermediate_size], in every layer.
 
 @contextlib.contextmanager
 def attnlrp(model):
     """Patch the model's transformers module with lxt's AttnLRP rules; undo the patch on exit.
-
     lxt's monkey_patch swaps methods on classes (the MLP, the RMSNorm, torch's Dropout) and
     functions on the modeling module, which changes gradients for the whole process. We record
-    every attribute it can touch and put them all back, so training never runs patched.
-    """
+    every attribute it can touch and put them all back, so training never runs patched."""
     if model.config.model_type not in LRP_ARCHITECTURES:
         raise UserError(f"architecture '{model.config.model_type}' is not supported by AttnLRP here; "
                         f"supported: {', '.join(LRP_ARCHITECTURES)}")
@@ -358,52 +326,44 @@ def attnlrp(model):
 
 def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask, per_token=False):
     """Relevance of every MLP neuron for the gold next-token logits (activation x gradient).
-
     input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). The explained quantity is
         F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
     and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}, where a_l is the input of layer l's down_proj.
     Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside
     it is plain gradient x input. R is accumulated in float32 (the forward runs in the model's dtype).
     Freeze the weights first (score_neurons does), or their .grad fills up too.
-    Returns [B, L, I] (summed over the loss_mask positions), or [B, T, L, I] unsummed if per_token.
-    """
+    Returns [B, L, I] (summed over the loss_mask positions), or [B, T, L, I] unsummed if per_token."""
     layers = decoder_layers(model)
-    relevance = [None] * len(layers)
+    relevance = {}  # down_proj module -> its relevance
     keep = loss_mask[..., None].float()
 
-    def capture(layer):
-        def pre_hook(module, args):
-            a = args[0].detach()  # the hook must not hold args[0] itself: that cycle would never be freed
+    def pre_hook(module, args):
+        a = args[0].detach()  # the hook must not hold args[0] itself: that cycle would never be freed
 
-            def on_grad(grad):  # called during backward with dF/da, shape [B, T, I]
-                r = a.float() * grad.float()
-                relevance[layer] = r if per_token else (r * keep).sum(1)
-            args[0].register_hook(on_grad)
-        return pre_hook
+        def on_grad(grad):  # called during backward with dF/da, shape [B, T, I]
+            r = a.float() * grad.float()
+            relevance[module] = r if per_token else (r * keep).sum(1)
+        args[0].register_hook(on_grad)
 
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(pre_hook) for layer in layers]
     try:
         with torch.enable_grad():
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
             # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary-wide matmul.
             head = model.get_output_embeddings()
-            logits = (hidden * head.weight[labels]).sum(-1)
-            if head.bias is not None:
-                logits = logits + head.bias[labels]
+            logits = (hidden * head.weight[labels]).sum(-1) + (0 if head.bias is None else head.bias[labels])
             (logits * loss_mask).sum().backward()
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack(relevance, dim=-2)  # [B, L, I] or [B, T, L, I]
+    return torch.stack([relevance[layer.mlp.down_proj] for layer in layers], dim=-2)  # [B, L, I] or [B, T, L, I]
 
 
 def score_neurons(model, batches, progress=None):
     """Mean relevance per neuron over samples: Tensor[num_layers, intermediate_size], float32.
-
     batches: iterable of dicts with input_ids, attention_mask, loss_mask (see collate). Run it inside
-    attnlrp(model) for AttnLRP relevance. The weights are frozen for the call and restored after.
-    """
+    attnlrp(model) for AttnLRP relevance. The weights are frozen for the call and restored after."""
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     total, count = 0.0, 0
@@ -421,18 +381,15 @@ def score_neurons(model, batches, progress=None):
 
 def select_neurons(scores, k, per_layer=False):
     """The top-k neurons of scores [L, I], as [(layer, index, score)] sorted by score, highest first.
-
-    Globally across layers, or with per_layer the top k // L of each layer.
-    """
+    Globally across layers, or with per_layer the top k // L of each layer."""
     num_layers, width = scores.shape
     if per_layer:
         if not 1 <= k // num_layers <= width:
             raise UserError(f"--top-k {k} with --per-layer needs 1 to {width} neurons per layer "
                             f"({num_layers} layers); pick k between {num_layers} and {num_layers * width}")
         top = scores.topk(k // num_layers, dim=1)
-        picked = [(layer, int(i), float(v)) for layer in range(num_layers)
-                  for v, i in zip(top.values[layer], top.indices[layer])]
-        return sorted(picked, key=lambda n: -n[2])
+        return sorted([(layer, int(i), float(v)) for layer in range(num_layers)
+                       for v, i in zip(top.values[layer], top.indices[layer])], key=lambda n: -n[2])
     if not 1 <= k <= scores.numel():
         raise UserError(f"--top-k {k} is not between 1 and the model's {scores.numel()} neurons "
                         f"({num_layers} layers x {width}); pick a smaller k")
@@ -442,12 +399,10 @@ def select_neurons(scores, k, per_layer=False):
 
 class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs).
-
     Inside `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
     [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
     capture.scores(mask) the neuron scores [B] (needs the neurons' activation mean and std).
-    Keep it open through backward: gradient checkpointing runs the hooks again there.
-    """
+    Keep it open through backward: gradient checkpointing runs the hooks again there."""
 
     def __init__(self, model, neurons, mean=None, std=None):
         neurons = [(n[0], n[1]) for n in neurons]
@@ -485,10 +440,8 @@ def ablate_neurons(model, neurons):
     masks = {}
     for n in neurons:
         masks.setdefault(n[0], torch.ones(width))[n[1]] = 0.0
-
-    def zero(mask):
-        return lambda module, args: (args[0] * mask.to(args[0]),) + args[1:]
-    hooks = [layers[layer].mlp.down_proj.register_forward_pre_hook(zero(mask)) for layer, mask in masks.items()]
+    hooks = [layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda module, args, mask=mask: (args[0] * mask.to(args[0]),) + args[1:]) for layer, mask in masks.items()]
     try:
         yield model
     finally:
@@ -564,8 +517,7 @@ def cmd_identify(args):
                       "num_control_samples": len(control), "max_length": args.max_length, "seed": args.seed},
         "counts_per_layer": counts, "scoring_seconds": round(seconds, 2),
         "neurons": [{"layer": l, "index": i, "score": s, "act_mean": float(m), "act_std": float(d)}
-                    for (l, i, s), m, d in zip(neurons, mean, std)],
-    })
+                    for (l, i, s), m, d in zip(neurons, mean, std)]})
     samples = len(rows) + len(control)
     print(f"scored {samples} samples in {seconds:.1f}s ({samples / seconds:.2f} samples/s)")
     print("selected neurons per layer:")
@@ -594,9 +546,8 @@ def cmd_ablate(args):
             control += [(layer, i) for i in candidates[:sum(n[0] == layer for n in neurons)]]
         with ablate_neurons(model, control):
             random_nlls.append(gold_nll(model, batches))
-    result["nll_random"] = random_nlls
-    result["nll_random_mean"] = sum(random_nlls) / len(random_nlls)
-    result["nll_random_std"] = torch.tensor(random_nlls).std(unbiased=False).item()
+    result.update(nll_random=random_nlls, nll_random_mean=sum(random_nlls) / len(random_nlls),
+                  nll_random_std=torch.tensor(random_nlls).std(unbiased=False).item())
     rise_random = result["nll_random_mean"] - result["nll_base"]
     result["ratio"] = (result["nll_ablated"] - result["nll_base"]) / rise_random if rise_random else None
     if args.eval_accuracy:
@@ -604,40 +555,31 @@ def cmd_ablate(args):
         with ablate_neurons(model, neurons):
             result["accuracy_ablated"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
     write_json(out / "ablation.json", result)
-    for key in ("nll_base", "nll_ablated", "nll_random_mean", "nll_random_std", "ratio", "accuracy_base",
-                "accuracy_ablated"):
+    for key in "nll_base nll_ablated nll_random_mean nll_random_std ratio accuracy_base accuracy_ablated".split():
         if result.get(key) is not None:
             print(f"{key:18s} {result[key]:.4f}")
     print(f"wrote {out / 'ablation.json'}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
+# --- Losses --------------------------------------------------------------------------------------
 
 def completion_logps(logits, labels, mask):
     """Summed log-probabilities of the completion tokens.
-
     logits: [B, T, V]; labels: [B, T], labels[b, t] = the token position t predicts; mask: [B, T].
     Returns [B] float32: sum_t mask[b, t] * log softmax(logits[b, t])[labels[b, t]].
     labels and mask may also be [B, T, S], S label sets read off the same logits (returns [B, S]);
-    the log-normalizer is computed once for all of them and no [B, T, V] log-prob tensor is made.
-    """
-    single = labels.dim() == 2
-    if single:
-        labels, mask = labels[..., None], mask[..., None]
+    the log-normalizer is computed once for all of them and no [B, T, V] log-prob tensor is made."""
+    if labels.dim() == 2:
+        return completion_logps(logits, labels[..., None], mask[..., None])[:, 0]
     logits = logits.float()
-    logps = ((logits.gather(-1, labels) - logits.logsumexp(-1, keepdim=True)) * mask).sum(1)
-    return logps[:, 0] if single else logps
+    return ((logits.gather(-1, labels) - logits.logsumexp(-1, keepdim=True)) * mask).sum(1)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """Sigmoid DPO loss (Rafailov et al., 2023). All inputs [B] summed log-probs.
-
         h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
         L = -log sigmoid(beta * h)
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are beta * log(pi/pi_ref), detached.
-    """
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are beta * log(pi/pi_ref), detached."""
     chosen_logratio, rejected_logratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
@@ -645,13 +587,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
 
 def neuron_scores(activations, mask, mean, std):
     """Neuron score s(x, y) of each sequence: how strongly its completion fires the math neurons.
-
     activations: [B, T, K] of the K selected neurons; mask: [B, T] completion positions;
     mean, std: [K], each neuron's activation statistics from neurons.json.
         z_k = sign(mean_k) * (a_k - mean_k) / std_k       (so "more than usual" is positive)
         s   = mean over masked t and over k of z
-    Returns [B] float32.
-    """
+    Returns [B] float32."""
     z = (activations.float() - mean) / std.clamp_min(1e-6) * torch.where(mean < 0, -1.0, 1.0)
     return (z.mean(-1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
@@ -659,12 +599,10 @@ def neuron_scores(activations, mask, mean, std):
 def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_chosen=None, neuron_rejected=None,
               beta=0.1, lam=0.3, gamma=1.0, yoke="loss"):
     """The YFPO loss. Log-probs and neuron scores are [B]; m = s(x, y_w) - s(x, y_l).
-
         yoke="loss":    L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
         yoke="reward":  L = -log sigmoid(beta * h + lam * gamma * m)
     lam = 0 returns the DPO loss itself (the neuron scores may then be None).
-    Returns (losses [B], dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B]).
-    """
+    Returns (losses [B], dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B])."""
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     neuron_losses = None if neuron_chosen is None else -F.logsigmoid(gamma * (neuron_chosen - neuron_rejected))
     if lam == 0:
@@ -677,26 +615,14 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_c
     return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
 
 
-def attention_mask_4d(model, allowed):
-    """allowed [B, Q, K] bool (query may attend key) as the [B, 1, Q, K] mask the model's attention takes:
-    bool for sdpa, additive for eager. Other implementations ignore such masks, so they are refused."""
-    implementation = getattr(model, "module", model).config._attn_implementation
-    if implementation not in ("sdpa", "eager"):
-        raise UserError(f"attention implementation '{implementation}' cannot take yfpo's attention masks; "
-                        "load the model with attn_implementation='sdpa' or 'eager'")
-    allowed = allowed[:, None]
-    if implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, -torch.inf)
-
-
 def forward_logps(model, batch):
-    """Completion log-probs from one forward: [B] for a collate batch, [B, 2] for packed pairs
-    (collate_pairs). Logits are made only from the earliest position that predicts a completion
-    token onwards (logits_to_keep), so the prompt costs no lm_head."""
+    """Completion log-probs from one forward: [B] for a collate batch, [B, 2] for packed pairs (collate_pairs).
+    Logits start at the first position that predicts a completion token (logits_to_keep): no lm_head on the prompt."""
     attention, mask = batch["attention_mask"], batch["loss_mask"]
     if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
-        attention = attention_mask_4d(model, attention)
+        attention = attention[:, None]
+        if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask
+            attention = torch.zeros(attention.shape, device=attention.device).masked_fill(~attention, -torch.inf)
     predicts = mask.amax(-1) if mask.dim() == 3 else mask  # [B, T]: position t predicts a completion token
     first = int(predicts.argmax(1).min())
     logits = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=batch.get("position_ids"),
@@ -706,28 +632,22 @@ def forward_logps(model, batch):
 
 @torch.no_grad()
 def gold_nll(model, batches):
-    """Mean negative log-likelihood per completion token over batches (see collate); under torchrun each
-    rank takes every world-th batch."""
+    """Mean NLL per completion token over batches (see collate); under torchrun each rank takes every world-th."""
     rank, world = rank_and_world()
-    sums = torch.zeros(2, dtype=torch.float64)  # -sum log p, tokens
+    sums = torch.zeros(2, dtype=torch.float64, device=model.device)  # -sum log p, tokens
     for batch in batches[rank::world]:
-        sums += torch.tensor([-forward_logps(model, batch).sum().item(), batch["loss_mask"].sum().item()])
+        sums += torch.stack([-forward_logps(model, batch).sum(), batch["loss_mask"].sum()]).double()
     if world > 1:
         torch.distributed.all_reduce(sums)
     return (sums[0] / sums[1]).item()
 
 
-# ---------------------------------------------------------------------------------------------
-# Preference pairs
-# ---------------------------------------------------------------------------------------------
+# --- Preference pairs ----------------------------------------------------------------------------
 
 def make_pairs(tokenizer, rows, samples, system=None):
-    """Preference pairs from graded samples: samples[q] are the completions sampled for rows[q].
-
-    chosen = a correct sample, or the gold solution when none is (flagged chosen_is_gold);
-    rejected = an incorrect sample; questions whose samples are all correct give no pair.
-    Returns (pairs in TRL's format plus question_index and chosen_is_gold, counts).
-    """
+    """Pairs from graded samples: samples[q] are the completions sampled for rows[q]. chosen = a correct sample, or
+    the gold solution when none is (flagged chosen_is_gold); rejected = an incorrect one; all correct: no pair.
+    Returns (pairs in TRL's format plus question_index and chosen_is_gold, counts)."""
     pairs, counts = [], {"questions": len(rows), "samples": 0, "correct_samples": 0, "all_correct_skipped": 0,
                          "chosen_is_gold": 0}
     for q, (row, texts) in enumerate(zip(rows, samples)):
@@ -739,9 +659,8 @@ def make_pairs(tokenizer, rows, samples, system=None):
             counts["all_correct_skipped"] += 1
             continue
         counts["chosen_is_gold"] += not right
-        prompt = make_prompt(tokenizer, row["question"], system)
-        chosen = right[0] if right else gold_solution(row["answer"])
-        pairs.append({"prompt": prompt, "chosen": make_completion(tokenizer, chosen),
+        pairs.append({"prompt": make_prompt(tokenizer, row["question"], system),
+                      "chosen": make_completion(tokenizer, right[0] if right else gold_solution(row["answer"])),
                       "rejected": make_completion(tokenizer, wrong[0]), "question_index": q, "chosen_is_gold": not right})
     counts["pairs"] = len(pairs)
     return pairs, counts
@@ -769,8 +688,7 @@ def load_pairs(path):
     rows = read_jsonl(path)
     if not rows:
         raise UserError(f"{path} holds no pairs; it needs one JSON row per line with prompt, chosen and rejected")
-    with open(path) as f:
-        linenos = [i for i, line in enumerate(f, 1) if line.strip()]
+    linenos = [i for i, line in enumerate(Path(path).read_text().split("\n"), 1) if line.strip()]
     for lineno, row in zip(linenos, rows):
         for field in ("prompt", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
@@ -781,9 +699,7 @@ def load_pairs(path):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# --- Training ------------------------------------------------------------------------------------
 # Logged per optimizer step (TRL's names first), averaged over the step's pairs on all ranks.
 PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected", "neuron/chosen", "neuron/rejected",
@@ -794,32 +710,22 @@ def tokenize_pairs(tokenizer, rows, max_length):
     """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError("the pairs hold chat messages but this tokenizer has no chat template; write the pairs as text")
-    pairs = []
-    for r in rows:
-        prompt_ids, chosen_ids = tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length)
-        rejected_ids = tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]
-        if chosen_ids and rejected_ids:
-            pairs.append((prompt_ids, chosen_ids, rejected_ids))
-    return pairs
+    pairs = [(*tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
+              tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]) for r in rows]
+    return [(p, c, r) for p, c, r in pairs if c and r]
 
 
 def collate_pairs(pairs, pad_id):
-    """B preference pairs packed one per row: [prompt | chosen | rejected | padding].
-
-    The prompt is shared, so it is computed once (TRL computes it twice, once per completion):
-    rejected tokens attend to the prompt and to earlier rejected tokens, never to chosen ones,
-    and their positions continue the prompt's, so each completion sees exactly its own context.
-    Returns input_ids, position_ids [B, T]; attention_mask [B, T, T] (True: query t may attend key s);
-    labels [B, T, 2] and loss_mask [B, T, 2] for (chosen, rejected): position t predicts
-    labels[b, t, j] where loss_mask[b, t, j] = 1. The last prompt position predicts the first
-    token of both completions.
-    """
+    """B preference pairs, one per row: [prompt | chosen | rejected | padding]. The shared prompt is computed once
+    (TRL: once per completion): rejected tokens attend to the prompt and earlier rejected tokens, not chosen ones, and
+    their positions continue the prompt's, so each completion sees its own context. Returns input_ids, position_ids
+    [B, T]; attention_mask [B, T, T] (True: query t may see key s); labels, loss_mask [B, T, 2] for (chosen, rejected):
+    t predicts labels[b, t, j] where loss_mask[b, t, j] = 1; the last prompt position predicts both first tokens."""
     width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros(len(pairs), width, dtype=torch.long)
     segment = torch.full((len(pairs), width), -1)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
-    labels = torch.zeros(len(pairs), width, 2, dtype=torch.long)
-    loss_mask = torch.zeros(len(pairs), width, 2)
+    labels, loss_mask = torch.zeros(len(pairs), width, 2, dtype=torch.long), torch.zeros(len(pairs), width, 2)
     for b, (p, c, r) in enumerate(pairs):
         P, C, R = len(p), len(c), len(r)
         input_ids[b, :P + C + R] = torch.tensor(p + c + r)
@@ -841,9 +747,7 @@ def pair_forward(model, batch, capture=None):
     """One forward of packed pairs (see collate_pairs): (log-probs [B, 2], neuron scores [B, 2] or None)
     as (chosen, rejected). capture: an open NeuronCapture whose hooks read the neurons in this same forward."""
     logps, mask = forward_logps(model, batch), batch["loss_mask"]
-    if capture is None:
-        return logps, None
-    return logps, torch.stack([capture.scores(mask[..., 0]), capture.scores(mask[..., 1])], dim=-1)
+    return logps, None if capture is None else torch.stack([capture.scores(mask[..., j]) for j in (0, 1)], dim=-1)
 
 
 @torch.no_grad()
@@ -863,10 +767,8 @@ def reference_pass(model, pairs, capture, batch_size, pad_id, device, autocast):
 def warmup_cosine(warmup_steps, total_steps):
     """Learning-rate factor: linear warmup to 1, then cosine decay to 0."""
     def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return (step + 1) / warmup_steps if step < warmup_steps else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
 
@@ -904,8 +806,7 @@ def cmd_train(args):
     """train: DPO + lam * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
     rank, world = rank_and_world()  # under torchrun each rank takes every world-th micro-batch of a step
     master, ddp = rank == 0, world > 1
-    out = check_out_dir(args.out)
-    device = pick_device(args.device)
+    out, device = check_out_dir(args.out), pick_device(args.device)
     if device.type == "cuda":  # under torchrun, this rank's GPU
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = pick_dtype(args.dtype, device)
@@ -938,13 +839,11 @@ def cmd_train(args):
     # What a checkpoint must share with the run that resumes it: the data order and the reference depend on it.
     run = hashlib.sha256(json.dumps([pairs, neurons, pairs_per_step, args.seed]).encode()).hexdigest()
 
-    # Reference log-probs and neuron scores, once, before the first step (no second model in memory);
-    # --resume reuses them.
+    # Reference log-probs and neuron scores once, before step 1 (no second model in memory); --resume reuses them.
     if master and not args.resume:
-        ref_logps, ref_scores = reference_pass(model, pairs, capture, args.batch_size, tokenizer.pad_token_id, device,
-                                               autocast)
+        ref = reference_pass(model, pairs, capture, args.batch_size, tokenizer.pad_token_id, device, autocast)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logps": ref_logps, "neuron": ref_scores}, cache)
+        torch.save({"logps": ref[0], "neuron": ref[1]}, cache)
     if ddp:
         torch.distributed.barrier()
     ref = torch.load(cache)
@@ -975,8 +874,7 @@ def cmd_train(args):
     model.train()
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    num_params = sum(p.numel() for p in model.parameters())
-    peak = peak_flops(device) if master else None
+    num_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device) if master else None
 
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not master)
@@ -992,8 +890,7 @@ def cmd_train(args):
             m = micro * world + rank  # this rank's micro-batch; the same set of pairs for any world size
             indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
             batch = to_device(collate_pairs([pairs[i] for i in indices], tokenizer.pad_token_id), device)
-            sync = model.no_sync() if ddp and micro < args.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
+            with model.no_sync() if ddp and micro < args.grad_accum - 1 else contextlib.nullcontext():
                 with autocast:
                     logps, scores = pair_forward(model, batch, capture)
                 chosen, rejected = logps.unbind(-1)
@@ -1001,8 +898,7 @@ def cmd_train(args):
                 losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = yfpo_loss(
                     chosen, rejected, ref_logps[indices, 0], ref_logps[indices, 1], s_chosen, s_rejected,
                     beta=args.beta, lam=args.lam, gamma=args.gamma, yoke=args.yoke)
-                # Sum over pairs / pairs per rank per step: batch 1 x accum 4 == batch 4 x accum 1, and
-                # DDP's mean over ranks then makes it the mean over the whole step.
+                # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP's rank mean is the step's.
                 (losses.sum() / (args.batch_size * args.grad_accum)).backward()
             with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without a neuron set
                 if scores is None:
@@ -1026,8 +922,7 @@ def cmd_train(args):
         seconds = time.perf_counter() - t0
         if master:
             tokens = sums[-1].item()
-            metrics = {"step": step + 1, "epoch": epoch, **{name: (sums[i] / pairs_per_step).item()
-                                                             for i, name in enumerate(PAIR_METRICS)},
+            metrics = {"step": step + 1, "epoch": epoch, **dict(zip(PAIR_METRICS, (sums / pairs_per_step).tolist())),
                        "grad_norm": grad_norm.item(), "learning_rate": learning_rate, "step_time_s": seconds,
                        "tokens_per_s": tokens / seconds,
                        # MFU: 6 N FLOPs per trained token (forward + backward), over the peak of all devices.
@@ -1055,21 +950,16 @@ def cmd_plot(args):
     rows = read_jsonl(path)
     if not rows:
         raise UserError(f"{path} is empty; train at least one step first")
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("plot needs matplotlib: pip install matplotlib") from None
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("loss", ["loss", "loss/dpo", "loss/neuron"]), ("reward accuracy", ["rewards/accuracies"]),
               ("margins", ["rewards/margins", "neuron/margin"]), ("learning rate", ["learning_rate"])]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    steps = [r["step"] for r in rows]
     for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
-            ax.plot(steps, [r[key] for r in rows], label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+        ax.set(title=title, xlabel="step")
         ax.legend()
     fig.tight_layout()
     tmp = Path(args.dir) / "training.tmp.png"
@@ -1078,9 +968,7 @@ def cmd_plot(args):
     print(f"wrote {Path(args.dir) / 'training.png'}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: answer extraction, grading, batched greedy generation, statistics
-# ---------------------------------------------------------------------------------------------
+# --- Evaluation: answer extraction, grading, batched greedy generation, statistics ---------------
 # A number: optional sign, digits with or without thousands commas, optional decimals.
 NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 FLEXIBLE = re.compile(r"(?<![\w.])" + NUMBER)
@@ -1095,8 +983,7 @@ def normalize_number(text):
 def extract_answer_rule(text):
     """(answer, rule): 'strict' for the number right after the last "The answer is", "####" or
     "\\boxed{"; else 'flexible' for the last number in the text; (None, None) when there is none."""
-    strict = STRICT.findall(text)
-    if strict:
+    if strict := STRICT.findall(text):
         return normalize_number(strict[-1]), "strict"
     numbers = FLEXIBLE.findall(text)
     return (normalize_number(numbers[-1]), "flexible") if numbers else (None, None)
@@ -1109,64 +996,49 @@ def extract_answer(text):
 
 def is_correct(text, gold):
     """True when the extracted answer equals the gold number numerically ('18.00' == '18')."""
-    answer = extract_answer(text)
-    if answer is None:
-        return False
     try:
-        answer, gold = float(answer), float(normalize_number(gold))
-    except ValueError:
+        answer, gold = float(extract_answer(text)), float(normalize_number(gold))
+    except (TypeError, ValueError):  # no answer, or not a number
         return False
     return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
 
 
-# A completion ends at EOS, after max_new_tokens, or once it has stated its answer: the strict pattern
-# followed by a character that cannot continue the number ("The answer is 1" does not stop "... is 12").
+# Stated: the strict pattern, then a character that cannot continue the number ("is 1" does not stop "is 12").
 ANSWER_STATED = re.compile(STRICT.pattern + r"(?=[^\d.,]|[.,]\D)", re.IGNORECASE)
 STOP_RULE = 'EOS, max_new_tokens, or the strict answer ("The answer is N", "#### N", "\\boxed{N") once N is complete'
 
 
 def sequence_seed(seed, index):
-    """The sampling seed of sequence `index` (question q, sample j: q * num_samples + j): per question,
-    so a sample is the same on any rank, at any batch size."""
+    """The seed of sequence `index` (question q, sample j: q * num_samples + j): the same on any rank and batch size."""
     return (seed * 1_000_003 + index) % 2 ** 31
 
 
 class SlotCache:
-    """The KV cache of continuous batching. Row s holds one live sequence whose tokens end at the shared
-    column `length`; valid [S, W] marks the columns it owns. A finished row takes the next waiting prompt
-    (its prefilled keys written right-aligned), or leaves; update() writes each step in place, no torch.cat."""
+    """The KV cache of continuous batching: keys and values [S, H, W, D] per layer, row s one live sequence
+    whose tokens end at the shared column `length`, valid [S, W] the columns it owns. A row is filled with a
+    prefilled prompt (right-aligned), and each step writes one column in place (no torch.cat)."""
 
     def __init__(self, prefill, rows, width):
         k = prefill[0][0]  # [1, H, P, D]
-        self.keys = [k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill]
-        self.values = [k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill]
-        self.valid = torch.zeros(rows, width, dtype=torch.bool, device=k.device)
-        self.length = 0
+        zeros = lambda: [k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill]  # noqa: E731
+        self.keys, self.values = zeros(), zeros()
+        self.valid, self.length = torch.zeros(rows, width, dtype=torch.bool, device=k.device), 0
 
     def update(self, keys, values, layer, cache_kwargs=None):  # the model's attention layers call this
         end = self.length + keys.shape[2]
         self.keys[layer][:, :, self.length:end], self.values[layer][:, :, self.length:end] = keys, values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def get_seq_length(self, layer=0):
-        return self.length
-
-    def move(self, start, to):
-        """Columns [start, length) move to begin at column `to` (dropping dead columns, or making room)."""
-        n = self.length - start
-        for bufs in (self.keys, self.values):
-            for i, old in enumerate(bufs):
-                bufs[i] = torch.zeros_like(old)
-                bufs[i][:, :, to:to + n] = old[:, :, start:self.length]
-        valid, self.valid = self.valid, torch.zeros_like(self.valid)
-        self.valid[:, to:to + n] = valid[:, start:self.length]
-        self.length = to + n
+    def move(self, by):
+        """Shift every column by `by`: left to drop the first -by (which no row owns), right to make room."""
+        self.keys, self.values = [k.roll(by, 2) for k in self.keys], [v.roll(by, 2) for v in self.values]
+        self.valid, self.length = self.valid.roll(by, 1), self.length + by
 
     def place(self, row, prefill):
-        """Row `row` takes a prompt's prefilled keys and values [(keys, values) [1, H, P, D] per layer]."""
+        """Row `row` takes a prompt's prefilled [(keys, values) [1, H, P, D] per layer]."""
         size = prefill[0][0].shape[2]
         if self.length < size:
-            self.move(0, size - self.length)
+            self.move(size - self.length)
         self.valid[row] = False
         self.valid[row, self.length - size:self.length] = True
         for layer, (k, v) in enumerate(prefill):
@@ -1174,16 +1046,14 @@ class SlotCache:
             self.values[layer][row, :, self.length - size:self.length] = v[0]
 
     def keep(self, rows):
-        """Only these rows stay (the others finished and no prompt waits)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
+        self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
         self.valid = self.valid[rows]
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for generate(), registered with transformers: a prompt goes to sdpa as usual; one new token's
-    query heads that share a key head (grouped-query attention) become query rows of that head, so the cache
-    is read in place instead of copied n_rep times (repeat_kv) at every step. query [B, H, 1, D]."""
+    """generate()'s attention: sdpa for a prompt; for one new token, the query heads that share a key head
+    (grouped-query attention) become query rows of that head, so the cache is read in place instead of
+    copied n_rep times by repeat_kv at every step. query [B, H, 1, D], key and value [B, H_kv, T, D]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     batch, heads, length, dim = query.shape
     if length > 1:
@@ -1196,37 +1066,21 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 @torch.no_grad()
 def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate", temperature=0.0, num_samples=1,
              seed=0):
-    """num_samples completions per prompt text, in order, as {text, stop, tokens} with stop one of eos, answer,
-    length (see STOP_RULE). Greedy, or plain sampling at temperature > 0 with one generator per sequence
-    (no top-k/top-p/repetition penalty: the model's generation defaults are not used).
-
-    Continuous batching: each prompt is prefilled alone, then decoded in a batch of batch_size rows; a
-    finished row takes the next waiting prompt at once, so no step computes a finished sequence. Under
-    torchrun each rank takes every world-th prompt and all ranks return the whole list.
-    """
+    """num_samples completions per prompt text, in order, as {text, stop, tokens}; stop is eos, answer or length
+    (STOP_RULE). Greedy, or plain sampling at temperature > 0 with a generator per sequence (no top-k/top-p,
+    no repetition penalty: the model's generation defaults are not used).
+    Continuous batching: each prompt is prefilled alone, then decoded in a batch of batch_size rows; a row
+    whose sequence ends takes the next waiting one, or leaves, so no step computes a finished sequence.
+    Under torchrun each rank takes every world-th prompt, and every rank returns the whole list."""
     from tqdm import tqdm
     from transformers import AttentionInterface
-    AttentionInterface.register("yfpo_decode", decode_attention)
-    implementation, model.config._attn_implementation = model.config._attn_implementation, "yfpo_decode"
-    try:
-        return decode_batches(model, tokenizer, prompts, batch_size, max_new_tokens, desc, temperature, num_samples,
-                              seed, tqdm)
-    finally:
-        model.config._attn_implementation = implementation
-
-
-def decode_batches(model, tokenizer, prompts, batch_size, max_new_tokens, desc, temperature, num_samples, seed, tqdm):
     rank, world = rank_and_world()
-    eos = model.generation_config.eos_token_id
+    device, eos = model.device, model.generation_config.eos_token_id
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # longest first: few moves
     waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]  # a stack: pop() takes the next
-    if not waiting:
-        return gather_results({}, len(prompts) * num_samples)
-    device, layers = model.device, len(decoder_layers(model))
-    rows, cache, prefilled, results = [], None, {}, {}
-    generators = {}
+    rows, cache, prefilled, results, generators = [], None, {}, {}, {}
 
     def pick(logits, sequences):  # logits [S, V] -> next tokens [S]
         if not temperature:
@@ -1236,8 +1090,7 @@ def decode_batches(model, tokenizer, prompts, batch_size, max_new_tokens, desc, 
 
     def push(sequence, token):  # append a token; True when the sequence has ended (and is recorded)
         sequence["count"] += 1
-        if token not in eos:
-            sequence["tokens"].append(token)
+        sequence["tokens"] += [] if token in eos else [token]
         text = tokenizer.decode(sequence["tokens"], skip_special_tokens=True)
         stop = "eos" if token in eos else "answer" if ANSWER_STATED.search(text) else \
             "length" if sequence["count"] == max_new_tokens else None
@@ -1246,50 +1099,58 @@ def decode_batches(model, tokenizer, prompts, batch_size, max_new_tokens, desc, 
             bar.update(1)
         return stop is not None
 
-    with tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample", disable=rank > 0) as bar:
+    AttentionInterface.register("yfpo_decode", decode_attention)
+    implementation, model.config._attn_implementation = model.config._attn_implementation, "yfpo_decode"
+    bar = tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample", disable=rank > 0)
+    try:
         while waiting or rows:
             free = [r for r, s in enumerate(rows) if s is None] + list(range(len(rows), batch_size))
             while free and waiting:  # refill: prefill the next prompt alone and take its first token
                 q, j = waiting.pop()
                 if q not in prefilled:
                     out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True, logits_to_keep=1)
-                    prefilled[q] = ([out.past_key_values[i][:2] for i in range(layers)], out.logits[0, -1])
+                    prefilled[q] = ([kv[:2] for kv in out.past_key_values], out.logits[0, -1])
                 kv, logits = prefilled[q] if j < num_samples - 1 else prefilled.pop(q)
-                sequence = {"index": q * num_samples + j, "tokens": [], "count": 0, "position": len(ids[q])}
+                sequence = {"index": q * num_samples + j, "tokens": [], "count": 0, "position": len(ids[q]) - 1}
                 generators[sequence["index"]] = torch.Generator(device).manual_seed(
                     sequence_seed(seed, sequence["index"]))
-                if push(sequence, pick(logits[None], [sequence])[0]):
-                    continue
-                if cache is None:
-                    cache = SlotCache(kv, min(batch_size, len(waiting) + 1), max(map(len, ids)) + max_new_tokens + 64)
-                row = free.pop(0)
-                cache.place(row, kv)
-                rows[row:row + 1] = [sequence]
+                if not push(sequence, pick(logits[None], [sequence])[0]):
+                    cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1),
+                                               max(map(len, ids)) + max_new_tokens + 64)
+                    row = free.pop(0)
+                    cache.place(row, kv)
+                    rows[row:row + 1] = [sequence]
             live = [r for r, s in enumerate(rows) if s is not None]
             if not live:
                 break
             if len(live) < len(rows):  # nothing waits: finished rows leave the batch
-                cache.keep(torch.tensor(live, device=device))
                 rows = [rows[r] for r in live]
+                cache.keep(torch.tensor(live, device=device))
             start = int(cache.valid.any(0).int().argmax())
             if start >= 64:  # drop the columns no live row owns any more
-                cache.move(start, 0)
+                cache.move(-start)
             cache.valid[:, cache.length] = True
             out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
-                        position_ids=torch.tensor([[s["position"] + len(s["tokens"]) - 1] for s in rows], device=device),
-                        attention_mask=cache.valid[:, None, None, :cache.length + 1],
-                        past_key_values=cache, cache_position=torch.tensor([cache.length], device=device), use_cache=True)
+                        position_ids=torch.tensor([[s["position"] + len(s["tokens"])] for s in rows], device=device),
+                        attention_mask=cache.valid[:, None, None, :cache.length + 1], past_key_values=cache,
+                        cache_position=torch.tensor([cache.length], device=device))
             cache.length += 1
             for r, token in enumerate(pick(out.logits[:, -1], rows)):
                 if push(rows[r], token):
                     rows[r] = None
                     cache.valid[r] = False
-    return gather_results(results, len(prompts) * num_samples)
+    finally:
+        model.config._attn_implementation = implementation
+        bar.close()
+    if world > 1:  # every rank's {index: completion}, merged
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, results)
+        results = {k: v for part in parts for k, v in part.items()}
+    return [results[i] for i in range(len(prompts) * num_samples)]
 
 
 def check_server(url, model_name):
     """The base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp) that serves model_name."""
-    import urllib.request
     base = url.rstrip("/").removesuffix("/v1")
     try:
         with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
@@ -1303,29 +1164,11 @@ def check_server(url, model_name):
     return base
 
 
-def cut_at_answer(tokenizer, text):
-    """(text, cut): text ended where generate() would have stopped it, at the token that completes the
-    stated answer (the shortest token prefix in which ANSWER_STATED matches)."""
-    if not ANSWER_STATED.search(text):
-        return text, False
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    low, high = 1, len(tokens)
-    while low < high:  # a prefix that states the answer stays one when it grows: bisect
-        middle = (low + high) // 2
-        if ANSWER_STATED.search(tokenizer.decode(tokens[:middle], skip_special_tokens=True)):
-            high = middle
-        else:
-            low = middle + 1
-    return tokenizer.decode(tokens[:low], skip_special_tokens=True), True
-
-
 def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_tokens, desc="generate", temperature=0.0,
                     num_samples=1, seed=0):
-    """generate() through an OpenAI-compatible /v1/completions endpoint: the same prompt token ids, plain
-    sampling (or greedy) seeded per question, the stop rule applied to the text that comes back, in_flight
-    requests at once. Same return as generate()."""
-    import urllib.error
-    import urllib.request
+    """generate() through an OpenAI-compatible /v1/completions endpoint: the same prompt token ids, sampling
+    settings and per-question seeds, in_flight requests at once; a returned text is cut at the first token
+    after which it states its answer (where generate() would have stopped). Same return as generate()."""
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
@@ -1338,18 +1181,11 @@ def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_toke
         try:
             with urllib.request.urlopen(request, timeout=3600) as response:
                 choices = sorted(json.load(response)["choices"], key=lambda c: c["index"])
-        except urllib.error.HTTPError as e:
-            raise UserError(f"--server answered HTTP {e.code} for prompt {q}: {e.read().decode()[:200]}") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--server failed on prompt {q} ({type(e).__name__}: {e}); is it still running?") from None
-        completions = []
-        for choice in choices:
-            text, cut = cut_at_answer(tokenizer, choice["text"])
-            stop = "answer" if cut else "length" if choice.get("finish_reason") == "length" else "eos"
-            completions.append({"text": text, "stop": stop,
-                                "tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"])})
+        except (OSError, ValueError, KeyError, TypeError) as e:  # the server's own message is in an HTTP error's body
+            detail = e.read().decode()[:200] if hasattr(e, "read") else f"{type(e).__name__}: {e}"
+            raise UserError(f"--server failed on prompt {q} ({detail})") from None
         bar.update(1)
-        return completions
+        return [stated_completion(tokenizer, c["text"], c.get("finish_reason")) for c in choices]
 
     pool = ThreadPoolExecutor(in_flight)
     try:
@@ -1359,13 +1195,19 @@ def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_toke
         pool.shutdown(cancel_futures=True)  # after an error, send nothing more
 
 
+def stated_completion(tokenizer, text, finish_reason):
+    """A server's completion as generate() gives it: cut after the shortest token prefix that states the answer."""
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for n in range(1, len(tokens) + 1) if ANSWER_STATED.search(text) else ():
+        if ANSWER_STATED.search(tokenizer.decode(tokens[:n], skip_special_tokens=True)):
+            return {"text": tokenizer.decode(tokens[:n], skip_special_tokens=True), "stop": "answer", "tokens": n}
+    return {"text": text, "stop": "length" if finish_reason == "length" else "eos", "tokens": len(tokens)}
+
+
 def sample_completions(model, tokenizer, prompts, args, desc, temperature=0.0, num_samples=1):
     """generate() in this process, or server_generate() with --server."""
-    if getattr(args, "server", None):
-        return server_generate(args.server, args.model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc,
-                               temperature, num_samples, args.seed)
-    return generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc, temperature, num_samples,
-                    args.seed)
+    run = functools.partial(server_generate, args.server, args.model) if args.server else functools.partial(generate, model)
+    return run(tokenizer, prompts, args.batch_size, args.max_new_tokens, desc, temperature, num_samples, args.seed)
 
 
 def wilson_interval(correct, total, z=1.96):
@@ -1381,8 +1223,6 @@ def wilson_interval(correct, total, z=1.96):
 def mcnemar_exact(only_a, only_b):
     """Two-sided exact McNemar p-value from the discordant counts (a right/b wrong, b right/a wrong)."""
     n = only_a + only_b
-    if n == 0:
-        return 1.0
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
 
@@ -1410,8 +1250,7 @@ def evaluate(model, tokenizer, rows, args):
 def generation_summary(completions, args, seconds):
     """How completions were made and ended, and how fast (for summary.json and the screen)."""
     tokens = sum(c["tokens"] for c in completions)
-    return {"stop_rule": STOP_RULE, "stops": {s: sum(c["stop"] == s for c in completions) for s in
-                                              ("eos", "answer", "length")},
+    return {"stop_rule": STOP_RULE, "stops": dict(collections.Counter(c["stop"] for c in completions)),
             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "server": args.server,
             "processes": rank_and_world()[1], "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
@@ -1453,9 +1292,7 @@ def cmd_eval(args):
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Demo: every stage on a tiny random model, offline. It checks the install; its accuracy means nothing.
-# ---------------------------------------------------------------------------------------------
+# --- Demo: every stage on a tiny random model, offline. It checks the install; its accuracy means nothing. ---
 DEMO_PROBLEMS = [
     ("Tom has 3 apples and buys 5 more. How many apples does he have?", "Tom has 3+5=<<3+5=8>>8 apples.\n#### 8"),
     ("A box holds 12 eggs. How many eggs are in 4 boxes?", "4 boxes hold 4*12=<<4*12=48>>48 eggs.\n#### 48"),
@@ -1466,8 +1303,7 @@ DEMO_PROBLEMS = [
     ("Ben had 50 marbles and gave away 18. How many are left?", "He has 50-18=<<50-18=32>>32 marbles left.\n#### 32"),
     ("A train travels 60 miles per hour for 3 hours. How far does it go?",
      "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
-    ("Lily splits 36 candies among 4 friends. How many does each get?",
-     "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
+    ("Lily splits 36 candies among 4 friends. How many does each get?", "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
     ("A farm has 7 cows and 3 times as many hens. How many animals are there?",
      "There are 7*3=<<7*3=21>>21 hens.\nIn all 7+21=<<7+21=28>>28 animals.\n#### 28"),
     ("Max saves $1,200 a month. How much does he save in a year?",
@@ -1490,10 +1326,9 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator([q + "\n" + a for q, a in DEMO_PROBLEMS] + [INSTRUCTION, "The answer is 0123456789."],
-                            trainers.BpeTrainer(vocab_size=400,
-                                                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is 0123456789."], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         chat_template=CHATML_TEMPLATE, model_input_names=["input_ids", "attention_mask"])
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -1512,39 +1347,28 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
 
 def cmd_demo(args):
     """demo: build a tiny model and data, then run identify, ablate, pairs, train, eval and plot."""
-    out = check_out_dir(args.out)
-    start = time.perf_counter()
+    out, start = check_out_dir(args.out), time.perf_counter()
     model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
     write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
     write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
     print(f"[demo] tiny model in {model}, GSM8K-format data in {data}")
-    common = ["--seed", str(args.seed), "--device", "cpu"]
-    stages = [
-        ("identify", ["--model", model, "--data", str(data / "train.jsonl"), "--num-samples", "8", "--top-k", "16"]),
-        ("ablate", ["--model", model, "--data", str(data), "--neurons", str(out / "identify" / "neurons.json"),
-                    "--num-samples", "4", "--random-seeds", "2"]),
-        ("pairs", ["--model", model, "--data", str(data), "--num-questions", "8", "--samples-per-question", "2",
-                   "--max-new-tokens", "16"]),
-        ("train", ["--model", model, "--pairs", str(out / "pairs" / "pairs.jsonl"), "--neurons",
-                   str(out / "identify" / "neurons.json"), "--lam", "0.3", "--lr", "1e-4", "--batch-size", "2",
-                   "--grad-accum", "1", "--epochs", "2", "--max-length", "256"]),
-        ("eval", ["--model", str(out / "train" / "model"), "--data", str(data), "--max-new-tokens", "16"]),
-    ]
-    for name, argv in stages:
+    common, neurons = ["--model", model, "--data", str(data), "--seed", str(args.seed), "--device", "cpu"], \
+        str(out / "identify" / "neurons.json")
+    stages = [("identify", ["--num-samples", "8", "--top-k", "16"]),
+              ("ablate", ["--neurons", neurons, "--num-samples", "4", "--random-seeds", "2"]),
+              ("pairs", ["--num-questions", "8", "--samples-per-question", "2", "--max-new-tokens", "16"]),
+              ("train", ["--pairs", str(out / "pairs" / "pairs.jsonl"), "--neurons", neurons, "--lam", "0.3", "--lr",
+                         "1e-4", "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", "--max-length", "256"]),
+              ("eval", ["--model", str(out / "train" / "model"), "--max-new-tokens", "16"])]
+    for name, argv in stages:  # a stage's own flags come last and win
         print(f"\n[demo] {name} -> {out / name}")
-        main([name, *argv, *common, "--out", str(out / name)], strict=True)
-    try:
-        import matplotlib  # noqa: F401
-        main(["plot", str(out / "train")], strict=True)
-    except ImportError:
-        print("[demo] plot skipped: matplotlib is not installed")
+        main([name, *common, *argv, "--out", str(out / name)], strict=True)
+    main(["plot", str(out / "train")], strict=True)
     print(f"\n[demo] all stages ran in {time.perf_counter() - start:.1f}s; files in {out}. "
           "This checks the install: the tiny model is random, so its accuracy means nothing.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+# --- Command line --------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2
@@ -1555,12 +1379,10 @@ def positive(kind):
     """An argparse type: a number of this kind above zero."""
     def parse(text):
         try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'")
-        return value
+            assert kind(text) > 0
+            return kind(text)
+        except (ValueError, AssertionError):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'") from None
     return parse
 
 
@@ -1588,32 +1410,27 @@ def build_parser():
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = commands.add_parser("identify", parents=[common], help="score MLP neurons with AttnLRP, save the top k")
-    p.add_argument("--num-samples", type=positive_int, default=256)
-    p.add_argument("--top-k", type=positive_int, default=1000)
+    def command(name, run, help, *parents, **positive_ints):  # a subcommand and its positive whole-number flags
+        p = commands.add_parser(name, parents=parents, help=help)
+        p.set_defaults(run=run)
+        for flag, default in positive_ints.items():
+            p.add_argument("--" + flag.replace("_", "-"), type=positive_int, default=default)
+        return p
+
+    p = command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common, num_samples=256,
+                top_k=1000, batch_size=4, max_length=512)
     p.add_argument("--per-layer", action="store_true", help="top k/L neurons of every layer instead of the global top k")
     p.add_argument("--control", help="non-math question/answer data; its mean relevance is subtracted")
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--max-length", type=positive_int, default=512)
-    p.set_defaults(run=cmd_identify)
-
-    p = commands.add_parser("ablate", parents=[common, generation], help="zero the neurons: NLL vs random neurons")
+    p = command("ablate", cmd_ablate, "zero the neurons: NLL vs random neurons", common, generation, num_samples=200,
+                random_seeds=3, nll_batch_size=8, max_length=512)
     p.add_argument("--neurons", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--num-samples", type=positive_int, default=200)
-    p.add_argument("--random-seeds", type=positive_int, default=3)
-    p.add_argument("--nll-batch-size", type=positive_int, default=8, help="solutions per teacher-forced batch")
-    p.add_argument("--max-length", type=positive_int, default=512)
     p.add_argument("--eval-accuracy", action="store_true", help="also run the evaluator with and without ablation")
-    p.set_defaults(run=cmd_ablate)
-
-    p = commands.add_parser("pairs", parents=[common, generation], help="sample, grade and pair GSM8K train answers")
-    p.add_argument("--num-questions", type=positive_int, default=2000)
-    p.add_argument("--samples-per-question", type=positive_int, default=4)
+    p = command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
+                num_questions=2000, samples_per_question=4)
     p.add_argument("--temperature", type=positive_float, default=0.8)
-    p.set_defaults(run=cmd_pairs)
-
-    p = commands.add_parser("train", parents=[common], help="DPO + lam * neuron-margin loss")
+    p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, grad_accum=4, epochs=1, max_steps=None,
+                max_length=512, save_every=None)  # save_every: checkpoint every N steps (always at the end)
     p.add_argument("--pairs", help="pairs JSONL (default: OUT/pairs.jsonl)")
     p.add_argument("--neurons", help="neurons.json (default: OUT/neurons.json when it exists)")
     p.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
@@ -1622,30 +1439,16 @@ def build_parser():
     p.add_argument("--yoke", choices=["loss", "reward"], default="loss")
     p.add_argument("--lr", type=float, default=5e-7)
     p.add_argument("--batch-size", type=positive_int, default=2, help="pairs per micro-batch per process")
-    p.add_argument("--grad-accum", type=positive_int, default=4)
-    p.add_argument("--epochs", type=positive_int, default=1)
-    p.add_argument("--max-steps", type=positive_int)
-    p.add_argument("--max-length", type=positive_int, default=512)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--save-every", type=positive_int, help="checkpoint every N steps (always at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/model")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.set_defaults(run=cmd_train)
-
-    p = commands.add_parser("eval", parents=[common, generation], help="GSM8K exact match, greedy")
+    p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None)  # limit: first N
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=positive_int, help="first N questions")
     p.add_argument("--compare", help="another run's eval.jsonl: paired difference and McNemar p")
-    p.set_defaults(run=cmd_eval)
-
-    p = commands.add_parser("plot", help="draw DIR/metrics.jsonl into DIR/training.png")
-    p.add_argument("dir")
-    p.set_defaults(run=cmd_plot)
-
-    p = commands.add_parser("demo", help="all stages on a tiny random model, offline")
+    command("plot", cmd_plot, "draw DIR/metrics.jsonl into DIR/training.png").add_argument("dir")
+    p = command("demo", cmd_demo, "all stages on a tiny random model, offline")
     p.add_argument("--out", default="demo")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=cmd_demo)
     return parser
 
 
@@ -1658,17 +1461,15 @@ def main(argv=None, strict=False):
         args.pairs = args.pairs or str(Path(args.out) / "pairs.jsonl")
         default_neurons = Path(args.out) / "neurons.json"
         args.neurons = args.neurons or (str(default_neurons) if default_neurons.is_file() else None)
-    distributed = "RANK" in os.environ and args.command in ("identify", "ablate", "pairs", "train", "eval")
+    distributed = "RANK" in os.environ and hasattr(args, "device")
     if distributed:  # torchrun: one process per device; rank 0 prints and writes
         import datetime
-        import torch.distributed as dist
         on_gpu = torch.cuda.is_available() and args.device != "cpu"
-        # Rank 0 alone makes train's reference pass while the others wait: allow it hours, not NCCL's 10 minutes.
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
         if on_gpu:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        if dist.get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")
+        # Rank 0 alone makes train's reference pass while the others wait: allow it hours, not NCCL's 10 minutes.
+        torch.distributed.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
+        sys.stdout = sys.stdout if torch.distributed.get_rank() == 0 else open(os.devnull, "w")
     try:
         if getattr(args, "server", None) and args.command not in ("eval", "pairs"):
             raise UserError(f"--server works with eval and pairs only; {args.command} needs the model's weights in "
