@@ -1018,27 +1018,31 @@ class SlotCache:
     whose tokens end at the shared column `length`, valid [S, W] the columns it owns. A row is filled with a
     prefilled prompt (right-aligned), and each step writes one column in place (no torch.cat)."""
 
-    def __init__(self, prefill, rows, width):
-        k = prefill[0][0]  # [1, H, P, D]
+    def __init__(self, prefill, rows, prompt_width, max_new_tokens):
+        k, width = prefill[0][0], prompt_width + max_new_tokens + 64  # k: [1, H, P, D]
         zeros = lambda: [k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill]  # noqa: E731
         self.keys, self.values = zeros(), zeros()
-        self.valid, self.length = torch.zeros(rows, width, dtype=torch.bool, device=k.device), 0
+        self.valid = torch.zeros(rows, width, dtype=torch.bool, device=k.device)
+        self.length = self.prompt_width = prompt_width  # always room to the left for any prompt
 
     def update(self, keys, values, layer, cache_kwargs=None):  # the model's attention layers call this
         end = self.length + keys.shape[2]
         self.keys[layer][:, :, self.length:end], self.values[layer][:, :, self.length:end] = keys, values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def move(self, by):
-        """Shift every column by `by`: left to drop the first -by (which no row owns), right to make room."""
-        self.keys, self.values = [k.roll(by, 2) for k in self.keys], [v.roll(by, 2) for v in self.values]
-        self.valid, self.length = self.valid.roll(by, 1), self.length + by
+    def trim(self):
+        """Drop the leading columns no row owns, 64 or more at a time (a row spans at most W - 64 columns)."""
+        start = min(int(self.valid.any(0).int().argmax()), self.length - self.prompt_width)
+        if start >= 64:
+            n = self.length - start
+            for t in self.keys + self.values:
+                t[:, :, :n] = t[:, :, start:self.length].clone()
+            self.valid[:, :n], self.valid[:, n:] = self.valid[:, start:self.length].clone(), False
+            self.length = n
 
     def place(self, row, prefill):
         """Row `row` takes a prompt's prefilled [(keys, values) [1, H, P, D] per layer]."""
         size = prefill[0][0].shape[2]
-        if self.length < size:
-            self.move(size - self.length)
         self.valid[row] = False
         self.valid[row, self.length - size:self.length] = True
         for layer, (k, v) in enumerate(prefill):
@@ -1115,8 +1119,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                 generators[sequence["index"]] = torch.Generator(device).manual_seed(
                     sequence_seed(seed, sequence["index"]))
                 if not push(sequence, pick(logits[None], [sequence])[0]):
-                    cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1),
-                                               max(map(len, ids)) + max_new_tokens + 64)
+                    cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1), max(map(len, ids)), max_new_tokens)
                     row = free.pop(0)
                     cache.place(row, kv)
                     rows[row:row + 1] = [sequence]
@@ -1126,9 +1129,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
             if len(live) < len(rows):  # nothing waits: finished rows leave the batch
                 rows = [rows[r] for r in live]
                 cache.keep(torch.tensor(live, device=device))
-            start = int(cache.valid.any(0).int().argmax())
-            if start >= 64:  # drop the columns no live row owns any more
-                cache.move(-start)
+            cache.trim()
             cache.valid[:, cache.length] = True
             out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
                         position_ids=torch.tensor([[s["position"] + len(s["tokens"])] for s in rows], device=device),
