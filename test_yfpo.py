@@ -320,6 +320,12 @@ def test_eval_pairs_and_ablate_under_torchrun_write_what_one_process_writes(tiny
     for name in ("eval.jsonl", "pairs.jsonl"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    served = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29518", str(HERE / "yfpo.py"), "eval", "--model", tiny_dir, "--data", data_file,
+                             "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "served")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert served.returncode != 0 and "--server runs in one process" in served.stderr
+    assert not (tmp_path / "served").exists()
     one, two = (json.loads((tmp_path / d / "ablation.json").read_text()) for d in ("one", "two"))
     assert one.keys() == two.keys()
     for key in one:  # each rank sums its own NLL batches: equal up to the order of the sums

@@ -1475,6 +1475,8 @@ def main(argv=None, strict=False):
         if getattr(args, "server", None) and args.command not in ("eval", "pairs"):
             raise UserError(f"--server works with eval and pairs only; {args.command} needs the model's weights in "
                             "this process: drop --server")
+        if getattr(args, "server", None) and distributed:  # every rank would send every prompt
+            raise UserError("--server runs in one process (the server batches the requests): drop torchrun")
         args.run(args)
     except UserError as e:
         if strict:
