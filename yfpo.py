@@ -1082,7 +1082,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
     device, eos = model.device, model.generation_config.eos_token_id
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # longest first: few moves
+    mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # ranks take turns, longest first
     waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]  # a stack: pop() takes the next
     rows, cache, prefilled, results, generators = [], None, {}, {}, {}
 
