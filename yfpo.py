@@ -1084,13 +1084,13 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # ranks take turns, longest first
     waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]  # a stack: pop() takes the next
-    rows, cache, prefilled, results, generators = [], None, {}, {}, {}
+    rows, cache, prefilled, results = [], None, {}, {}
 
     def pick(logits, sequences):  # logits [S, V] -> next tokens [S]
         if not temperature:
             return logits.argmax(-1).tolist()
         probs = (logits.float() / temperature).softmax(-1)
-        return [int(torch.multinomial(p, 1, generator=generators[s["index"]])) for p, s in zip(probs, sequences)]
+        return [int(torch.multinomial(p, 1, generator=s["generator"])) for p, s in zip(probs, sequences)]
 
     def push(sequence, token):  # append a token; True when the sequence has ended (and is recorded)
         sequence["count"] += 1
@@ -1115,9 +1115,9 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                     out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True, logits_to_keep=1)
                     prefilled[q] = ([kv[:2] for kv in out.past_key_values], out.logits[0, -1])
                 kv, logits = prefilled[q] if j < num_samples - 1 else prefilled.pop(q)
-                sequence = {"index": q * num_samples + j, "tokens": [], "count": 0, "position": len(ids[q]) - 1}
-                generators[sequence["index"]] = torch.Generator(device).manual_seed(
-                    sequence_seed(seed, sequence["index"]))
+                index = q * num_samples + j  # sampling only: a generator per sequence, freed with it
+                sequence = {"index": index, "tokens": [], "count": 0, "position": len(ids[q]) - 1, "generator":
+                            temperature and torch.Generator(device).manual_seed(sequence_seed(seed, index))}
                 if not push(sequence, pick(logits[None], [sequence])[0]):
                     cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1), max(map(len, ids)), max_new_tokens)
                     row = free.pop(0)
