@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach for the hu
 import yfpo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEMO_ROWS = [{"question": q, "answer": a} for q, a in yfpo.DEMO_PROBLEMS]
+DEMO_ROWS = [{"question": q, "answer": a, "gold": yfpo.parse_gold(a)} for q, a in yfpo.DEMO_PROBLEMS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +195,17 @@ def test_tokenizer_without_chat_template_gets_plain_format(tiny):
     _, tokenizer = tiny
     tokenizer.chat_template = None
     assert yfpo.format_prompt(tokenizer, "What is 2+2?") == f"Question: What is 2+2?\n{yfpo.INSTRUCTION}\nAnswer:"
-    assert yfpo.prompt_format(tokenizer) == "plain"
+
+
+def test_control_rows_are_the_question_alone_and_their_answer_whole(tiny):
+    _, tokenizer = tiny
+    rows = [{"question": "How do I boil an egg?", "answer": "Put it in boiling water.", "gold": None},
+            DEMO_ROWS[0]]
+    (control_prompt, control_answer), (math_prompt, _) = yfpo.solution_examples(tokenizer, rows, 256)
+    assert tokenizer.decode(control_prompt) == yfpo.format_prompt(tokenizer, "How do I boil an egg?", instruction=False)
+    assert yfpo.INSTRUCTION not in tokenizer.decode(control_prompt) and "boil an egg?<|im_end|>" in tokenizer.decode(control_prompt)
+    assert tokenizer.decode(control_answer).startswith("Put it in boiling water.")
+    assert yfpo.INSTRUCTION in tokenizer.decode(math_prompt)
 
 
 def test_tokenize_example_splits_the_templated_conversation(tiny):
@@ -516,23 +526,37 @@ def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_fi
 # Neurons: relevance, selection, the saved set, ablation
 # ---------------------------------------------------------------------------------------------
 
-def test_relevance_is_finite_and_zero_at_pad_positions(tiny):
+def test_relevance_is_finite_and_leaves_the_weights_grad_alone(tiny):
     model, tokenizer = tiny
-    batch = sample_batch(tokenizer, DEMO_ROWS[:4])
     with yfpo.attnlrp(model):
-        per_token = yfpo.neuron_relevance(model, **batch, per_token=True)  # [B, T, L, I]
-    assert per_token.shape[:2] == batch["input_ids"].shape and torch.isfinite(per_token).all()
-    pads = batch["attention_mask"] == 0
-    assert pads.any() and per_token[pads].abs().max() == 0
-    assert per_token[~pads].abs().max() > 0
+        relevance, gradient = yfpo.neuron_relevance(model, **sample_batch(tokenizer, DEMO_ROWS[:4]))
+    assert relevance.shape == gradient.shape == (4, 2, 128)
+    assert torch.isfinite(relevance).all() and relevance.abs().max() > 0 and torch.isfinite(gradient).all()
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_relevance_does_not_depend_on_batch_size(tiny):
     model, tokenizer = tiny
     with yfpo.attnlrp(model):
         four = yfpo.neuron_relevance(model, **sample_batch(tokenizer, DEMO_ROWS[:4]))
-        ones = torch.cat([yfpo.neuron_relevance(model, **sample_batch(tokenizer, [r])) for r in DEMO_ROWS[:4]])
-    assert torch.allclose(four, ones, atol=1e-4 * ones.abs().max(), rtol=0)
+        ones = [yfpo.neuron_relevance(model, **sample_batch(tokenizer, [r])) for r in DEMO_ROWS[:4]]
+    for j in (0, 1):  # relevance, gradient
+        one = torch.cat([o[j] for o in ones])
+        assert torch.allclose(four[j], one, atol=1e-4 * one.abs().max(), rtol=0)
+
+
+def test_scores_are_relevance_per_solution_token_so_length_does_not_weigh(tiny, monkeypatch):
+    model, tokenizer = tiny
+    reasoning, gold = DEMO_ROWS[0]["answer"].split("\n####")
+    short = sample_batch(tokenizer, DEMO_ROWS[:1])
+    long = sample_batch(tokenizer, [{**DEMO_ROWS[0], "answer": f"{reasoning} {reasoning} {reasoning}\n####{gold}"}])
+    assert long["loss_mask"].sum() > 1.8 * short["loss_mask"].sum()
+    # Relevance v per solution token scores v whatever the length: 1 per token in one sample, 3 in the other -> 2.
+    monkeypatch.setattr(yfpo, "neuron_relevance", lambda model, **b: (
+        (1.0 if b["loss_mask"].sum() == short["loss_mask"].sum() else 3.0)
+        * b["loss_mask"].sum(1)[:, None, None].expand(-1, 2, 128), -torch.ones(1, 2, 128)))
+    scores, directions = yfpo.score_neurons(model, [short, long])
+    assert torch.allclose(scores, torch.full((2, 128), 2.0)) and (directions == -1).all()
 
 
 def test_relevance_is_conserved_from_logit_to_input(tiny_llama_dir):
@@ -604,9 +628,20 @@ def test_identify_writes_a_neuron_set_that_round_trips(neurons_file, tiny):
     assert len(saved["neurons"]) == 12 and sum(saved["counts_per_layer"]) == 12
     scores = [n["score"] for n in saved["neurons"]]
     assert scores == sorted(scores, reverse=True)
-    assert all(n["act_std"] > 0 for n in saved["neurons"])
+    assert all(n["act_std"] > 0 for n in saved["neurons"]) and {n["direction"] for n in saved["neurons"]} <= {-1, 1}
+    assert saved["selection"]["num_selected"] == 12 and "per solution token" in saved["selection"]["normalization"]
+    assert saved["direction_disagrees_with_mean_sign"] == sum(
+        n["direction"] != (-1 if n["act_mean"] < 0 else 1) for n in saved["neurons"])
     loaded = yfpo.load_neurons(neurons_file, model)
-    assert loaded == [(n["layer"], n["index"], n["score"], n["act_mean"], n["act_std"]) for n in saved["neurons"]]
+    assert loaded == [(n["layer"], n["index"], n["score"], n["act_mean"], n["act_std"], n["direction"])
+                      for n in saved["neurons"]]
+
+
+def test_per_layer_records_the_neurons_it_kept(tiny_dir, data_file, tmp_path):
+    assert run("identify", "--model", tiny_dir, "--data", data_file, "--num-samples", "4", "--top-k", "5",
+               "--per-layer", "--out", str(tmp_path)) == 0
+    saved = json.loads((tmp_path / "neurons.json").read_text())
+    assert saved["selection"]["top_k"] == 5 and saved["selection"]["num_selected"] == len(saved["neurons"]) == 4
 
 
 def test_identify_selects_the_top_of_score_neurons(tiny, data_file, neurons_file):
@@ -614,17 +649,41 @@ def test_identify_selects_the_top_of_score_neurons(tiny, data_file, neurons_file
     rows = yfpo.load_gsm8k(data_file, "train")[:8]
     batches = [sample_batch(tokenizer, rows[i:i + 4], 512) for i in (0, 4)]
     with yfpo.attnlrp(model):
-        scores = yfpo.score_neurons(model, batches)
+        scores = yfpo.score_neurons(model, batches)[0]
     expected = [(layer, index) for layer, index, _ in yfpo.select_neurons(scores, 12)]
     saved = json.loads(Path(neurons_file).read_text())["neurons"]
     assert [(n["layer"], n["index"]) for n in saved] == expected
 
 
-def test_activation_stats_match_a_direct_computation(tiny):
+def test_saved_direction_is_the_sign_of_the_summed_gradient(tiny, data_file, neurons_file):
+    model, tokenizer = tiny
+    grads = {0: 0, 1: 0}
+    for rows in (DEMO_ROWS[:4], DEMO_ROWS[4:8]):  # identify's batches, by hand: the gold logits' gradient at down_proj
+        batch = sample_batch(tokenizer, rows, 512)
+        seen = {}
+
+        def keep_gradient(module, args, i):
+            args[0].register_hook(lambda grad: seen.__setitem__(i, grad))
+        hooks = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+            lambda m, a, i=i: keep_gradient(m, a, i)) for i in (0, 1)]
+        with yfpo.attnlrp(model):
+            x = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+            logits = model(inputs_embeds=x, attention_mask=batch["attention_mask"]).logits
+            gold = logits.gather(-1, batch["labels"][..., None])[..., 0]
+            torch.autograd.grad((gold * batch["loss_mask"]).sum(), x)
+        for h in hooks:
+            h.remove()
+        for i in (0, 1):
+            grads[i] = grads[i] + (seen[i] * batch["loss_mask"][..., None]).sum((0, 1))
+    for n in json.loads(Path(neurons_file).read_text())["neurons"]:
+        assert n["direction"] == (1 if grads[n["layer"]][n["index"]] >= 0 else -1)
+
+
+def test_activation_moments_match_a_direct_computation(tiny):
     model, tokenizer = tiny
     batch = sample_batch(tokenizer, DEMO_ROWS[:3])
-    neurons = [(1, 5), (0, 7)]
-    mean, std = yfpo.activation_stats(model, [batch], neurons)
+    mean, std, mean_abs = yfpo.activation_moments(model, [batch])
+    assert mean.shape == std.shape == mean_abs.shape == (2, 128)
     seen = {}
     hooks = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
              for i in (0, 1)]
@@ -632,11 +691,12 @@ def test_activation_stats_match_a_direct_computation(tiny):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     for h in hooks:
         h.remove()
-    keep = batch["loss_mask"].bool()
-    for k, (layer, index) in enumerate(neurons):
-        values = seen[layer][..., index][keep].double()
-        assert math.isclose(mean[k].item(), values.mean().item(), rel_tol=1e-5)
-        assert math.isclose(std[k].item(), values.std(unbiased=False).item(), rel_tol=1e-4)
+    own_tokens = torch.nn.functional.pad(batch["loss_mask"], (1, 0))[:, :-1].bool()  # each solution token's own position
+    for layer, index in [(1, 5), (0, 7), (1, 100)]:
+        values = seen[layer][..., index][own_tokens].double()
+        assert math.isclose(mean[layer, index].item(), values.mean().item(), rel_tol=1e-5)
+        assert math.isclose(std[layer, index].item(), values.std(unbiased=False).item(), rel_tol=1e-4)
+        assert math.isclose(mean_abs[layer, index].item(), values.abs().mean().item(), rel_tol=1e-5)
 
 
 def test_ablation_zeroes_inside_and_leaves_the_model_exactly_as_it_was(tiny):
@@ -656,17 +716,67 @@ def test_ablation_zeroes_inside_and_leaves_the_model_exactly_as_it_was(tiny):
     assert all(not layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
 
 
-def test_ablate_cli_writes_the_comparison(tiny_dir, data_file, neurons_file, tmp_path):
+def test_scaling_by_one_changes_nothing_and_by_zero_ablates(tiny):
+    model, tokenizer = tiny
+    batches = [sample_batch(tokenizer, DEMO_ROWS[:4])]
+    neurons = [(0, 3), (1, 9), (1, 50)]
+    base = yfpo.gold_nll(model, batches)
+    with yfpo.ablate_neurons(model, neurons, scale=1.0):
+        assert yfpo.gold_nll(model, batches) == base
+    hooks = [model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(  # the ablation by hand: inputs set to 0
+        lambda m, a, layer=layer: (a[0].index_fill(-1, torch.tensor([i for l, i in neurons if l == layer]), 0.0),))
+        for layer in (0, 1)]
+    zeroed = yfpo.gold_nll(model, batches)
+    for h in hooks:
+        h.remove()
+    with yfpo.ablate_neurons(model, neurons):
+        assert yfpo.gold_nll(model, batches) == zeroed != base
+    with yfpo.ablate_neurons(model, neurons, scale=1.1):
+        assert yfpo.gold_nll(model, batches) not in (base, zeroed)
+
+
+def test_matched_control_draws_from_the_selected_neurons_bins_and_never_a_selected_one():
+    mean_abs = torch.stack([torch.arange(40.0), torch.arange(40.0).flip(0)])  # layer 1: neuron i has 39 - i
+    neurons = [(0, 39), (0, 38), (0, 0), (1, 0)]  # the top two and the bottom one of layer 0; the top one of layer 1
+    for seed in range(20):
+        control = yfpo.random_neurons(neurons, mean_abs, torch.Generator().manual_seed(seed), bins=4)
+        # layer 0's 37 others (1..37) in 4 bins by |a|: 1-10, 11-19, 20-28, 29-37; layer 1's others: 1-39
+        layer0 = sorted(i for l, i in control if l == 0)
+        assert len(layer0) == 3 and 1 <= layer0[0] <= 10 and all(29 <= i <= 37 for i in layer0[1:])
+        assert [i for l, i in control if l == 1][0] in range(1, 10)  # layer 1's top bin: |a| = 39 - i in 30..38
+        assert not set(control) & set(neurons)
+    unmatched = [yfpo.random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins=1) for s in range(20)]
+    drawn = {n for control in unmatched for n in control}
+    layer0 = [i for l, i in drawn if l == 0]
+    assert not drawn & set(neurons) and min(layer0) <= 10 and max(layer0) >= 29  # from any bin, low |a| to high
+
+
+def test_compare_with_random_gives_z_and_a_ratio_only_above_noise():
+    clear = yfpo.compare_with_random(1.0, 2.0, [1.1, 1.3])  # rise 0.2; std 0.1414, 3 standard errors = 0.3
+    assert clear["ratio"] is None and "within 3 standard errors" in clear["note"]
+    assert math.isclose(clear["z"], (2.0 - 1.2) / math.sqrt(0.02))
+    above = yfpo.compare_with_random(1.0, 2.0, [1.19, 1.2, 1.21])  # rise 0.2, std 0.01
+    assert math.isclose(above["ratio"], 1.0 / 0.2) and above["note"] is None and math.isclose(above["std"], 0.01)
+
+
+def test_ablate_cli_writes_the_comparison(tiny_dir, data_file, neurons_file, tmp_path, capsys):
     assert run("ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file, "--num-samples", "4",
-               "--random-seeds", "2", "--eval-accuracy", "--max-new-tokens", "4", "--out", str(tmp_path)) == 0
+               "--random-seeds", "3", "--eval-accuracy", "--max-new-tokens", "4", "--out", str(tmp_path)) == 0
     result = json.loads((tmp_path / "ablation.json").read_text())
-    assert len(result["nll_random"]) == 2 and result["nll_ablated"] != result["nll_base"]
+    assert result["scale"] == 0 and result["random_seeds"] == 3 and result["nll_ablated"] != result["nll_base"]
+    assert math.isclose(result["rise"], result["nll_ablated"] - result["nll_base"])
+    for name in ("random_matched", "random_unmatched"):
+        r = result[name]
+        assert len(r["nll"]) == 3 and math.isclose(r["z"], (result["nll_ablated"] - r["mean"]) / r["std"])
+        assert r["ratio"] is None or math.isclose(r["ratio"], result["rise"] / r["rise"])
+    assert result["random_matched"]["nll"] != result["random_unmatched"]["nll"]
     assert 0 <= result["accuracy_base"] <= 1 and 0 <= result["accuracy_ablated"] <= 1
-    rise = result["nll_random_mean"] - result["nll_base"]
-    assert math.isclose(result["ratio"], (result["nll_ablated"] - result["nll_base"]) / rise)
+    assert set(result["accuracy_paired"]) == {"shared", "difference", "only_this_correct", "only_other_correct", "mcnemar_p"}
+    out = capsys.readouterr().out
+    assert "random matched" in out and "random unmatched" in out and "McNemar p" in out
 
 
-@pytest.mark.parametrize("case", ["shape mismatch", "k too large", "unsupported", "num-samples 0"])
+@pytest.mark.parametrize("case", ["shape mismatch", "k too large", "unsupported", "one seed", "num-samples 0"])
 def test_identify_and_ablate_bad_input(case, tiny_dir, data_file, neurons_file, tmp_path, capsys):
     out = str(tmp_path / "out")
     if case == "shape mismatch":
@@ -686,6 +796,9 @@ def test_identify_and_ablate_bad_input(case, tiny_dir, data_file, neurons_file, 
             (tmp_path / "gpt2" / name).write_bytes((Path(tiny_dir) / name).read_bytes())
         assert_user_error(capsys, out, "identify", "--model", str(tmp_path / "gpt2"), "--data", data_file, "--out", out,
                           says="supported: llama, qwen2, qwen3")
+    elif case == "one seed":
+        assert_user_error(capsys, out, "ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file,
+                          "--random-seeds", "1", "--out", out, says="--random-seeds 1: the controls' std needs at least 2")
     else:
         with pytest.raises(SystemExit) as e:
             run("identify", "--model", tiny_dir, "--num-samples", "0", "--out", out)
@@ -740,14 +853,13 @@ def test_dpo_loss_on_hand_computed_numbers():
 
 def test_yfpo_loss_variants():
     pc, pr, rc, rr = torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5])
-    sc, sr = torch.tensor([0.3]), torch.tensor([0.1])
     h, m = 1.0, 0.2
-    loss = yfpo.yfpo_loss(pc, pr, rc, rr, sc, sr, beta=0.1, lam=0.5, gamma=2.0, yoke="loss")[0]
+    loss = yfpo.yfpo_loss(pc, pr, rc, rr, torch.tensor([m]), beta=0.1, lam=0.5, gamma=2.0, yoke="loss")[0]
     assert torch.allclose(loss, torch.tensor([-math.log(1 / (1 + math.exp(-0.1 * h))) - 0.5 * math.log(1 / (1 + math.exp(-2 * m)))]))
-    reward = yfpo.yfpo_loss(pc, pr, rc, rr, sc, sr, beta=0.1, lam=0.5, gamma=2.0, yoke="reward")[0]
+    reward = yfpo.yfpo_loss(pc, pr, rc, rr, torch.tensor([m]), beta=0.1, lam=0.5, gamma=2.0, yoke="reward")[0]
     assert torch.allclose(reward, torch.tensor([-math.log(1 / (1 + math.exp(-(0.1 * h + 0.5 * 2 * m))))]))
     dpo = yfpo.dpo_loss(pc, pr, rc, rr, 0.1)[0]
-    assert torch.equal(yfpo.yfpo_loss(pc, pr, rc, rr, None, None, beta=0.1, lam=0.0)[0], dpo)
+    assert torch.equal(yfpo.yfpo_loss(pc, pr, rc, rr, None, beta=0.1, lam=0.0)[0], dpo)
 
 
 def test_completion_logps_matches_a_direct_log_softmax():
@@ -758,12 +870,14 @@ def test_completion_logps_matches_a_direct_log_softmax():
     assert torch.allclose(yfpo.completion_logps(logits, labels, mask), direct, atol=1e-6)
 
 
-def test_neuron_scores_normalize_sign_align_and_average():
+def test_neuron_scores_normalize_align_with_the_saved_direction_and_average():
     acts = torch.tensor([[[3.0, -4.0], [5.0, -2.0], [100.0, 100.0]]])  # [B=1, T=3, K=2]
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     mean, std = torch.tensor([1.0, -2.0]), torch.tensor([2.0, 1.0])
-    # z = [[1, 2], [2, 0]] -> per-token means [1.5, 1.0] -> 1.25 (the masked token is ignored)
-    assert torch.allclose(yfpo.neuron_scores(acts, mask, mean, std), torch.tensor([1.25]))
+    # direction (1, -1): z = [[1, 2], [2, 0]] -> per-token means [1.5, 1.0] -> 1.25 (the masked token is ignored)
+    assert torch.allclose(yfpo.neuron_scores(acts, mask, mean, std, torch.tensor([1.0, -1.0])), torch.tensor([1.25]))
+    # the direction, not the sign of the mean: neuron 2 raising the logits as it grows gives z = [-2, 0] there
+    assert torch.allclose(yfpo.neuron_scores(acts, mask, mean, std, torch.tensor([1.0, 1.0])), torch.tensor([0.25]))
 
 
 def test_completion_logps_reads_several_label_sets_off_one_logits_tensor():
@@ -785,18 +899,24 @@ def test_collate_pairs_packs_prompt_once_with_a_block_mask():
     assert batch["labels"][0, 1].tolist() == [3, 5]  # the last prompt token predicts both first tokens
     assert batch["loss_mask"][1].T.tolist() == [[1, 0, 0, 0, 0], [1, 0, 1, 0, 0]]
     assert batch["labels"][1, 2, 1] == 9
+    # neuron scores read each completion's own tokens: not the shared last prompt position
+    assert batch["neuron_mask"][0].T.tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    assert batch["neuron_mask"][1].T.tolist() == [[0, 1, 0, 0, 0], [0, 0, 1, 1, 0]]
 
 
-def test_packed_pairs_give_the_log_probs_and_neuron_scores_of_separate_sequences(tiny, pairs_file):
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_pairs_give_the_log_probs_and_neuron_scores_of_separate_sequences(attention, tiny, pairs_file):
     model, tokenizer = tiny
+    model.config._attn_implementation = attention
     pairs = yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file)[:3], 256)
-    neurons, mean, std = [(0, 3), (1, 5), (1, 100)], torch.tensor([0.1, -0.2, 0.3]), torch.tensor([1.0, 2.0, 0.5])
-    with yfpo.NeuronCapture(model, neurons, mean, std) as capture:
+    neurons, stats = [(0, 3), (1, 5), (1, 100)], [torch.tensor(v) for v in ([0.1, -0.2, 0.3], [1.0, 2.0, 0.5], [1.0, -1.0, 1.0])]
+    with yfpo.NeuronCapture(model, neurons, *stats) as capture:
         logps, scores = yfpo.pair_forward(model, yfpo.collate_pairs(pairs, tokenizer.pad_token_id), capture)
         for j in (0, 1):  # chosen, then rejected, as ordinary right-padded sequences
             separate = yfpo.collate([(pair[0], pair[j + 1]) for pair in pairs], tokenizer.pad_token_id)
             expected = yfpo.forward_logps(model, separate)
-            expected_scores = capture.scores(separate["loss_mask"])
+            own_tokens = torch.nn.functional.pad(separate["loss_mask"], (1, 0))[:, :-1]  # the completion's tokens
+            expected_scores = capture.scores(own_tokens)
             assert torch.allclose(logps[:, j], expected, rtol=1e-5)
             assert torch.allclose(scores[:, j], expected_scores, rtol=1e-4, atol=1e-6)
 
@@ -827,9 +947,70 @@ def test_train_cli_logs_trl_metrics_and_saves_a_loadable_model(tiny_dir, pairs_f
     assert set(yfpo.PAIR_METRICS) | {"grad_norm", "learning_rate", "step_time_s", "tokens_per_s", "mfu"} <= set(rows[0])
     assert [r["learning_rate"] for r in rows] == [5e-4, 1e-3, 1e-3] and all(r["mfu"] > 0 for r in rows)
     assert abs(rows[0]["rewards/margins"]) < 1e-4  # step 1: the policy is the reference
+    assert [("grad_norm/dpo" in r, "grad_norm/neuron" in r) for r in rows] == [(True, True), (False, False), (True, True)]
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert model.config.num_hidden_layers == 2 and (tmp_path / "model" / "trainer_state.pt").is_file()
+
+
+def test_logged_term_gradient_norms_equal_norms_computed_by_hand(tiny_dir, pairs_file, neurons_file, tmp_path):
+    (row,) = train(tiny_dir, pairs_file, tmp_path, "--neurons", neurons_file, "--lam", "0.5", "--gamma", "2",
+                   "--batch-size", "8", "--max-steps", "1")  # one step over all 8 pairs
+    model, tokenizer = yfpo.load_model(tiny_dir, torch.device("cpu"), torch.float32)
+    neurons = yfpo.load_neurons(neurons_file, model)
+    batch = yfpo.collate_pairs(yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file), 256), tokenizer.pad_token_id)
+    with yfpo.NeuronCapture(model, neurons, *(torch.tensor([n[k] for n in neurons]) for k in (3, 4, 5))) as capture:
+        logps, scores = yfpo.pair_forward(model, batch, capture)  # at step 1 the policy is the reference
+    ref = logps.detach()
+    dpo = yfpo.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=0.1)[0].mean()
+    neuron = 0.5 * -torch.nn.functional.logsigmoid(2 * (scores[:, 0] - scores[:, 1])).mean()
+
+    def norm(loss):
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+        return torch.cat([g.flatten() for g in grads if g is not None]).norm().item()
+    assert math.isclose(row["grad_norm/dpo"], norm(dpo), rel_tol=1e-4)
+    assert math.isclose(row["grad_norm/neuron"], norm(neuron), rel_tol=1e-4)
+    assert math.isclose(row["grad_norm"], norm(dpo + neuron), rel_tol=1e-4)
+
+
+def test_gamma_auto_is_one_over_the_std_of_the_reference_margins(tiny_dir, pairs_file, neurons_file, tmp_path):
+    rows = train(tiny_dir, pairs_file, tmp_path, "--neurons", neurons_file, "--max-steps", "2")
+    reference = torch.load(tmp_path / "reference.pt")["neuron"]
+    expected = 1 / (reference[:, 0] - reference[:, 1]).std().item()
+    assert all(math.isclose(r["gamma"], expected, rel_tol=1e-6) for r in rows)
+    assert train(tiny_dir, pairs_file, tmp_path / "fixed", "--neurons", neurons_file, "--max-steps", "1",
+                 "--gamma", "2.5")[0]["gamma"] == 2.5
+
+
+def test_relative_margin_is_the_policy_margin_minus_the_reference_one(tiny_dir, pairs_file, neurons_file, tmp_path):
+    args = ("--neurons", neurons_file, "--lam", "1", "--gamma", "3", "--max-steps", "1")
+    (policy,) = train(tiny_dir, pairs_file, tmp_path / "policy", *args)
+    (relative,) = train(tiny_dir, pairs_file, tmp_path / "relative", *args, "--neuron-margin", "relative")
+    # step 1: the policy is the reference, so m - m_ref = 0 and the neuron loss is -log sigmoid(0) = log 2
+    assert math.isclose(relative["loss/neuron"], math.log(2), rel_tol=1e-6)
+    assert abs(policy["loss/neuron"] - math.log(2)) > 1e-3 and policy["neuron/margin"] == relative["neuron/margin"]
+
+
+def test_dropout_is_off_in_training(tiny_dir, pairs_file, tmp_path):
+    import shutil
+    shutil.copytree(tiny_dir, tmp_path / "dropout")
+    config = json.loads((tmp_path / "dropout" / "config.json").read_text())
+    (tmp_path / "dropout" / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    (row,) = train(str(tmp_path / "dropout"), pairs_file, tmp_path / "out", "--lam", "0", "--max-steps", "1")
+    # the training forward gives the reference pass's (eval mode) log-probs: no dropout in either
+    assert abs(row["rewards/chosen"]) < 1e-6 and abs(row["rewards/rejected"]) < 1e-6
+
+
+def test_train_refuses_attention_that_cannot_take_the_packed_mask(tiny_dir, pairs_file, tmp_path, capsys, monkeypatch):
+    load = yfpo.load_model
+
+    def load_with_flex_attention(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        model.config._attn_implementation = "flex_attention"
+        return model, tokenizer
+    monkeypatch.setattr(yfpo, "load_model", load_with_flex_attention)
+    assert_user_error(capsys, str(tmp_path / "out"), "train", "--model", tiny_dir, "--pairs", pairs_file,
+                      "--lam", "0", "--out", str(tmp_path / "out"), says="flex_attention attention cannot take")
 
 
 def test_gradient_accumulation_is_invariant(tiny_dir, pairs_file, neurons_file, tmp_path, monkeypatch):
@@ -896,9 +1077,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_dir, pairs_file, neurons_file, 
            [{k: v for k, v in r.items() if k not in timing} for r in full]
 
 
-def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir, pairs_file, tmp_path):
-    common = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--lam", "0", "--lr", "1e-3", "--batch-size", "1",
-              "--max-steps", "2", "--max-length", "256", "--device", "cpu"]
+def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir, pairs_file, neurons_file, tmp_path):
+    common = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--neurons", neurons_file, "--lr", "1e-3",
+              "--batch-size", "1", "--max-steps", "2", "--max-length", "256", "--device", "cpu"]
     assert run(*common, "--grad-accum", "4", "--out", str(tmp_path / "one")) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -906,12 +1087,13 @@ def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir,
                    check=True, env=env, capture_output=True, timeout=300)
     assert len(metrics(tmp_path / "one")) == len(metrics(tmp_path / "two")) == 2
     for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
-        assert math.isclose(one["loss"], two["loss"], rel_tol=1e-5) and math.isclose(one["grad_norm"], two["grad_norm"], rel_tol=1e-4)
+        for key in ("loss", "loss/neuron", "grad_norm", "grad_norm/dpo", "grad_norm/neuron"):
+            assert math.isclose(one[key], two[key], rel_tol=1e-4), key
 
 
 @pytest.mark.parametrize("case", ["missing field", "empty file", "all truncated", "lam without neurons",
                                   "negative lam without neurons", "neurons shape", "resume without checkpoint",
-                                  "no such device"])
+                                  "no such device", "empty prompt", "gamma auto with one pair"])
 def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--out", out, "--lam", "0", "--device", "cpu"]
@@ -931,6 +1113,14 @@ def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, cap
         argv, says = argv + ["--lam", "0.3"], "--lam 0.3 needs --neurons"
     elif case == "negative lam without neurons":
         argv, says = argv + ["--lam", "-0.3"], "--lam -0.3 needs --neurons"
+    elif case == "empty prompt":
+        lines = Path(pairs_file).read_text().splitlines()
+        bad.write_text("\n".join(lines[:1] + [json.dumps({**json.loads(lines[1]), "prompt": []})]) + "\n")
+        argv[4], says = str(bad), "bad.jsonl:2: empty prompt"
+    elif case == "gamma auto with one pair":
+        bad.write_text(Path(pairs_file).read_text().splitlines()[0] + "\n")
+        argv, says = argv + ["--pairs", str(bad), "--neurons", neurons_file, "--batch-size", "1", "--grad-accum", "1"], \
+            "--gamma auto is 1 / std of the reference neuron margins over the pairs: it needs 2 or more"
     elif case == "no such device":
         argv, says = argv + ["--device", "gpu"], "--device gpu is not a device"
     elif case == "neurons shape":

@@ -204,8 +204,8 @@ def load_gsm8k(data, split, require_gold=True):
     for i, row in enumerate(rows, 1):
         if missing := [k for k in ("question", "answer") if not isinstance(row, dict) or k not in row]:
             raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need 'question' and 'answer'")
-        if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
-            raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text")
+        if not isinstance(row["question"], str) or not isinstance(row["answer"], str) or not row["question"].strip():
+            raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text, and the question not empty")
         if require_gold and "####" not in row["answer"]:
             raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; end it with '#### <number>'")
         row["gold"] = parse_gold(row["answer"]) if "####" in row["answer"] else None
@@ -225,25 +225,23 @@ def gold_solution(answer):
     return f"{reasoning}\nThe answer is {parse_gold(answer)}."
 
 
-def prompt_messages(question, system=None):
+def prompt_messages(question, system=None, instruction=True):
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+    return messages + [{"role": "user", "content": f"{question}\n{INSTRUCTION}" if instruction else question}]
 
 
-def prompt_format(tokenizer):
-    return "chat_template" if tokenizer.chat_template else "plain"
-
-
-def format_prompt(tokenizer, question, system=None):
+def format_prompt(tokenizer, question, system=None, instruction=True):
     """The prompt text: the chat template with the generation prompt, or 'Question: ...\\nAnswer:'."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(prompt_messages(question, system), tokenize=False, add_generation_prompt=True)
-    return f"{system + chr(10) if system else ''}Question: {question}\n{INSTRUCTION}\nAnswer:"
+        return tokenizer.apply_chat_template(prompt_messages(question, system, instruction), tokenize=False,
+                                             add_generation_prompt=True)
+    return f"{system + chr(10) if system else ''}Question: {question}\n{INSTRUCTION + chr(10) if instruction else ''}Answer:"
 
 
-def make_prompt(tokenizer, question, system=None):
+def make_prompt(tokenizer, question, system=None, instruction=True):
     """A prompt in TRL's preference format: messages when the tokenizer has a chat template, else text."""
-    return prompt_messages(question, system) if tokenizer.chat_template else format_prompt(tokenizer, question, system)
+    return prompt_messages(question, system, instruction) if tokenizer.chat_template else \
+        format_prompt(tokenizer, question, system, instruction)
 
 
 def make_completion(tokenizer, text):
@@ -290,9 +288,11 @@ def to_device(batch, device):
 
 
 def solution_examples(tokenizer, rows, max_length, system=None):
-    """Tokenized (prompt, gold solution) examples as training sees them; control answers (no '####') are whole."""
-    return [tokenize_example(tokenizer, make_prompt(tokenizer, r["question"], system), make_completion(
-        tokenizer, gold_solution(r["answer"]) if "####" in r["answer"] else r["answer"]), max_length) for r in rows]
+    """Tokenized (prompt, gold solution) examples as training sees them. Control rows (gold None: non-math text)
+    keep their own form: the question alone as the prompt (no math instruction), the answer whole."""
+    return [tokenize_example(tokenizer, make_prompt(tokenizer, r["question"], system, r["gold"] is not None),
+                             make_completion(tokenizer, r["answer"] if r["gold"] is None else gold_solution(r["answer"])),
+                             max_length) for r in rows]
 
 
 # --- Neurons: AttnLRP relevance, selection, the saved set, ablation ------------------------------
@@ -324,25 +324,24 @@ def attnlrp(model):
                     setattr(target, name, value)
 
 
-def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask, per_token=False):
-    """Relevance of every MLP neuron for the gold next-token logits (activation x gradient).
+def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
+    """Relevance of every MLP neuron for the gold next-token logits (activation x gradient), per sample.
     input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). The explained quantity is
         F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
     and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}, where a_l is the input of layer l's down_proj.
     Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside
-    it is plain gradient x input. R is accumulated in float32 (the forward runs in the model's dtype).
-    Freeze the weights first (score_neurons does), or their .grad fills up too.
-    Returns [B, L, I] (summed over the loss_mask positions), or [B, T, L, I] unsummed if per_token."""
+    it is plain gradient x input. Both are accumulated in float32 (the forward runs in the model's dtype).
+    Only the gradient with respect to the input is taken: the weights' .grad stay as they were.
+    Returns (R, G), each [B, L, I] summed over the loss_mask positions; G = sum_t dF/da_{l,t,i}."""
     layers = decoder_layers(model)
-    relevance = {}  # down_proj module -> its relevance
+    found = {}  # down_proj module -> its (relevance, gradient)
     keep = loss_mask[..., None].float()
 
     def pre_hook(module, args):
         a = args[0].detach()  # the hook must not hold args[0] itself: that cycle would never be freed
 
         def on_grad(grad):  # called during backward with dF/da, shape [B, T, I]
-            r = a.float() * grad.float()
-            relevance[module] = r if per_token else (r * keep).sum(1)
+            found[module] = ((a.float() * grad.float() * keep).sum(1), (grad.float() * keep).sum(1))
         args[0].register_hook(on_grad)
 
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(pre_hook) for layer in layers]
@@ -353,30 +352,27 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask, per_to
             # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary-wide matmul.
             head = model.get_output_embeddings()
             logits = (hidden * head.weight[labels]).sum(-1) + (0 if head.bias is None else head.bias[labels])
-            (logits * loss_mask).sum().backward()
+            torch.autograd.grad((logits * loss_mask).sum(), embeds)
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack([relevance[layer.mlp.down_proj] for layer in layers], dim=-2)  # [B, L, I] or [B, T, L, I]
+    return tuple(torch.stack([found[layer.mlp.down_proj][j] for layer in layers], dim=-2) for j in (0, 1))
 
 
 def score_neurons(model, batches, progress=None):
-    """Mean relevance per neuron over samples: Tensor[num_layers, intermediate_size], float32.
-    batches: iterable of dicts with input_ids, attention_mask, loss_mask (see collate). Run it inside
-    attnlrp(model) for AttnLRP relevance. The weights are frozen for the call and restored after."""
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            total = total + neuron_relevance(model, **batch).sum(0)
-            count += batch["input_ids"].shape[0]
-            if progress is not None:
-                progress.update(batch["input_ids"].shape[0])
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-    return total / count
+    """(scores, directions), each [num_layers, intermediate_size] float32, over the samples of batches
+    (dicts with input_ids, attention_mask, labels, loss_mask; see collate). A sample's relevance is taken per
+    solution token (its R over its token count), so long and short answers weigh alike; the score is the mean
+    over samples. The direction is +1 where the neuron's summed gradient is >= 0 (raising it raises the explained
+    logits), else -1. Run it inside attnlrp(model) for AttnLRP."""
+    score, gradient, count = 0.0, 0.0, 0
+    for batch in batches:
+        relevance, grad = neuron_relevance(model, **batch)
+        score = score + (relevance / batch["loss_mask"].sum(1).clamp_min(1)[:, None, None]).double().sum(0)
+        gradient, count = gradient + grad.double().sum(0), count + len(relevance)
+        if progress is not None:
+            progress.update(len(relevance))
+    return (score / count).float(), torch.where(gradient < 0, -1.0, 1.0)
 
 
 def select_neurons(scores, k, per_layer=False):
@@ -401,12 +397,12 @@ class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs).
     Inside `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
     [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
-    capture.scores(mask) the neuron scores [B] (needs the neurons' activation mean and std).
+    capture.scores(mask) the neuron scores [B] (needs the neurons' activation mean, std and direction).
     Keep it open through backward: gradient checkpointing runs the hooks again there."""
 
-    def __init__(self, model, neurons, mean=None, std=None):
+    def __init__(self, model, neurons, mean=None, std=None, direction=None):
         neurons = [(n[0], n[1]) for n in neurons]
-        self.layers, self.captured, self.hooks, self.mean, self.std = decoder_layers(model), {}, [], mean, std
+        self.layers, self.captured, self.hooks, self.stats = decoder_layers(model), {}, [], (mean, std, direction)
         self.index = {layer: torch.tensor([i for l, i in neurons if l == layer])
                       for layer in sorted({l for l, _ in neurons})}
         # Hooks fill the columns layer by layer; this permutation restores the order given.
@@ -429,17 +425,18 @@ class NeuronCapture:
         return acts[..., self.order.to(acts.device)]
 
     def scores(self, mask):
-        return neuron_scores(self.activations(), mask, self.mean, self.std)
+        return neuron_scores(self.activations(), mask, *self.stats)
 
 
 @contextlib.contextmanager
-def ablate_neurons(model, neurons):
-    """Zero the given neurons [(layer, index, ...)] inside the with-block (pre-hooks on down_proj)."""
+def ablate_neurons(model, neurons, scale=0.0):
+    """Multiply the given neurons [(layer, index, ...)] by scale inside the with-block (pre-hooks on down_proj):
+    scale 0 ablates them, 1.1 amplifies them by 10%; the model is untouched outside the block."""
     layers = decoder_layers(model)
     width = layers[0].mlp.down_proj.in_features
     masks = {}
     for n in neurons:
-        masks.setdefault(n[0], torch.ones(width))[n[1]] = 0.0
+        masks.setdefault(n[0], torch.ones(width))[n[1]] = scale
     hooks = [layers[layer].mlp.down_proj.register_forward_pre_hook(
         lambda module, args, mask=mask: (args[0] * mask.to(args[0]),) + args[1:]) for layer, mask in masks.items()]
     try:
@@ -454,15 +451,18 @@ def model_shape(model):
 
 
 def load_neurons(path, model):
-    """The neuron set of a neurons.json, checked against the model's shape."""
+    """The neuron set of a neurons.json, checked against the model's shape:
+    [(layer, index, score, act_mean, act_std, direction)]."""
     if not Path(path).is_file():
         raise UserError(f"neurons file missing: {path}; run `python yfpo.py identify` first")
     try:
         saved = json.loads(Path(path).read_text())
         shape = (saved["num_layers"], saved["intermediate_size"])
-        neurons = [(n["layer"], n["index"], n["score"], n["act_mean"], n["act_std"]) for n in saved["neurons"]]
+        neurons = [tuple(n[k] for k in ("layer", "index", "score", "act_mean", "act_std", "direction"))
+                   for n in saved["neurons"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a neurons file from `yfpo.py identify` ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path} is not a neurons file from this version's `yfpo.py identify` ({type(e).__name__}: "
+                        f"{e}); run identify again") from None
     if shape != model_shape(model):
         raise UserError(f"{path} was made for {shape[0]} layers x {shape[1]} neurons but the model has "
                         f"{model_shape(model)[0]} x {model_shape(model)[1]}; run identify with this model")
@@ -472,17 +472,59 @@ def load_neurons(path, model):
 
 
 @torch.no_grad()
-def activation_stats(model, batches, neurons):
-    """Mean and std [K] of the given neurons' activations over the loss_mask positions."""
-    total, total_sq, count = 0.0, 0.0, 0.0
-    with NeuronCapture(model, neurons) as capture:
+def activation_moments(model, batches):
+    """Mean, std and mean |a| of every neuron's activation over the solution tokens of batches (see collate:
+    the completion's own positions, where the training score reads them): three [L, I] float32 tensors."""
+    layers, sums, count, keep = decoder_layers(model), {}, 0.0, {}
+
+    def pre_hook(module, args):  # sums of a, a^2 and |a| over this batch's solution positions
+        a = args[0].double()
+        sums[module] = sums.get(module, 0) + torch.stack([(x * keep[0]).sum((0, 1)) for x in (a, a * a, a.abs())])
+
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(pre_hook) for layer in layers]
+    try:
         for batch in batches:  # the decoder alone: no logits needed
+            keep[0] = F.pad(batch["loss_mask"], (1, 0))[:, :-1, None].double()  # position t + 1 holds label t
             model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            acts, keep = capture.activations().double(), batch["loss_mask"][..., None].double()
-            total, total_sq = total + (acts * keep).sum((0, 1)), total_sq + (acts ** 2 * keep).sum((0, 1))
-            count += keep.sum()
-    mean = total / count
-    return mean.float(), (total_sq / count - mean ** 2).clamp_min(0).sqrt().float()
+            count += keep[0].sum().item()
+    finally:
+        for h in hooks:
+            h.remove()
+    mean, mean_sq, mean_abs = torch.stack([sums[layer.mlp.down_proj] for layer in layers], dim=1) / count
+    return mean.float(), (mean_sq - mean ** 2).clamp_min(0).sqrt().float(), mean_abs.float()
+
+
+def random_neurons(neurons, mean_abs, generator, bins=10):
+    """A random control for a neuron set: as many neurons in each layer as the set has there, none of the set.
+    With bins > 1 they also match on activation scale: a layer's other neurons are cut into `bins` equal-count
+    bins by mean |a| (mean_abs: [L, I]; fewer bins where the layer has under bins x its selected count), and each
+    selected neuron is matched by a draw, without replacement, from the bin its own mean |a| falls in.
+    bins=1 is the layer-matched control. Returns [(layer, index)]."""
+    chosen, control = {(n[0], n[1]) for n in neurons}, []
+    for layer in sorted({n[0] for n in neurons}):
+        picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
+        pool = torch.tensor([i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen], dtype=torch.long)
+        if len(pool) < len(picked):
+            raise UserError(f"layer {layer} has {len(picked)} selected neurons and only {len(pool)} others, too few "
+                            "for a random control of the same size; select fewer neurons (identify --top-k)")
+        chunks = pool[mean_abs[layer, pool].argsort()].tensor_split(max(1, min(bins, len(pool) // len(picked))))
+        edges = mean_abs[layer, [int(c[-1]) for c in chunks[:-1]]]  # the top of every bin but the last
+        for b, need in zip(*torch.bucketize(mean_abs[layer, picked], edges).unique(return_counts=True)):
+            draw = chunks[b][torch.randperm(len(chunks[b]), generator=generator)[:need]]
+            control += [(layer, int(i)) for i in draw]
+    return control
+
+
+def compare_with_random(nll_base, nll_selected, nll_random):
+    """The selected set's NLL against random controls' (one NLL per seed): their mean, std (n - 1),
+    rise = mean - nll_base, z = (nll_selected - mean) / std, and ratio = (nll_selected - nll_base) / rise,
+    given only when the random rise is over 3 standard errors (3 std / sqrt(n)) from zero; else None and a note."""
+    mean, std = sum(nll_random) / len(nll_random), torch.tensor(nll_random, dtype=torch.float64).std().item()
+    rise, noise = mean - nll_base, 3 * std / math.sqrt(len(nll_random))
+    return {"nll": nll_random, "mean": mean, "std": std, "rise": rise, "z": (nll_selected - mean) / std if std else None,
+            "ratio": (nll_selected - nll_base) / rise if abs(rise) > noise else None,
+            "note": None if abs(rise) > noise else f"random rise {rise:+.3g} is within 3 standard errors ({noise:.3g}) "
+                                                   "of zero: no ratio"}
 
 
 def solution_batches(tokenizer, rows, args, device, batch_size):
@@ -500,64 +542,82 @@ def cmd_identify(args):
         math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
         start = time.perf_counter()
         with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
-            scores = score_neurons(model, math_batches, bar)
+            scores, directions = score_neurons(model, math_batches, bar)
             if control:  # keep what is specific to math, not what any text uses
-                control_batches = solution_batches(tokenizer, control, args, device, args.batch_size)
-                scores = scores - score_neurons(model, control_batches, bar)
+                control_batches = solution_batches(tokenizer, [{**r, "gold": None} for r in control], args, device,
+                                                   args.batch_size)
+                scores = scores - score_neurons(model, control_batches, bar)[0]
         seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
-    mean, std = activation_stats(model, math_batches, neurons)
+    mean, std, _ = activation_moments(model, math_batches)
     num_layers, width = model_shape(model)
     counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
+    disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
     write_json(out / "neurons.json", {
         "model": args.model, "num_layers": num_layers, "intermediate_size": width,
         "selection": {"rule": "per_layer_top_k" if args.per_layer else "global_top_k", "top_k": args.top_k,
-                      "score": "mean AttnLRP relevance at down_proj input" + (" minus control" if control else ""),
-                      "data": args.data, "num_samples": len(rows), "control": args.control,
+                      "num_selected": len(neurons), "score": "AttnLRP relevance at the down_proj input" +
+                      (" minus its mean over the control samples" if control else ""),
+                      "normalization": "per solution token: each sample's relevance summed over its solution tokens "
+                      "and divided by their count, then the mean over samples",
+                      "direction": "sign of the gradient of the explained logits summed over the math samples' "
+                      "solution tokens", "data": args.data, "num_samples": len(rows), "control": args.control,
                       "num_control_samples": len(control), "max_length": args.max_length, "seed": args.seed},
-        "counts_per_layer": counts, "scoring_seconds": round(seconds, 2),
-        "neurons": [{"layer": l, "index": i, "score": s, "act_mean": float(m), "act_std": float(d)}
-                    for (l, i, s), m, d in zip(neurons, mean, std)]})
+        "counts_per_layer": counts, "direction_disagrees_with_mean_sign": disagree, "scoring_seconds": round(seconds, 2),
+        "neurons": [{"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
+                     "act_mean": float(mean[l, i]), "act_std": float(std[l, i])} for l, i, s in neurons]})
     samples = len(rows) + len(control)
     print(f"scored {samples} samples in {seconds:.1f}s ({samples / seconds:.2f} samples/s)")
     print("selected neurons per layer:")
     for layer, count in enumerate(counts):
         print(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}")
+    print(f"{len(neurons)} neurons; the saved direction differs from the sign of the mean activation for {disagree}")
     print(f"wrote {out / 'neurons.json'}")
 
 
 def cmd_ablate(args):
-    """ablate: does zeroing the selected neurons hurt gold-solution likelihood more than random ones?"""
+    """ablate: does scaling the selected neurons (0: zeroing them) hurt gold-solution likelihood more than scaling
+    random neurons of the same layers, matched on activation scale or not?"""
+    if args.random_seeds < 2:
+        raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 seeds (default 10)")
     out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
     batches = solution_batches(tokenizer, rows, args, device, args.nll_batch_size)
-    num_layers, width = model_shape(model)
-    chosen = {(n[0], n[1]) for n in neurons}
+    mean_abs = activation_moments(model, batches)[2]
+    from tqdm import tqdm
     result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
-              "num_neurons": len(neurons), "nll_base": gold_nll(model, batches)}
-    with ablate_neurons(model, neurons):
-        result["nll_ablated"] = gold_nll(model, batches)
-    random_nlls = []
-    for seed in range(args.random_seeds):  # as many random neurons per layer as selected, none of the selected
-        g = torch.Generator().manual_seed(args.seed + seed)
-        control = []
-        for layer in range(num_layers):
-            candidates = [i for i in torch.randperm(width, generator=g).tolist() if (layer, i) not in chosen]
-            control += [(layer, i) for i in candidates[:sum(n[0] == layer for n in neurons)]]
-        with ablate_neurons(model, control):
-            random_nlls.append(gold_nll(model, batches))
-    result.update(nll_random=random_nlls, nll_random_mean=sum(random_nlls) / len(random_nlls),
-                  nll_random_std=torch.tensor(random_nlls).std(unbiased=False).item())
-    rise_random = result["nll_random_mean"] - result["nll_base"]
-    result["ratio"] = (result["nll_ablated"] - result["nll_base"]) / rise_random if rise_random else None
+              "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds}
+    with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
+        def nll(selection):
+            with ablate_neurons(model, selection, args.scale):
+                value = gold_nll(model, batches)
+            bar.update(1)
+            return value
+        result.update(nll_base=nll([]), nll_ablated=nll(neurons))
+        for name, bins in (("matched", 10), ("unmatched", 1)):  # per layer and activation-scale bin; per layer only
+            nlls = [nll(random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed + seed), bins))
+                    for seed in range(args.random_seeds)]
+            result["random_" + name] = compare_with_random(result["nll_base"], result["nll_ablated"], nlls)
+    result["rise"] = result["nll_ablated"] - result["nll_base"]
     if args.eval_accuracy:
-        result["accuracy_base"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
-        with ablate_neurons(model, neurons):
-            result["accuracy_ablated"] = evaluate(model, tokenizer, rows, args)[0]["accuracy"]
+        base = evaluate(model, tokenizer, rows, args)
+        with ablate_neurons(model, neurons, args.scale):
+            ablated = evaluate(model, tokenizer, rows, args)
+        result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"], accuracy_paired=
+                      paired_difference([(a["correct"], b["correct"]) for a, b in zip(ablated[1], base[1])]))
     write_json(out / "ablation.json", result)
-    for key in "nll_base nll_ablated nll_random_mean nll_random_std ratio accuracy_base accuracy_ablated".split():
-        if result.get(key) is not None:
-            print(f"{key:18s} {result[key]:.4f}")
+    print(f"NLL per solution token: base {result['nll_base']:.4f}, selected x {args.scale:g} {result['nll_ablated']:.4f} "
+          f"(rise {result['rise']:+.4f})")
+    for name in ("matched", "unmatched"):
+        r = result["random_" + name]
+        print(f"random {name:9s} {r['mean']:.4f} +- {r['std']:.4f} (rise {r['rise']:+.4f}), z = "
+              + (f"{r['z']:.2f}" if r["z"] is not None else "n/a") + ", "
+              + (f"ratio {r['ratio']:.2f}" if r["ratio"] is not None else r["note"]))
+    if args.eval_accuracy:
+        p = result["accuracy_paired"]
+        print(f"accuracy: base {result['accuracy_base']:.4f}, selected x {args.scale:g} {result['accuracy_ablated']:.4f} "
+              f"({p['only_this_correct']} right only with, {p['only_other_correct']} only without; "
+              f"McNemar p = {p['mcnemar_p']:.4g})")
     print(f"wrote {out / 'ablation.json'}")
 
 
@@ -585,33 +645,34 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
-def neuron_scores(activations, mask, mean, std):
+def neuron_scores(activations, mask, mean, std, direction):
     """Neuron score s(x, y) of each sequence: how strongly its completion fires the math neurons.
-    activations: [B, T, K] of the K selected neurons; mask: [B, T] completion positions;
-    mean, std: [K], each neuron's activation statistics from neurons.json.
-        z_k = sign(mean_k) * (a_k - mean_k) / std_k       (so "more than usual" is positive)
+    activations: [B, T, K] of the K selected neurons; mask: [B, T], 1 at the completion's own tokens;
+    mean, std, direction: [K] from neurons.json (direction d_k = +1 or -1: the way neuron k raises the logits).
+        z_k = d_k * (a_k - mean_k) / std_k       (so "more than usual, in the helpful direction" is positive)
         s   = mean over masked t and over k of z
     Returns [B] float32."""
-    z = (activations.float() - mean) / std.clamp_min(1e-6) * torch.where(mean < 0, -1.0, 1.0)
+    z = (activations.float() - mean) / std.clamp_min(1e-6) * direction
     return (z.mean(-1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
-def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_chosen=None, neuron_rejected=None,
-              beta=0.1, lam=0.3, gamma=1.0, yoke="loss"):
-    """The YFPO loss. Log-probs and neuron scores are [B]; m = s(x, y_w) - s(x, y_l).
+def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_margin=None, beta=0.1, lam=0.3,
+              gamma=1.0, yoke="loss"):
+    """The YFPO loss. Log-probs and the neuron margin are [B]: m = s(x, y_w) - s(x, y_l) (--neuron-margin policy),
+    or m - m_ref, anchored to the reference model's margin as h anchors the log-ratios (--neuron-margin relative).
         yoke="loss":    L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
         yoke="reward":  L = -log sigmoid(beta * h + lam * gamma * m)
-    lam = 0 returns the DPO loss itself (the neuron scores may then be None).
+    lam = 0 returns the DPO loss itself (the margin may then be None).
     Returns (losses [B], dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B])."""
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-    neuron_losses = None if neuron_chosen is None else -F.logsigmoid(gamma * (neuron_chosen - neuron_rejected))
+    neuron_losses = None if neuron_margin is None else -F.logsigmoid(gamma * neuron_margin)
     if lam == 0:
         losses = dpo_losses
     elif yoke == "loss":
         losses = dpo_losses + lam * neuron_losses
     else:
         h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-        losses = -F.logsigmoid(beta * h + lam * gamma * (neuron_chosen - neuron_rejected))
+        losses = -F.logsigmoid(beta * h + lam * gamma * neuron_margin)
     return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
 
 
@@ -693,6 +754,8 @@ def load_pairs(path):
         for field in ("prompt", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
                 raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs prompt, chosen and rejected")
+        if not row["prompt"]:  # the completions' first tokens are predicted from the prompt's last position
+            raise UserError(f"{path}:{lineno}: empty prompt; every pair needs the prompt its completions answer")
         if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
             raise UserError(f"{path}:{lineno}: mixes text and message lists; use strings for all three fields, "
                             "or message lists for all three")
@@ -720,7 +783,8 @@ def collate_pairs(pairs, pad_id):
     (TRL: once per completion): rejected tokens attend to the prompt and earlier rejected tokens, not chosen ones, and
     their positions continue the prompt's, so each completion sees its own context. Returns input_ids, position_ids
     [B, T]; attention_mask [B, T, T] (True: query t may see key s); labels, loss_mask [B, T, 2] for (chosen, rejected):
-    t predicts labels[b, t, j] where loss_mask[b, t, j] = 1; the last prompt position predicts both first tokens."""
+    t predicts labels[b, t, j] where loss_mask[b, t, j] = 1; the last prompt position predicts both first tokens;
+    neuron_mask [B, T, 2]: the completions' own tokens, where their neuron scores are read (not the shared prompt)."""
     width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros(len(pairs), width, dtype=torch.long)
@@ -740,13 +804,13 @@ def collate_pairs(pairs, pad_id):
     # Every position sees itself, so padding rows are never all-masked (that would make NaNs).
     attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | torch.eye(width, dtype=torch.bool)
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention, "labels": labels,
-            "loss_mask": loss_mask}
+            "loss_mask": loss_mask, "neuron_mask": torch.stack([segment == 1, segment == 2], dim=-1).float()}
 
 
 def pair_forward(model, batch, capture=None):
     """One forward of packed pairs (see collate_pairs): (log-probs [B, 2], neuron scores [B, 2] or None)
     as (chosen, rejected). capture: an open NeuronCapture whose hooks read the neurons in this same forward."""
-    logps, mask = forward_logps(model, batch), batch["loss_mask"]
+    logps, mask = forward_logps(model, batch), batch["neuron_mask"]
     return logps, None if capture is None else torch.stack([capture.scores(mask[..., j]) for j in (0, 1)], dim=-1)
 
 
@@ -823,13 +887,19 @@ def cmd_train(args):
     set_seed(args.seed)
     model, tokenizer = load_model(str(checkpoint) if args.resume else args.model, device, torch.float32,
                                   args.trust_remote_code)
+    if model.config._attn_implementation not in ("eager", "sdpa"):  # the packed pairs' block masks need one of these
+        raise UserError(f"train packs each pair under a block mask that {model.config._attn_implementation} attention "
+                        "cannot take; load the model with eager or sdpa attention")
     neurons = load_neurons(args.neurons, model) if args.neurons else []
     # The hooks stay on for the whole run (gradient checkpointing re-runs them during backward).
-    capture = NeuronCapture(model, neurons, torch.tensor([n[3] for n in neurons], device=device),
-                            torch.tensor([n[4] for n in neurons], device=device)).__enter__() if neurons else None
+    capture = NeuronCapture(model, neurons, *(torch.tensor([n[k] for n in neurons], dtype=torch.float32, device=device)
+                                              for k in (3, 4, 5))).__enter__() if neurons else None
     pairs = tokenize_pairs(tokenizer, rows, args.max_length)
     if not pairs:
         raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; raise it")
+    if args.gamma == "auto" and neurons and len(pairs) < 2:
+        raise UserError("--gamma auto is 1 / std of the reference neuron margins over the pairs: it needs 2 or more "
+                        "pairs; pass more, or a number: --gamma 1")
     pairs_per_step = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(pairs) // pairs_per_step
     if steps_per_epoch == 0:
@@ -847,7 +917,11 @@ def cmd_train(args):
     if ddp:
         torch.distributed.barrier()
     ref = torch.load(cache)
-    ref_logps, ref_scores = ref["logps"].to(device), ref["neuron"].to(device)
+    ref_logps, ref_margins = ref["logps"].to(device), (ref["neuron"][:, 0] - ref["neuron"][:, 1]).to(device)
+    # gamma auto: gamma * m is O(1), as beta * h is (1 where the reference margins do not vary, or without neurons).
+    gamma = args.gamma if args.gamma != "auto" else 1 / ref_margins.std().item() if neurons and ref_margins.std() > 0 else 1.0
+    if master and neurons:
+        print(f"gamma {gamma:.4g} ({'1 / std of the reference neuron margins' if args.gamma == 'auto' else '--gamma'})")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
@@ -872,41 +946,69 @@ def cmd_train(args):
     if args.gradient_checkpointing:  # non-reentrant, so the hooked activations keep their gradient path
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    for module in model.modules():  # no dropout, as TRL's disable_dropout: policy and reference are one network
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules' own dropout rate
+            module.attention_dropout = 0.0
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     num_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device) if master else None
 
+
+    def pair_losses(net, indices, path=None):
+        """(log-probs [b, 2], neuron scores [b, 2] or None, yfpo_loss(...)) of pairs[indices] through net;
+        path "dpo" or "neuron": the loss's gradient flows through the log-probs alone, or the neuron scores alone."""
+        with autocast:
+            logps, scores = pair_forward(net, to_device(collate_pairs([pairs[i] for i in indices], pad_id), device),
+                                         capture)
+        margin = None if scores is None else scores[:, 0] - scores[:, 1] - (ref_margins[indices] if relative else 0)
+        logps, margin = (logps, margin.detach()) if path == "dpo" else (logps.detach(), margin) if path else (logps, margin)
+        return logps, scores, yfpo_loss(logps[:, 0], logps[:, 1], ref_logps[indices, 0], ref_logps[indices, 1], margin,
+                                        beta=args.beta, lam=args.lam, gamma=gamma, yoke=args.yoke)
+
+    def term_grad_norms(chunk):  # rank 0 alone, on the step's pairs, before its update; no .grad is touched
+        net, norms = getattr(model, "module", model), {}
+        params = [p for p in net.parameters() if p.requires_grad]
+        for path in ("dpo", "neuron"):
+            grads = [torch.zeros_like(p) for p in params]
+            for indices in batches_of(chunk, args.batch_size):
+                loss = pair_losses(net, indices, path)[2][0].sum() / len(chunk)
+                for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+                    g += 0 if d is None else d
+            norms["grad_norm/" + path] = torch.stack([g.norm() for g in grads]).norm().item()
+        tqdm.write(f"step {step + 1}: gradient norm of the DPO term {norms['grad_norm/dpo']:.4g}, of lam x the neuron "
+                   f"term {norms['grad_norm/neuron']:.4g} ({norms['grad_norm/neuron'] / norms['grad_norm/dpo']:.2%})")
+        return norms
+
     from tqdm import tqdm
+    pad_id, relative = tokenizer.pad_token_id, args.neuron_margin == "relative"
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not master)
     last_saved = start_step
     for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
         chunk = order[k * pairs_per_step:(k + 1) * pairs_per_step]
-        learning_rate = scheduler.get_last_lr()[0]
+        # The gradient each term contributes, at the first and the last step (a few extra passes per run).
+        probe = term_grad_norms(chunk) if master and neurons and args.lam and step in (0, total_steps - 1) else {}
+        t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
         sums = torch.zeros(len(PAIR_METRICS) + 1, device=device)  # + the count of tokens processed
         for micro in range(args.grad_accum):
             m = micro * world + rank  # this rank's micro-batch; the same set of pairs for any world size
             indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
-            batch = to_device(collate_pairs([pairs[i] for i in indices], tokenizer.pad_token_id), device)
             with model.no_sync() if ddp and micro < args.grad_accum - 1 else contextlib.nullcontext():
-                with autocast:
-                    logps, scores = pair_forward(model, batch, capture)
-                chosen, rejected = logps.unbind(-1)
-                s_chosen, s_rejected = scores.unbind(-1) if scores is not None else (None, None)
-                losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = yfpo_loss(
-                    chosen, rejected, ref_logps[indices, 0], ref_logps[indices, 1], s_chosen, s_rejected,
-                    beta=args.beta, lam=args.lam, gamma=args.gamma, yoke=args.yoke)
+                logps, scores, (losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards) = \
+                    pair_losses(model, indices)
                 # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP's rank mean is the step's.
                 (losses.sum() / (args.batch_size * args.grad_accum)).backward()
             with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without a neuron set
-                if scores is None:
-                    s_chosen = s_rejected = neuron_losses = torch.zeros_like(chosen)
-                margin, ref_margin = s_chosen - s_rejected, ref_scores[indices, 0] - ref_scores[indices, 1]
+                chosen, rejected = logps.unbind(-1)
+                s_chosen, s_rejected = scores.unbind(-1) if scores is not None else (chosen * 0, chosen * 0)
+                neuron_losses = chosen * 0 if neuron_losses is None else neuron_losses
+                margin = s_chosen - s_rejected
                 values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
                           (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards, chosen,
-                          rejected, s_chosen, s_rejected, margin, margin - ref_margin]
+                          rejected, s_chosen, s_rejected, margin, margin - ref_margins[indices]]
                 tokens = sum(len(ids) for i in indices for ids in pairs[i])
                 sums += torch.stack([v.float().sum() for v in values] + [torch.tensor(float(tokens), device=device)])
         if ddp:
@@ -923,7 +1025,8 @@ def cmd_train(args):
         if master:
             tokens = sums[-1].item()
             metrics = {"step": step + 1, "epoch": epoch, **dict(zip(PAIR_METRICS, (sums / pairs_per_step).tolist())),
-                       "grad_norm": grad_norm.item(), "learning_rate": learning_rate, "step_time_s": seconds,
+                       "grad_norm": grad_norm.item(), **probe, "gamma": gamma, "learning_rate": learning_rate,
+                       "step_time_s": seconds,
                        "tokens_per_s": tokens / seconds,
                        # MFU: 6 N FLOPs per trained token (forward + backward), over the peak of all devices.
                        "mfu": 6 * num_params * tokens / seconds / (peak * world) if peak else None}
@@ -1243,7 +1346,7 @@ def evaluate(model, tokenizer, rows, args):
     correct = sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
     summary = {"accuracy": correct / len(results), "correct": correct, "total": len(results), "ci_low": low,
-               "ci_high": high, "prompt_format": prompt_format(tokenizer), "system": args.system,
+               "ci_high": high, "prompt_format": "chat_template" if tokenizer.chat_template else "plain", "system": args.system,
                **generation_summary(completions, args, seconds), "questions_per_s": round(len(results) / seconds, 3)}
     return summary, results
 
@@ -1267,6 +1370,12 @@ def compare_runs(results, other_path):
     shared = [(r["correct"], other[(r["index"], r["question"])]) for r in results if (r["index"], r["question"]) in other]
     if not shared:
         raise UserError(f"--compare {other_path} shares no questions with this run; compare runs on the same data")
+    return paired_difference(shared)
+
+
+def paired_difference(shared):
+    """Accuracy difference of two runs on the same questions, shared = [(this correct, other correct)],
+    with the exact McNemar p-value."""
     only_this, only_other = sum(a and not b for a, b in shared), sum(b and not a for a, b in shared)
     return {"shared": len(shared), "difference": (only_this - only_other) / len(shared), "only_this_correct": only_this,
             "only_other_correct": only_other, "mcnemar_p": mcnemar_exact(only_this, only_other)}
@@ -1422,8 +1531,9 @@ def build_parser():
                 top_k=1000, batch_size=4, max_length=512)
     p.add_argument("--per-layer", action="store_true", help="top k/L neurons of every layer instead of the global top k")
     p.add_argument("--control", help="non-math question/answer data; its mean relevance is subtracted")
-    p = command("ablate", cmd_ablate, "zero the neurons: NLL vs random neurons", common, generation, num_samples=200,
-                random_seeds=3, nll_batch_size=8, max_length=512)
+    p = command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common, generation,
+                num_samples=200, random_seeds=10, nll_batch_size=8, max_length=512)
+    p.add_argument("--scale", type=float, default=0.0, help="factor on the neurons' activations: 0 ablates them")
     p.add_argument("--neurons", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--eval-accuracy", action="store_true", help="also run the evaluator with and without ablation")
@@ -1435,7 +1545,10 @@ def build_parser():
     p.add_argument("--pairs", help="pairs JSONL (default: OUT/pairs.jsonl)")
     p.add_argument("--neurons", help="neurons.json (default: OUT/neurons.json when it exists)")
     p.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
-    p.add_argument("--gamma", type=float, default=1.0, help="scale of the neuron margin")
+    p.add_argument("--gamma", type=lambda text: text if text == "auto" else positive_float(text), default="auto",
+                   help="scale of the neuron margin; auto: 1 / std of the reference model's margins over the pairs")
+    p.add_argument("--neuron-margin", choices=["policy", "relative"], default="policy",
+                   help="m = s(chosen) - s(rejected) of the policy, or relative: m minus the reference model's m")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
     p.add_argument("--yoke", choices=["loss", "reward"], default="loss")
     p.add_argument("--lr", type=float, default=5e-7)
