@@ -423,7 +423,7 @@ def test_server_bad_input(case, tiny_dir, data_file, neurons_file, fake_server, 
     elif case == "other model":
         argv[2], says = data_file, f"serves {tiny_dir}, not --model {data_file}"  # any other name
     elif case == "ablate":
-        argv[0], says = "ablate", "--server works with eval and pairs only"
+        argv[0], says = "ablate", "unrecognized arguments: --server"
         argv += ["--neurons", neurons_file]
     else:
         argv[0], says = "identify", "unrecognized arguments: --server"
@@ -1120,7 +1120,7 @@ def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, cap
     elif case == "gamma auto with one pair":
         bad.write_text(Path(pairs_file).read_text().splitlines()[0] + "\n")
         argv, says = argv + ["--pairs", str(bad), "--neurons", neurons_file, "--batch-size", "1", "--grad-accum", "1"], \
-            "--gamma auto is 1 / std of the reference neuron margins over the pairs: it needs 2 or more"
+            "--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs"
     elif case == "no such device":
         argv, says = argv + ["--device", "gpu"], "--device gpu is not a device"
     elif case == "neurons shape":

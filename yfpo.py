@@ -1,16 +1,8 @@
 #!/usr/bin/env python
 """yfpo: Yoked Feature Preference Optimization (arXiv 2605.11906), the reference implementation.
 
-DPO for math reasoning plus a reward read from the model's own "math neurons":
-
-    identify  AttnLRP relevance of every MLP neuron on GSM8K solutions -> a fixed top-k set
-    ablate    the check that the set matters: zero it, compare with random neurons
-    pairs     sample the model on GSM8K train, grade, write {prompt, chosen, rejected} JSONL
-    train     DPO sigmoid loss + lam * neuron-margin loss in one plain PyTorch loop
-    eval      GSM8K exact match with batched greedy decoding
-    plot      training curves from metrics.jsonl
-    demo      every stage on a tiny random model, offline, in about a minute
-
+DPO for math reasoning plus a reward read from the model's own "math neurons", in commands that follow the method:
+identify (AttnLRP relevance of every MLP neuron) -> ablate (the causal check) -> pairs -> train -> eval, and plot, demo.
 The file reads top to bottom in the order of the method; the functions the README calls public stand alone."""
 import argparse
 import collections
@@ -20,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -30,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm  # comes with transformers
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_DATA = "openai/gsm8k"
@@ -52,13 +44,11 @@ def check_out_dir(out):
 
 
 def write_text(path, text):
-    if rank_and_world()[0] > 0:  # under torchrun, rank 0 writes
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    if rank_and_world()[0] == 0:  # under torchrun, rank 0 writes
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def write_json(path, obj):
@@ -71,13 +61,11 @@ def write_jsonl(path, rows):
 
 def read_jsonl(path):
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                if line.strip():
-                    rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line") from None
+    for lineno, line in enumerate(Path(path).read_text().split("\n"), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line") from None
     return rows
 
 
@@ -89,16 +77,9 @@ def looks_like_path(name):
 
 # --- Model, device, seed -------------------------------------------------------------------------
 
-def set_seed(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too
-
-
 def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
         raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -112,9 +93,8 @@ def rank_and_world():
 
 
 def pick_dtype(name, device):
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return getattr(torch, ("bfloat16" if bf16 else "float32") if name == "auto" else name)
 
 
 def load_model(name, device, dtype, trust_remote_code=False, weights=True):
@@ -135,22 +115,19 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs) if weights else None
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local folder "
-                        "or .gguf file: --model /path/to/model") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local folder or .gguf file") from None
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model and model.to(device).eval(), tokenizer
 
 
 def start_command(args, split, limit):
     """Output folder checked, seed set, data rows, model (with --server: the server checked, only the tokenizer)."""
     out, device = check_out_dir(args.out), pick_device(args.device)
-    set_seed(args.seed)
+    torch.manual_seed(args.seed)
     rows = load_gsm8k(args.data, split)[:limit]
-    if getattr(args, "server", None):
-        args.server = check_server(args.server, args.model)
+    args.server = getattr(args, "server", None) and check_server(args.server, args.model)  # eval and pairs have it
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code,
-                                  weights=not getattr(args, "server", None))
+                                  weights=not args.server)
     if getattr(args, "batch_size", 0) is None:  # generation's default, measured (see the README)
         args.batch_size = 64 if args.server else GENERATION_BATCH[device.type]
     return out, device, rows, model, tokenizer
@@ -194,7 +171,7 @@ def load_rows(data, split, config=None):
         return list(datasets.load_dataset(data, config, split=split))
     except Exception as e:  # datasets raises many types for "unreachable"/"unknown"
         raise UserError(f"could not load dataset '{data}' ({type(e).__name__}); offline, pass a local file: "
-                        "--data /path/to/test.jsonl") from None
+                        f"--data /path/to/{split}.jsonl") from None
 
 
 def load_gsm8k(data, split, require_gold=True):
@@ -306,8 +283,7 @@ def attnlrp(model):
     functions on the modeling module, which changes gradients for the whole process. We record
     every attribute it can touch and put them all back, so training never runs patched."""
     if model.config.model_type not in LRP_ARCHITECTURES:
-        raise UserError(f"architecture '{model.config.model_type}' is not supported by AttnLRP here; "
-                        f"supported: {', '.join(LRP_ARCHITECTURES)}")
+        raise UserError(f"model type '{model.config.model_type}' is not supported; supported: {', '.join(LRP_ARCHITECTURES)}")
     from lxt.efficient import monkey_patch
     from lxt.efficient.models import get_default_map
     patch_map = get_default_map(sys.modules[type(model).__module__])
@@ -325,16 +301,14 @@ def attnlrp(model):
 
 
 def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
-    """Relevance of every MLP neuron for the gold next-token logits (activation x gradient), per sample.
-    input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). The explained quantity is
+    """Relevance of every MLP neuron for the gold next-token logits, per sample. input_ids, attention_mask, labels,
+    loss_mask: [B, T] (see collate). The explained quantity is
         F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
     and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}, where a_l is the input of layer l's down_proj.
     Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside
-    it is plain gradient x input. Both are accumulated in float32 (the forward runs in the model's dtype).
-    Only the gradient with respect to the input is taken: the weights' .grad stay as they were.
+    it is plain gradient x input, accumulated in float32. Only the input's gradient is taken (weights' .grad untouched).
     Returns (R, G), each [B, L, I] summed over the loss_mask positions; G = sum_t dF/da_{l,t,i}."""
-    layers = decoder_layers(model)
-    found = {}  # down_proj module -> its (relevance, gradient)
+    layers, found = decoder_layers(model), {}  # found: down_proj module -> its (relevance, gradient)
     keep = loss_mask[..., None].float()
 
     def pre_hook(module, args):
@@ -378,17 +352,15 @@ def score_neurons(model, batches, progress=None):
 def select_neurons(scores, k, per_layer=False):
     """The top-k neurons of scores [L, I], as [(layer, index, score)] sorted by score, highest first.
     Globally across layers, or with per_layer the top k // L of each layer."""
-    num_layers, width = scores.shape
+    (num_layers, width), k_max = scores.shape, scores.numel()
     if per_layer:
         if not 1 <= k // num_layers <= width:
-            raise UserError(f"--top-k {k} with --per-layer needs 1 to {width} neurons per layer "
-                            f"({num_layers} layers); pick k between {num_layers} and {num_layers * width}")
+            raise UserError(f"--top-k {k} with --per-layer: k // layers must be 1 to {width}; use {num_layers} to {k_max}")
         top = scores.topk(k // num_layers, dim=1)
         return sorted([(layer, int(i), float(v)) for layer in range(num_layers)
                        for v, i in zip(top.values[layer], top.indices[layer])], key=lambda n: -n[2])
-    if not 1 <= k <= scores.numel():
-        raise UserError(f"--top-k {k} is not between 1 and the model's {scores.numel()} neurons "
-                        f"({num_layers} layers x {width}); pick a smaller k")
+    if not 1 <= k <= k_max:
+        raise UserError(f"--top-k {k} is not between 1 and the model's {k_max} neurons; pick a smaller k")
     top = scores.flatten().topk(k)
     return [(int(i) // width, int(i) % width, float(v)) for v, i in zip(top.values, top.indices)]
 
@@ -401,10 +373,8 @@ class NeuronCapture:
     Keep it open through backward: gradient checkpointing runs the hooks again there."""
 
     def __init__(self, model, neurons, mean=None, std=None, direction=None):
-        neurons = [(n[0], n[1]) for n in neurons]
         self.layers, self.captured, self.hooks, self.stats = decoder_layers(model), {}, [], (mean, std, direction)
-        self.index = {layer: torch.tensor([i for l, i in neurons if l == layer])
-                      for layer in sorted({l for l, _ in neurons})}
+        self.index = {l: torch.tensor([n[1] for n in neurons if n[0] == l]) for l in sorted({n[0] for n in neurons})}
         # Hooks fill the columns layer by layer; this permutation restores the order given.
         self.order = torch.tensor(sorted(range(len(neurons)), key=lambda k: neurons[k][0])).argsort()
 
@@ -432,11 +402,9 @@ class NeuronCapture:
 def ablate_neurons(model, neurons, scale=0.0):
     """Multiply the given neurons [(layer, index, ...)] by scale inside the with-block (pre-hooks on down_proj):
     scale 0 ablates them, 1.1 amplifies them by 10%; the model is untouched outside the block."""
-    layers = decoder_layers(model)
-    width = layers[0].mlp.down_proj.in_features
-    masks = {}
+    layers, masks = decoder_layers(model), {}
     for n in neurons:
-        masks.setdefault(n[0], torch.ones(width))[n[1]] = scale
+        masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
     hooks = [layers[layer].mlp.down_proj.register_forward_pre_hook(
         lambda module, args, mask=mask: (args[0] * mask.to(args[0]),) + args[1:]) for layer, mask in masks.items()]
     try:
@@ -461,8 +429,7 @@ def load_neurons(path, model):
         neurons = [tuple(n[k] for k in ("layer", "index", "score", "act_mean", "act_std", "direction"))
                    for n in saved["neurons"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a neurons file from this version's `yfpo.py identify` ({type(e).__name__}: "
-                        f"{e}); run identify again") from None
+        raise UserError(f"{path} is not a neurons file of this identify ({type(e).__name__}: {e}); rerun it") from None
     if shape != model_shape(model):
         raise UserError(f"{path} was made for {shape[0]} layers x {shape[1]} neurons but the model has "
                         f"{model_shape(model)[0]} x {model_shape(model)[1]}; run identify with this model")
@@ -475,22 +442,20 @@ def load_neurons(path, model):
 def activation_moments(model, batches):
     """Mean, std and mean |a| of every neuron's activation over the solution tokens of batches (see collate:
     the completion's own positions, where the training score reads them): three [L, I] float32 tensors."""
-    layers, sums, count, keep = decoder_layers(model), {}, 0.0, {}
+    layers, sums, keep = decoder_layers(model), {}, []
 
     def pre_hook(module, args):  # sums of a, a^2 and |a| over this batch's solution positions
         a = args[0].double()
-        sums[module] = sums.get(module, 0) + torch.stack([(x * keep[0]).sum((0, 1)) for x in (a, a * a, a.abs())])
-
+        sums[module] = sums.get(module, 0) + torch.stack([(x * keep[-1]).sum((0, 1)) for x in (a, a * a, a.abs())])
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(pre_hook) for layer in layers]
     try:
-        for batch in batches:  # the decoder alone: no logits needed
-            keep[0] = F.pad(batch["loss_mask"], (1, 0))[:, :-1, None].double()  # position t + 1 holds label t
+        for batch in batches:  # the decoder alone: no logits needed. Position t + 1 holds the token label t names.
+            keep.append(F.pad(batch["loss_mask"], (1, 0))[:, :-1, None].double())
             model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            count += keep[0].sum().item()
     finally:
         for h in hooks:
             h.remove()
-    mean, mean_sq, mean_abs = torch.stack([sums[layer.mlp.down_proj] for layer in layers], dim=1) / count
+    mean, mean_sq, mean_abs = torch.stack([sums[layer.mlp.down_proj] for layer in layers], 1) / sum(k.sum() for k in keep)
     return mean.float(), (mean_sq - mean ** 2).clamp_min(0).sqrt().float(), mean_abs.float()
 
 
@@ -505,13 +470,11 @@ def random_neurons(neurons, mean_abs, generator, bins=10):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
         pool = torch.tensor([i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen], dtype=torch.long)
         if len(pool) < len(picked):
-            raise UserError(f"layer {layer} has {len(picked)} selected neurons and only {len(pool)} others, too few "
-                            "for a random control of the same size; select fewer neurons (identify --top-k)")
+            raise UserError(f"layer {layer}: {len(picked)} neurons selected, {len(pool)} others; select fewer (--top-k)")
         chunks = pool[mean_abs[layer, pool].argsort()].tensor_split(max(1, min(bins, len(pool) // len(picked))))
         edges = mean_abs[layer, [int(c[-1]) for c in chunks[:-1]]]  # the top of every bin but the last
         for b, need in zip(*torch.bucketize(mean_abs[layer, picked], edges).unique(return_counts=True)):
-            draw = chunks[b][torch.randperm(len(chunks[b]), generator=generator)[:need]]
-            control += [(layer, int(i)) for i in draw]
+            control += [(layer, int(i)) for i in chunks[b][torch.randperm(len(chunks[b]), generator=generator)[:need]]]
     return control
 
 
@@ -521,10 +484,10 @@ def compare_with_random(nll_base, nll_selected, nll_random):
     given only when the random rise is over 3 standard errors (3 std / sqrt(n)) from zero; else None and a note."""
     mean, std = sum(nll_random) / len(nll_random), torch.tensor(nll_random, dtype=torch.float64).std().item()
     rise, noise = mean - nll_base, 3 * std / math.sqrt(len(nll_random))
+    clear = abs(rise) > noise
     return {"nll": nll_random, "mean": mean, "std": std, "rise": rise, "z": (nll_selected - mean) / std if std else None,
-            "ratio": (nll_selected - nll_base) / rise if abs(rise) > noise else None,
-            "note": None if abs(rise) > noise else f"random rise {rise:+.3g} is within 3 standard errors ({noise:.3g}) "
-                                                   "of zero: no ratio"}
+            "ratio": (nll_selected - nll_base) / rise if clear else None, "note": None if clear else
+            f"random rise {rise:+.3g} is within 3 standard errors ({noise:.3g}) of zero: no ratio"}
 
 
 def solution_batches(tokenizer, rows, args, device, batch_size):
@@ -536,7 +499,6 @@ def cmd_identify(args):
     """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k."""
     control = load_gsm8k(args.control, "train", require_gold=False)[:args.num_samples] if args.control else []
     out, device, rows, model, tokenizer = start_command(args, "train", args.num_samples)
-    from tqdm import tqdm
     with attnlrp(model):
         select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
         math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
@@ -557,21 +519,17 @@ def cmd_identify(args):
         "model": args.model, "num_layers": num_layers, "intermediate_size": width,
         "selection": {"rule": "per_layer_top_k" if args.per_layer else "global_top_k", "top_k": args.top_k,
                       "num_selected": len(neurons), "score": "AttnLRP relevance at the down_proj input" +
-                      (" minus its mean over the control samples" if control else ""),
-                      "normalization": "per solution token: each sample's relevance summed over its solution tokens "
-                      "and divided by their count, then the mean over samples",
-                      "direction": "sign of the gradient of the explained logits summed over the math samples' "
-                      "solution tokens", "data": args.data, "num_samples": len(rows), "control": args.control,
-                      "num_control_samples": len(control), "max_length": args.max_length, "seed": args.seed},
+                      (" minus the same over the control samples" if control else ""), "normalization": "per solution "
+                      "token (a sample's relevance / its solution tokens), then the mean over samples", "direction":
+                      "sign of the summed gradient over the solution tokens", "data": args.data, "num_samples": len(rows),
+                      "control": args.control, "num_control_samples": len(control), "max_length": args.max_length},
         "counts_per_layer": counts, "direction_disagrees_with_mean_sign": disagree, "scoring_seconds": round(seconds, 2),
         "neurons": [{"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
                      "act_mean": float(mean[l, i]), "act_std": float(std[l, i])} for l, i, s in neurons]})
-    samples = len(rows) + len(control)
-    print(f"scored {samples} samples in {seconds:.1f}s ({samples / seconds:.2f} samples/s)")
-    print("selected neurons per layer:")
+    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per layer:")
     for layer, count in enumerate(counts):
         print(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}")
-    print(f"{len(neurons)} neurons; the saved direction differs from the sign of the mean activation for {disagree}")
+    print(f"the saved direction differs from the sign of the mean activation for {disagree} of {len(neurons)}")
     print(f"wrote {out / 'neurons.json'}")
 
 
@@ -584,7 +542,6 @@ def cmd_ablate(args):
     neurons = load_neurons(args.neurons, model)
     batches = solution_batches(tokenizer, rows, args, device, args.nll_batch_size)
     mean_abs = activation_moments(model, batches)[2]
-    from tqdm import tqdm
     result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
               "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds}
     with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
@@ -606,18 +563,16 @@ def cmd_ablate(args):
         result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"], accuracy_paired=
                       paired_difference([(a["correct"], b["correct"]) for a, b in zip(ablated[1], base[1])]))
     write_json(out / "ablation.json", result)
-    print(f"NLL per solution token: base {result['nll_base']:.4f}, selected x {args.scale:g} {result['nll_ablated']:.4f} "
+    print(f"NLL per solution token: base {result['nll_base']:.4f}, neurons x {args.scale:g} {result['nll_ablated']:.4f} "
           f"(rise {result['rise']:+.4f})")
-    for name in ("matched", "unmatched"):
-        r = result["random_" + name]
-        print(f"random {name:9s} {r['mean']:.4f} +- {r['std']:.4f} (rise {r['rise']:+.4f}), z = "
-              + (f"{r['z']:.2f}" if r["z"] is not None else "n/a") + ", "
+    for name, r in ((name, result["random_" + name]) for name in ("matched", "unmatched")):
+        print(f"random {name:9s} {r['mean']:.4f} +- {r['std']:.4f} (rise {r['rise']:+.4f}), z = {r['z'] or math.nan:.2f}, "
               + (f"ratio {r['ratio']:.2f}" if r["ratio"] is not None else r["note"]))
     if args.eval_accuracy:
         p = result["accuracy_paired"]
-        print(f"accuracy: base {result['accuracy_base']:.4f}, selected x {args.scale:g} {result['accuracy_ablated']:.4f} "
-              f"({p['only_this_correct']} right only with, {p['only_other_correct']} only without; "
-              f"McNemar p = {p['mcnemar_p']:.4g})")
+        print(f"accuracy: base {result['accuracy_base']:.4f}, neurons x {args.scale:g} {result['accuracy_ablated']:.4f} "
+              f"({p['only_this_correct']} right only with, {p['only_other_correct']} only without: McNemar p "
+              f"{p['mcnemar_p']:.4g})")
     print(f"wrote {out / 'ablation.json'}")
 
 
@@ -709,22 +664,17 @@ def make_pairs(tokenizer, rows, samples, system=None):
     """Pairs from graded samples: samples[q] are the completions sampled for rows[q]. chosen = a correct sample, or
     the gold solution when none is (flagged chosen_is_gold); rejected = an incorrect one; all correct: no pair.
     Returns (pairs in TRL's format plus question_index and chosen_is_gold, counts)."""
-    pairs, counts = [], {"questions": len(rows), "samples": 0, "correct_samples": 0, "all_correct_skipped": 0,
-                         "chosen_is_gold": 0}
+    pairs, counts = [], collections.Counter(questions=len(rows))
     for q, (row, texts) in enumerate(zip(rows, samples)):
         right = [t for t in texts if is_correct(t, row["gold"])]
-        wrong = [t for t in texts if not is_correct(t, row["gold"])]
-        counts["samples"] += len(texts)
-        counts["correct_samples"] += len(right)
-        if not wrong:
-            counts["all_correct_skipped"] += 1
-            continue
-        counts["chosen_is_gold"] += not right
-        pairs.append({"prompt": make_prompt(tokenizer, row["question"], system),
-                      "chosen": make_completion(tokenizer, right[0] if right else gold_solution(row["answer"])),
-                      "rejected": make_completion(tokenizer, wrong[0]), "question_index": q, "chosen_is_gold": not right})
-    counts["pairs"] = len(pairs)
-    return pairs, counts
+        wrong = [t for t in texts if t not in right]
+        counts.update(samples=len(texts), correct_samples=len(right), all_correct_skipped=not wrong,
+                      chosen_is_gold=bool(wrong and not right))
+        if wrong:
+            pairs.append({"prompt": make_prompt(tokenizer, row["question"], system), "chosen": make_completion(
+                tokenizer, right[0] if right else gold_solution(row["answer"])), "rejected": make_completion(
+                tokenizer, wrong[0]), "question_index": q, "chosen_is_gold": not right})
+    return pairs, dict(counts, pairs=len(pairs))
 
 
 def cmd_pairs(args):
@@ -736,8 +686,8 @@ def cmd_pairs(args):
     speed = generation_summary(samples, args, time.perf_counter() - start)
     pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n), args.system)
     write_jsonl(out / "pairs.jsonl", pairs)
-    print(" ".join(f"{k}={v}" for k, v in counts.items()))
-    print(f"{len(samples)} samples in {speed['wall_time_s']}s ({len(samples) / speed['wall_time_s']:.3f} samples/s, "
+    rate = len(samples) / speed["wall_time_s"]
+    print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s ({rate:.3f} samples/s, "
           f"{speed['tokens_per_s']} tokens/s); stops {speed['stops']}")
     print(f"wrote {out / 'pairs.jsonl'}")
 
@@ -757,8 +707,7 @@ def load_pairs(path):
         if not row["prompt"]:  # the completions' first tokens are predicted from the prompt's last position
             raise UserError(f"{path}:{lineno}: empty prompt; every pair needs the prompt its completions answer")
         if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
-            raise UserError(f"{path}:{lineno}: mixes text and message lists; use strings for all three fields, "
-                            "or message lists for all three")
+            raise UserError(f"{path}:{lineno}: mixes text and message lists; use one kind for all three fields")
     return rows
 
 
@@ -814,20 +763,6 @@ def pair_forward(model, batch, capture=None):
     return logps, None if capture is None else torch.stack([capture.scores(mask[..., j]) for j in (0, 1)], dim=-1)
 
 
-@torch.no_grad()
-def reference_pass(model, pairs, capture, batch_size, pad_id, device, autocast):
-    """Reference log-probs and neuron scores of every pair, each [N, 2] as (chosen, rejected)."""
-    from tqdm import tqdm
-    model.eval()
-    logps, scores = [], []
-    for chunk in tqdm(batches_of(pairs, batch_size), desc="reference", unit="batch"):
-        with autocast:
-            lp, s = pair_forward(model, to_device(collate_pairs(chunk, pad_id), device), capture)
-        logps.append(lp.cpu())
-        scores.append(torch.zeros_like(lp).cpu() if s is None else s.cpu())
-    return torch.cat(logps), torch.cat(scores)
-
-
 def warmup_cosine(warmup_steps, total_steps):
     """Learning-rate factor: linear warmup to 1, then cosine decay to 0."""
     def factor(step):
@@ -839,15 +774,10 @@ def warmup_cosine(warmup_steps, total_steps):
 def peak_flops(device):
     """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU a measured float32 matmul rate."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
         peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12, "L4": 121e12}
-        return next((v for k, v in peaks.items() if k in name), None)
-    a = torch.randn(1024, 1024)
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.3:
-        a @ a
-        n += 1
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - start)
+        return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
+    from torch.utils.benchmark import Timer
+    return 2 * 1024 ** 3 / Timer("a @ a", globals={"a": torch.randn(1024, 1024)}).blocked_autorange(min_run_time=0.3).median
 
 
 def save_checkpoint(out, model, tokenizer, optimizer, scheduler, run, step):
@@ -856,9 +786,7 @@ def save_checkpoint(out, model, tokenizer, optimizer, scheduler, run, step):
     shutil.rmtree(tmp, ignore_errors=True)
     getattr(model, "module", model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "run": run, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+    torch.save({"step": step, "run": run, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                tmp / "trainer_state.pt")
     if final.exists():
         os.replace(final, old)
@@ -876,20 +804,20 @@ def cmd_train(args):
     dtype = pick_dtype(args.dtype, device)
     if dtype == torch.float16:
         raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss scaling)")
-    # Weights and optimizer stay float32; bf16 only inside autocast.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    rows = load_pairs(args.pairs or out / "pairs.jsonl")  # the pairs first: without them nothing else matters
+    default_neurons = out / "neurons.json"
+    args.neurons = args.neurons or (str(default_neurons) if default_neurons.is_file() else None)
     if args.lam != 0 and not args.neurons:
         raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 trains plain DPO")
     checkpoint, cache = out / "model", out / "reference.pt"
     if args.resume and not ((checkpoint / "trainer_state.pt").is_file() and cache.is_file()):
         raise UserError(f"--resume: no checkpoint in {checkpoint} (or no {cache}); start without --resume")
-    rows = load_pairs(args.pairs)
-    set_seed(args.seed)
+    torch.manual_seed(args.seed)
     model, tokenizer = load_model(str(checkpoint) if args.resume else args.model, device, torch.float32,
                                   args.trust_remote_code)
     if model.config._attn_implementation not in ("eager", "sdpa"):  # the packed pairs' block masks need one of these
-        raise UserError(f"train packs each pair under a block mask that {model.config._attn_implementation} attention "
-                        "cannot take; load the model with eager or sdpa attention")
+        raise UserError(f"{model.config._attn_implementation} attention cannot take packed pairs; use eager or sdpa")
     neurons = load_neurons(args.neurons, model) if args.neurons else []
     # The hooks stay on for the whole run (gradient checkpointing re-runs them during backward).
     capture = NeuronCapture(model, neurons, *(torch.tensor([n[k] for n in neurons], dtype=torch.float32, device=device)
@@ -898,8 +826,7 @@ def cmd_train(args):
     if not pairs:
         raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; raise it")
     if args.gamma == "auto" and neurons and len(pairs) < 2:
-        raise UserError("--gamma auto is 1 / std of the reference neuron margins over the pairs: it needs 2 or more "
-                        "pairs; pass more, or a number: --gamma 1")
+        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs; pass --gamma 1")
     pairs_per_step = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(pairs) // pairs_per_step
     if steps_per_epoch == 0:
@@ -909,17 +836,23 @@ def cmd_train(args):
     # What a checkpoint must share with the run that resumes it: the data order and the reference depend on it.
     run = hashlib.sha256(json.dumps([pairs, neurons, pairs_per_step, args.seed]).encode()).hexdigest()
 
+    batch_of = lambda ids: to_device(collate_pairs([pairs[i] for i in ids], tokenizer.pad_token_id), device)  # noqa: E731
     # Reference log-probs and neuron scores once, before step 1 (no second model in memory); --resume reuses them.
     if master and not args.resume:
-        ref = reference_pass(model, pairs, capture, args.batch_size, tokenizer.pad_token_id, device, autocast)
+        model.eval()
+        with torch.no_grad(), autocast:
+            ref = [pair_forward(model, batch_of(chunk), capture) for chunk in
+                   tqdm(batches_of(range(len(pairs)), args.batch_size), desc="reference", unit="batch")]
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logps": ref[0], "neuron": ref[1]}, cache)
+        torch.save({"logps": torch.cat([lp for lp, _ in ref]).cpu(),
+                    "neuron": torch.cat([lp * 0 if s is None else s for lp, s in ref]).cpu()}, cache)
     if ddp:
         torch.distributed.barrier()
     ref = torch.load(cache)
     ref_logps, ref_margins = ref["logps"].to(device), (ref["neuron"][:, 0] - ref["neuron"][:, 1]).to(device)
     # gamma auto: gamma * m is O(1), as beta * h is (1 where the reference margins do not vary, or without neurons).
-    gamma = args.gamma if args.gamma != "auto" else 1 / ref_margins.std().item() if neurons and ref_margins.std() > 0 else 1.0
+    spread = ref_margins.std().item() if neurons else 0.0
+    gamma = args.gamma if args.gamma != "auto" else 1 / spread if spread > 0 else 1.0
     if master and neurons:
         print(f"gamma {gamma:.4g} ({'1 / std of the reference neuron margins' if args.gamma == 'auto' else '--gamma'})")
 
@@ -932,12 +865,8 @@ def cmd_train(args):
         if state["run"] != run:
             raise UserError(f"--resume: {checkpoint} was trained with other pairs, neurons, batch x accum x "
                             "processes or seed; resume with the same ones, or train into a new --out")
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # no RNG state: with dropout off, nothing here draws at random
         scheduler.load_state_dict(state["scheduler"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start_step = state["step"]
         if master:  # forget the steps logged after the checkpoint; they are about to be redone
             write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
@@ -955,13 +884,11 @@ def cmd_train(args):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     num_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device) if master else None
 
-
     def pair_losses(net, indices, path=None):
         """(log-probs [b, 2], neuron scores [b, 2] or None, yfpo_loss(...)) of pairs[indices] through net;
         path "dpo" or "neuron": the loss's gradient flows through the log-probs alone, or the neuron scores alone."""
         with autocast:
-            logps, scores = pair_forward(net, to_device(collate_pairs([pairs[i] for i in indices], pad_id), device),
-                                         capture)
+            logps, scores = pair_forward(net, batch_of(indices), capture)
         margin = None if scores is None else scores[:, 0] - scores[:, 1] - (ref_margins[indices] if relative else 0)
         logps, margin = (logps, margin.detach()) if path == "dpo" else (logps.detach(), margin) if path else (logps, margin)
         return logps, scores, yfpo_loss(logps[:, 0], logps[:, 1], ref_logps[indices, 0], ref_logps[indices, 1], margin,
@@ -981,8 +908,7 @@ def cmd_train(args):
                    f"term {norms['grad_norm/neuron']:.4g} ({norms['grad_norm/neuron'] / norms['grad_norm/dpo']:.2%})")
         return norms
 
-    from tqdm import tqdm
-    pad_id, relative = tokenizer.pad_token_id, args.neuron_margin == "relative"
+    relative = args.neuron_margin == "relative"
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not master)
     last_saved = start_step
     for step in range(start_step, total_steps):
@@ -1002,15 +928,12 @@ def cmd_train(args):
                 # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP's rank mean is the step's.
                 (losses.sum() / (args.batch_size * args.grad_accum)).backward()
             with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without a neuron set
-                chosen, rejected = logps.unbind(-1)
-                s_chosen, s_rejected = scores.unbind(-1) if scores is not None else (chosen * 0, chosen * 0)
-                neuron_losses = chosen * 0 if neuron_losses is None else neuron_losses
-                margin = s_chosen - s_rejected
+                scores, neuron_losses = (logps * 0, losses * 0) if scores is None else (scores, neuron_losses)
+                margin, tokens = scores[:, 0] - scores[:, 1], sum(len(ids) for i in indices for ids in pairs[i])
                 values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
-                          (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards, chosen,
-                          rejected, s_chosen, s_rejected, margin, margin - ref_margins[indices]]
-                tokens = sum(len(ids) for i in indices for ids in pairs[i])
-                sums += torch.stack([v.float().sum() for v in values] + [torch.tensor(float(tokens), device=device)])
+                          (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards, *logps.T,
+                          *scores.T, margin, margin - ref_margins[indices], torch.tensor(float(tokens), device=device)]
+                sums += torch.stack([v.float().sum() for v in values])
         if ddp:
             torch.distributed.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1026,8 +949,7 @@ def cmd_train(args):
             tokens = sums[-1].item()
             metrics = {"step": step + 1, "epoch": epoch, **dict(zip(PAIR_METRICS, (sums / pairs_per_step).tolist())),
                        "grad_norm": grad_norm.item(), **probe, "gamma": gamma, "learning_rate": learning_rate,
-                       "step_time_s": seconds,
-                       "tokens_per_s": tokens / seconds,
+                       "step_time_s": seconds, "tokens_per_s": tokens / seconds,
                        # MFU: 6 N FLOPs per trained token (forward + backward), over the peak of all devices.
                        "mfu": 6 * num_params * tokens / seconds / (peak * world) if peak else None}
             with open(out / "metrics.jsonl", "a") as f:
@@ -1048,14 +970,10 @@ def cmd_train(args):
 def cmd_plot(args):
     """plot: losses, reward accuracy and neuron margin from DIR/metrics.jsonl into DIR/training.png."""
     path = Path(args.dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"no metrics.jsonl in {args.dir}; pass the --out folder of a train run")
-    rows = read_jsonl(path)
+    rows = read_jsonl(path) if path.is_file() else []
     if not rows:
-        raise UserError(f"{path} is empty; train at least one step first")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        raise UserError(f"no training steps in {path}; pass the --out folder of a train run")
+    import matplotlib.pyplot as plt  # without a display, matplotlib draws with Agg
     panels = [("loss", ["loss", "loss/dpo", "loss/neuron"]), ("reward accuracy", ["rewards/accuracies"]),
               ("margins", ["rewards/margins", "neuron/margin"]), ("learning rate", ["learning_rate"])]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
@@ -1123,8 +1041,7 @@ class SlotCache:
 
     def __init__(self, prefill, rows, prompt_width, max_new_tokens):
         k, width = prefill[0][0], prompt_width + max_new_tokens + 64  # k: [1, H, P, D]
-        zeros = lambda: [k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill]  # noqa: E731
-        self.keys, self.values = zeros(), zeros()
+        self.keys, self.values = ([k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill] for _ in "kv")
         self.valid = torch.zeros(rows, width, dtype=torch.bool, device=k.device)
         self.length = self.prompt_width = prompt_width  # always room to the left for any prompt
 
@@ -1145,16 +1062,13 @@ class SlotCache:
 
     def place(self, row, prefill):
         """Row `row` takes a prompt's prefilled [(keys, values) [1, H, P, D] per layer]."""
-        size = prefill[0][0].shape[2]
-        self.valid[row] = False
-        self.valid[row, self.length - size:self.length] = True
+        span = slice(self.length - prefill[0][0].shape[2], self.length)
+        self.valid[row], self.valid[row, span] = False, True
         for layer, (k, v) in enumerate(prefill):
-            self.keys[layer][row, :, self.length - size:self.length] = k[0]
-            self.values[layer][row, :, self.length - size:self.length] = v[0]
+            self.keys[layer][row, :, span], self.values[layer][row, :, span] = k[0], v[0]
 
     def keep(self, rows):
-        self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
-        self.valid = self.valid[rows]
+        self.keys, self.values, self.valid = [k[rows] for k in self.keys], [v[rows] for v in self.values], self.valid[rows]
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -1179,10 +1093,8 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
     Continuous batching: each prompt is prefilled alone, then decoded in a batch of batch_size rows; a row
     whose sequence ends takes the next waiting one, or leaves, so no step computes a finished sequence.
     Under torchrun each rank takes every world-th prompt, and every rank returns the whole list."""
-    from tqdm import tqdm
     from transformers import AttentionInterface
-    rank, world = rank_and_world()
-    device, eos = model.device, model.generation_config.eos_token_id
+    (rank, world), device, eos = rank_and_world(), model.device, model.generation_config.eos_token_id
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # ranks take turns, longest first
@@ -1223,8 +1135,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                             temperature and torch.Generator(device).manual_seed(sequence_seed(seed, index))}
                 if not push(sequence, pick(logits[None], [sequence])[0]):
                     cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1), max(map(len, ids)), max_new_tokens)
-                    row = free.pop(0)
-                    cache.place(row, kv)
+                    cache.place(row := free.pop(0), kv)
                     rows[row:row + 1] = [sequence]
             live = [r for r, s in enumerate(rows) if s is not None]
             if not live:
@@ -1263,8 +1174,7 @@ def check_server(url, model_name):
         raise UserError(f"--server {url} is not an OpenAI-compatible server that answers ({type(e).__name__}); "
                         "start one, e.g. `vllm serve MODEL`, and pass its URL (http://localhost:8000)") from None
     if model_name not in served:
-        raise UserError(f"--server {url} serves {', '.join(served) or 'no model'}, not --model {model_name}; "
-                        "pass --model as the server names it")
+        raise UserError(f"--server {url} serves {', '.join(served) or 'no model'}, not --model {model_name}; name it so")
     return base
 
 
@@ -1274,7 +1184,6 @@ def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_toke
     settings and per-question seeds, in_flight requests at once; a returned text is cut at the first token
     after which it states its answer (where generate() would have stopped). Same return as generate()."""
     from concurrent.futures import ThreadPoolExecutor
-    from tqdm import tqdm
 
     def complete(q):
         body = {"model": model_name, "prompt": tokenizer(prompts[q], add_special_tokens=False)["input_ids"],
@@ -1346,7 +1255,8 @@ def evaluate(model, tokenizer, rows, args):
     correct = sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
     summary = {"accuracy": correct / len(results), "correct": correct, "total": len(results), "ci_low": low,
-               "ci_high": high, "prompt_format": "chat_template" if tokenizer.chat_template else "plain", "system": args.system,
+               "ci_high": high, "prompt_format": "chat_template" if tokenizer.chat_template else "plain",
+               "system": args.system,
                **generation_summary(completions, args, seconds), "questions_per_s": round(len(results) / seconds, 3)}
     return summary, results
 
@@ -1358,19 +1268,6 @@ def generation_summary(completions, args, seconds):
             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "server": args.server,
             "processes": rank_and_world()[1], "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
-
-
-def compare_runs(results, other_path):
-    """Paired difference over the questions both runs answered, with the exact McNemar p-value."""
-    try:
-        other = {(r["index"], r["question"]): r["correct"] for r in read_jsonl(other_path)}
-    except (KeyError, TypeError):
-        raise UserError(f"--compare {other_path} is not an eval.jsonl of `yfpo.py eval` (rows need index, question, "
-                        "correct)") from None
-    shared = [(r["correct"], other[(r["index"], r["question"])]) for r in results if (r["index"], r["question"]) in other]
-    if not shared:
-        raise UserError(f"--compare {other_path} shares no questions with this run; compare runs on the same data")
-    return paired_difference(shared)
 
 
 def paired_difference(shared):
@@ -1388,17 +1285,23 @@ def cmd_eval(args):
     out, device, rows, model, tokenizer = start_command(args, args.split, args.limit)
     summary, results = evaluate(model, tokenizer, rows, args)
     summary.update(model=args.model, data=args.data, split=args.split, limit=args.limit, seed=args.seed)
-    if args.compare:
-        summary["compare"] = {"other": args.compare, **compare_runs(results, args.compare)}
+    if args.compare:  # the questions both runs answered, paired
+        try:
+            other = {(r["index"], r["question"]): r["correct"] for r in read_jsonl(args.compare)}
+        except (KeyError, TypeError):
+            raise UserError(f"--compare {args.compare} is not an eval.jsonl (rows need index, question, correct)") from None
+        shared = [(r["correct"], other[r["index"], r["question"]]) for r in results if (r["index"], r["question"]) in other]
+        if not shared:
+            raise UserError(f"--compare {args.compare} shares no questions with this run; compare runs on the same data")
+        summary["compare"] = {"other": args.compare, **paired_difference(shared)}
     write_jsonl(out / "eval.jsonl", results)
     write_json(out / "summary.json", summary)
     print(f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}), 95% CI "
           f"[{summary['ci_low']:.4f}, {summary['ci_high']:.4f}], {summary['questions_per_s']} questions/s")
-    if args.compare:
-        c = summary["compare"]
-        print(f"vs {args.compare}: difference {c['difference']:+.4f} over {c['shared']} shared questions "
-              f"({c['only_this_correct']} right only here, {c['only_other_correct']} only there), "
-              f"McNemar p = {c['mcnemar_p']:.4g}")
+    if c := summary.get("compare"):
+        print(f"vs {args.compare}: difference {c['difference']:+.4f} over {c['shared']} shared questions ("
+              f"{c['only_this_correct']} right only here, {c['only_other_correct']} only there), McNemar p "
+              f"{c['mcnemar_p']:.4g}")
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
 
 
@@ -1474,8 +1377,7 @@ def cmd_demo(args):
         print(f"\n[demo] {name} -> {out / name}")
         main([name, *common, *argv, "--out", str(out / name)], strict=True)
     main(["plot", str(out / "train")], strict=True)
-    print(f"\n[demo] all stages ran in {time.perf_counter() - start:.1f}s; files in {out}. "
-          "This checks the install: the tiny model is random, so its accuracy means nothing.")
+    print(f"\n[demo] all stages ran in {time.perf_counter() - start:.1f}s in {out}; a random model: accuracy means nothing.")
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -1511,10 +1413,8 @@ def build_parser():
     common.add_argument("--system", default=None, help="system prompt (default: none)")
     common.add_argument("--trust-remote-code", action="store_true")
     generation = argparse.ArgumentParser(add_help=False)
-    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: "
-                            f"{GENERATION_BATCH['cpu']} on CPU, {GENERATION_BATCH['cuda']} on GPU); with --server, "
-                            "requests in flight (default 64)")
-    generation.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve): eval and pairs only")
+    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: 32 on CPU, "
+                            "128 on GPU); with --server, requests in flight (default 64)")
     generation.add_argument("--max-new-tokens", type=positive_int, default=512)
 
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
@@ -1540,15 +1440,15 @@ def build_parser():
     p = command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
                 num_questions=2000, samples_per_question=4)
     p.add_argument("--temperature", type=positive_float, default=0.8)
+    p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to sample from")
     p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, grad_accum=4, epochs=1, max_steps=None,
                 max_length=512, save_every=None)  # save_every: checkpoint every N steps (always at the end)
     p.add_argument("--pairs", help="pairs JSONL (default: OUT/pairs.jsonl)")
     p.add_argument("--neurons", help="neurons.json (default: OUT/neurons.json when it exists)")
     p.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
     p.add_argument("--gamma", type=lambda text: text if text == "auto" else positive_float(text), default="auto",
-                   help="scale of the neuron margin; auto: 1 / std of the reference model's margins over the pairs")
-    p.add_argument("--neuron-margin", choices=["policy", "relative"], default="policy",
-                   help="m = s(chosen) - s(rejected) of the policy, or relative: m minus the reference model's m")
+                   help="scale of the neuron margin; auto: 1 / std of the reference margins over the pairs")
+    p.add_argument("--neuron-margin", choices=["policy", "relative"], default="policy", help="relative: m - m_ref")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
     p.add_argument("--yoke", choices=["loss", "reward"], default="loss")
     p.add_argument("--lr", type=float, default=5e-7)
@@ -1559,6 +1459,7 @@ def build_parser():
     p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None)  # limit: first N
     p.add_argument("--split", default="test")
     p.add_argument("--compare", help="another run's eval.jsonl: paired difference and McNemar p")
+    p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to generate with")
     command("plot", cmd_plot, "draw DIR/metrics.jsonl into DIR/training.png").add_argument("dir")
     p = command("demo", cmd_demo, "all stages on a tiny random model, offline")
     p.add_argument("--out", default="demo")
@@ -1571,10 +1472,6 @@ def main(argv=None, strict=False):
     args = build_parser().parse_args(argv)
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # an unreachable hub ends in one UserError line, not a retry log
-    if args.command == "train":
-        args.pairs = args.pairs or str(Path(args.out) / "pairs.jsonl")
-        default_neurons = Path(args.out) / "neurons.json"
-        args.neurons = args.neurons or (str(default_neurons) if default_neurons.is_file() else None)
     distributed = "RANK" in os.environ and hasattr(args, "device")
     if distributed:  # torchrun: one process per device; rank 0 prints and writes
         import datetime
@@ -1585,9 +1482,6 @@ def main(argv=None, strict=False):
         torch.distributed.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
         sys.stdout = sys.stdout if torch.distributed.get_rank() == 0 else open(os.devnull, "w")
     try:
-        if getattr(args, "server", None) and args.command not in ("eval", "pairs"):
-            raise UserError(f"--server works with eval and pairs only; {args.command} needs the model's weights in "
-                            "this process: drop --server")
         if getattr(args, "server", None) and distributed:  # every rank would send every prompt
             raise UserError("--server runs in one process (the server batches the requests): drop torchrun")
         args.run(args)
