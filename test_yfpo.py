@@ -656,6 +656,7 @@ def test_identify_selects_the_top_of_score_neurons(tiny, data_file, neurons_file
 
 
 def test_saved_direction_is_the_sign_of_the_summed_gradient(tiny, data_file, neurons_file):
+    # the gradient the relevance is made of: AttnLRP's, over the solution tokens of identify's own batches
     model, tokenizer = tiny
     grads = {0: 0, 1: 0}
     for rows in (DEMO_ROWS[:4], DEMO_ROWS[4:8]):  # identify's batches, by hand: the gold logits' gradient at down_proj
@@ -674,7 +675,8 @@ def test_saved_direction_is_the_sign_of_the_summed_gradient(tiny, data_file, neu
         for h in hooks:
             h.remove()
         for i in (0, 1):
-            grads[i] = grads[i] + (seen[i] * batch["loss_mask"][..., None]).sum((0, 1))
+            own_tokens = torch.nn.functional.pad(batch["loss_mask"], (1, 0))[:, :-1, None]  # the solution's tokens
+            grads[i] = grads[i] + (seen[i] * own_tokens).sum((0, 1))
     for n in json.loads(Path(neurons_file).read_text())["neurons"]:
         assert n["direction"] == (1 if grads[n["layer"]][n["index"]] >= 0 else -1)
 
@@ -768,12 +770,14 @@ def test_ablate_cli_writes_the_comparison(tiny_dir, data_file, neurons_file, tmp
     for name in ("random_matched", "random_unmatched"):
         r = result[name]
         assert len(r["nll"]) == 3 and math.isclose(r["z"], (result["nll_ablated"] - r["mean"]) / r["std"])
+        assert (r["ratio"] is None) == (r["note"] is not None) and r["mean_abs_ratio"] > 0
         assert r["ratio"] is None or math.isclose(r["ratio"], result["rise"] / r["rise"])
     assert result["random_matched"]["nll"] != result["random_unmatched"]["nll"]
     assert 0 <= result["accuracy_base"] <= 1 and 0 <= result["accuracy_ablated"] <= 1
     assert set(result["accuracy_paired"]) == {"shared", "difference", "only_this_correct", "only_other_correct", "mcnemar_p"}
     out = capsys.readouterr().out
     assert "random matched" in out and "random unmatched" in out and "McNemar p" in out
+    assert all(r["note"] in out for r in (result["random_matched"], result["random_unmatched"]) if r["note"])
 
 
 @pytest.mark.parametrize("case", ["shape mismatch", "k too large", "unsupported", "one seed", "num-samples 0"])
@@ -1119,7 +1123,8 @@ def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, cap
         argv[4], says = str(bad), "bad.jsonl:2: empty prompt"
     elif case == "gamma auto with one pair":
         bad.write_text(Path(pairs_file).read_text().splitlines()[0] + "\n")
-        argv, says = argv + ["--pairs", str(bad), "--neurons", neurons_file, "--batch-size", "1", "--grad-accum", "1"], \
+        argv, says = argv + ["--pairs", str(bad), "--neurons", neurons_file, "--lam", "0.3", "--batch-size", "1",
+                             "--grad-accum", "1"], \
             "--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs"
     elif case == "no such device":
         argv, says = argv + ["--device", "gpu"], "--device gpu is not a device"

@@ -154,12 +154,9 @@ def load_rows(data, split, config=None):
             return read_jsonl(path)
         if path.suffix == ".json":
             try:
-                rows = json.loads(path.read_text())
+                return list(json.loads(path.read_text()))  # a list of rows (load_gsm8k checks each row)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rows, list):
-                raise UserError(f"{path}: expected a JSON list of rows; use .jsonl for one row per line")
-            return rows
         if path.suffix == ".parquet":
             import datasets
             return list(datasets.Dataset.from_parquet(str(path)))
@@ -304,12 +301,12 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
     """Relevance of every MLP neuron for the gold next-token logits, per sample. input_ids, attention_mask, labels,
     loss_mask: [B, T] (see collate). The explained quantity is
         F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
-    and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}, where a_l is the input of layer l's down_proj.
+    and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i} over the solution's tokens, a_l the input of layer l's down_proj.
     Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside
-    it is plain gradient x input, accumulated in float32. Only the input's gradient is taken (weights' .grad untouched).
-    Returns (R, G), each [B, L, I] summed over the loss_mask positions; G = sum_t dF/da_{l,t,i}."""
+    it is plain gradient x input, accumulated in float32. The weights get no gradient (.grad and requires_grad kept).
+    Returns (R, G), each [B, L, I] summed over the solution's own tokens t; G = sum_t dF/da_{l,t,i}."""
     layers, found = decoder_layers(model), {}  # found: down_proj module -> its (relevance, gradient)
-    keep = loss_mask[..., None].float()
+    keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # the solution's own tokens: position t + 1 holds label t
 
     def pre_hook(module, args):
         a = args[0].detach()  # the hook must not hold args[0] itself: that cycle would never be freed
@@ -319,8 +316,10 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
         args[0].register_hook(on_grad)
 
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(pre_hook) for layer in layers]
+    flags = [p.requires_grad for p in model.parameters()]
     try:
         with torch.enable_grad():
+            model.requires_grad_(False)  # activation gradients only: autograd keeps nothing for the weights'
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
             # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary-wide matmul.
@@ -330,6 +329,8 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
     finally:
         for h in hooks:
             h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
     return tuple(torch.stack([found[layer.mlp.down_proj][j] for layer in layers], dim=-2) for j in (0, 1))
 
 
@@ -337,13 +338,13 @@ def score_neurons(model, batches, progress=None):
     """(scores, directions), each [num_layers, intermediate_size] float32, over the samples of batches
     (dicts with input_ids, attention_mask, labels, loss_mask; see collate). A sample's relevance is taken per
     solution token (its R over its token count), so long and short answers weigh alike; the score is the mean
-    over samples. The direction is +1 where the neuron's summed gradient is >= 0 (raising it raises the explained
-    logits), else -1. Run it inside attnlrp(model) for AttnLRP."""
+    over samples (with any solution token). The direction is +1 where the neuron's summed gradient is >= 0 (raising it
+    raises the explained logits, as the gradient R is made of sees it: AttnLRP's inside attnlrp(model)), else -1."""
     score, gradient, count = 0.0, 0.0, 0
     for batch in batches:
         relevance, grad = neuron_relevance(model, **batch)
         score = score + (relevance / batch["loss_mask"].sum(1).clamp_min(1)[:, None, None]).double().sum(0)
-        gradient, count = gradient + grad.double().sum(0), count + len(relevance)
+        gradient, count = gradient + grad.double().sum(0), count + int((batch["loss_mask"].sum(1) > 0).sum())
         if progress is not None:
             progress.update(len(relevance))
     return (score / count).float(), torch.where(gradient < 0, -1.0, 1.0)
@@ -440,8 +441,7 @@ def load_neurons(path, model):
 
 @torch.no_grad()
 def activation_moments(model, batches):
-    """Mean, std and mean |a| of every neuron's activation over the solution tokens of batches (see collate:
-    the completion's own positions, where the training score reads them): three [L, I] float32 tensors."""
+    """Mean, std and mean |a| of every neuron over the solution's own tokens in batches (see collate): 3 x [L, I]."""
     layers, sums, keep = decoder_layers(model), {}, []
 
     def pre_hook(module, args):  # sums of a, a^2 and |a| over this batch's solution positions
@@ -460,11 +460,10 @@ def activation_moments(model, batches):
 
 
 def random_neurons(neurons, mean_abs, generator, bins=10):
-    """A random control for a neuron set: as many neurons in each layer as the set has there, none of the set.
-    With bins > 1 they also match on activation scale: a layer's other neurons are cut into `bins` equal-count
-    bins by mean |a| (mean_abs: [L, I]; fewer bins where the layer has under bins x its selected count), and each
-    selected neuron is matched by a draw, without replacement, from the bin its own mean |a| falls in.
-    bins=1 is the layer-matched control. Returns [(layer, index)]."""
+    """A random control for a neuron set: as many neurons in each layer as the set has there, none of the set. With
+    bins > 1 they also match on activation scale: a layer's other neurons are cut into `bins` equal-count bins by mean
+    |a| (mean_abs: [L, I]; fewer where the layer has under bins x its selected count), and each selected neuron is
+    matched by a draw, without replacement, from its own bin. bins=1: matched on layer only. Returns [(layer, index)]."""
     chosen, control = {(n[0], n[1]) for n in neurons}, []
     for layer in sorted({n[0] for n in neurons}):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
@@ -534,27 +533,30 @@ def cmd_identify(args):
 
 
 def cmd_ablate(args):
-    """ablate: does scaling the selected neurons (0: zeroing them) hurt gold-solution likelihood more than scaling
-    random neurons of the same layers, matched on activation scale or not?"""
+    """ablate: does scaling the neurons (0: ablating them) raise the gold NLL more than scaling random, matched ones?"""
     if args.random_seeds < 2:
         raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 seeds (default 10)")
     out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
     batches = solution_batches(tokenizer, rows, args, device, args.nll_batch_size)
-    mean_abs = activation_moments(model, batches)[2]
+    mean_abs = activation_moments(model, batches)[2]  # per neuron, for the matched control
+    scale_of = lambda selection: float(sum(mean_abs[n[0], n[1]] for n in selection)) / len(selection)  # noqa: E731
+    bar = tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass")
+
+    def nll(selection):  # gold-solution NLL with the selection scaled
+        with ablate_neurons(model, selection, args.scale):
+            value = gold_nll(model, batches)
+        bar.update(1)
+        return value
     result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
-              "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds}
-    with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
-        def nll(selection):
-            with ablate_neurons(model, selection, args.scale):
-                value = gold_nll(model, batches)
-            bar.update(1)
-            return value
-        result.update(nll_base=nll([]), nll_ablated=nll(neurons))
-        for name, bins in (("matched", 10), ("unmatched", 1)):  # per layer and activation-scale bin; per layer only
-            nlls = [nll(random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed + seed), bins))
-                    for seed in range(args.random_seeds)]
-            result["random_" + name] = compare_with_random(result["nll_base"], result["nll_ablated"], nlls)
+              "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds,
+              "nll_base": nll([]), "nll_ablated": nll(neurons)}
+    for name, bins in (("matched", 10), ("unmatched", 1)):  # per layer and activation-scale bin; per layer only
+        controls = [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed + s), bins)
+                    for s in range(args.random_seeds)]
+        result["random_" + name] = {**compare_with_random(result["nll_base"], result["nll_ablated"], list(map(
+            nll, controls))), "mean_abs_ratio": sum(map(scale_of, controls)) / len(controls) / scale_of(neurons)}
+    bar.close()
     result["rise"] = result["nll_ablated"] - result["nll_base"]
     if args.eval_accuracy:
         base = evaluate(model, tokenizer, rows, args)
@@ -566,13 +568,13 @@ def cmd_ablate(args):
     print(f"NLL per solution token: base {result['nll_base']:.4f}, neurons x {args.scale:g} {result['nll_ablated']:.4f} "
           f"(rise {result['rise']:+.4f})")
     for name, r in ((name, result["random_" + name]) for name in ("matched", "unmatched")):
-        print(f"random {name:9s} {r['mean']:.4f} +- {r['std']:.4f} (rise {r['rise']:+.4f}), z = {r['z'] or math.nan:.2f}, "
-              + (f"ratio {r['ratio']:.2f}" if r["ratio"] is not None else r["note"]))
+        print(f"random {name:9s} {r['mean']:.4f} +- {r['std']:.4f} (rise {r['rise']:+.4f}, mean |a| x "
+              f"{r['mean_abs_ratio']:.2f}), z {r['z'] and round(r['z'], 2)}, " + (r["note"] if r["ratio"] is None else
+                                                                                 f"ratio {r['ratio']:.2f}"))
     if args.eval_accuracy:
-        p = result["accuracy_paired"]
-        print(f"accuracy: base {result['accuracy_base']:.4f}, neurons x {args.scale:g} {result['accuracy_ablated']:.4f} "
-              f"({p['only_this_correct']} right only with, {p['only_other_correct']} only without: McNemar p "
-              f"{p['mcnemar_p']:.4g})")
+        p, base, ablated = result["accuracy_paired"], result["accuracy_base"], result["accuracy_ablated"]
+        print(f"accuracy: base {base:.4f}, neurons x {args.scale:g} {ablated:.4f}; right only with: {p['only_this_correct']}"
+              f", without: {p['only_other_correct']}; McNemar p {p['mcnemar_p']:.2g}")
     print(f"wrote {out / 'ablation.json'}")
 
 
@@ -649,8 +651,7 @@ def forward_logps(model, batch):
 @torch.no_grad()
 def gold_nll(model, batches):
     """Mean NLL per completion token over batches (see collate); under torchrun each rank takes every world-th."""
-    rank, world = rank_and_world()
-    sums = torch.zeros(2, dtype=torch.float64, device=model.device)  # -sum log p, tokens
+    (rank, world), sums = rank_and_world(), torch.zeros(2, dtype=torch.float64, device=model.device)  # -sum log p, tokens
     for batch in batches[rank::world]:
         sums += torch.stack([-forward_logps(model, batch).sum(), batch["loss_mask"].sum()]).double()
     if world > 1:
@@ -661,9 +662,8 @@ def gold_nll(model, batches):
 # --- Preference pairs ----------------------------------------------------------------------------
 
 def make_pairs(tokenizer, rows, samples, system=None):
-    """Pairs from graded samples: samples[q] are the completions sampled for rows[q]. chosen = a correct sample, or
-    the gold solution when none is (flagged chosen_is_gold); rejected = an incorrect one; all correct: no pair.
-    Returns (pairs in TRL's format plus question_index and chosen_is_gold, counts)."""
+    """Pairs from graded samples (samples[q]: the completions of rows[q]): chosen = a correct sample, else the gold
+    solution (chosen_is_gold); rejected = an incorrect one; none when all are correct. Returns (TRL-format pairs, counts)."""
     pairs, counts = [], collections.Counter(questions=len(rows))
     for q, (row, texts) in enumerate(zip(rows, samples)):
         right = [t for t in texts if is_correct(t, row["gold"])]
@@ -686,9 +686,8 @@ def cmd_pairs(args):
     speed = generation_summary(samples, args, time.perf_counter() - start)
     pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n), args.system)
     write_jsonl(out / "pairs.jsonl", pairs)
-    rate = len(samples) / speed["wall_time_s"]
-    print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s ({rate:.3f} samples/s, "
-          f"{speed['tokens_per_s']} tokens/s); stops {speed['stops']}")
+    print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
+          f"({len(samples) / speed['wall_time_s']:.3f} samples/s, {speed['tokens_per_s']} tokens/s); stops {speed['stops']}")
     print(f"wrote {out / 'pairs.jsonl'}")
 
 
@@ -777,7 +776,8 @@ def peak_flops(device):
         peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12, "L4": 121e12}
         return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
     from torch.utils.benchmark import Timer
-    return 2 * 1024 ** 3 / Timer("a @ a", globals={"a": torch.randn(1024, 1024)}).blocked_autorange(min_run_time=0.3).median
+    matmul = Timer("a @ a", globals={"a": torch.randn(1024, 1024)}, num_threads=torch.get_num_threads())
+    return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
 
 
 def save_checkpoint(out, model, tokenizer, optimizer, scheduler, run, step):
@@ -825,7 +825,7 @@ def cmd_train(args):
     pairs = tokenize_pairs(tokenizer, rows, args.max_length)
     if not pairs:
         raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; raise it")
-    if args.gamma == "auto" and neurons and len(pairs) < 2:
+    if args.gamma == "auto" and neurons and args.lam and len(pairs) < 2:
         raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs; pass --gamma 1")
     pairs_per_step = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(pairs) // pairs_per_step
@@ -833,8 +833,9 @@ def cmd_train(args):
         raise UserError(f"{len(pairs)} pairs are fewer than one optimizer step takes ({pairs_per_step} = batch x accum x "
                         "processes); lower --batch-size or --grad-accum")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    # What a checkpoint must share with the run that resumes it: the data order and the reference depend on it.
-    run = hashlib.sha256(json.dumps([pairs, neurons, pairs_per_step, args.seed]).encode()).hexdigest()
+    # What a checkpoint must share with the run that resumes it: the data order, the reference and the loss.
+    run = hashlib.sha256(json.dumps([pairs, neurons, pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
+                                     args.yoke, args.neuron_margin]).encode()).hexdigest()
 
     batch_of = lambda ids: to_device(collate_pairs([pairs[i] for i in ids], tokenizer.pad_token_id), device)  # noqa: E731
     # Reference log-probs and neuron scores once, before step 1 (no second model in memory); --resume reuses them.
@@ -863,8 +864,8 @@ def cmd_train(args):
     if args.resume:
         state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
         if state["run"] != run:
-            raise UserError(f"--resume: {checkpoint} was trained with other pairs, neurons, batch x accum x "
-                            "processes or seed; resume with the same ones, or train into a new --out")
+            raise UserError(f"--resume: {checkpoint} was trained with other pairs, neurons, batch x accum x processes, "
+                            "seed or loss settings; resume with the same ones, or train into a new --out")
         optimizer.load_state_dict(state["optimizer"])  # no RNG state: with dropout off, nothing here draws at random
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
@@ -876,10 +877,9 @@ def cmd_train(args):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     for module in model.modules():  # no dropout, as TRL's disable_dropout: policy and reference are one network
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules' own dropout rate
-            module.attention_dropout = 0.0
+        for name, value in list(vars(module).items()):  # nn.Dropout's p, and rates such as attention_dropout
+            if isinstance(value, float) and ("dropout" in name or name == "p" and isinstance(module, torch.nn.Dropout)):
+                setattr(module, name, 0.0)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     num_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device) if master else None
@@ -904,8 +904,9 @@ def cmd_train(args):
                 for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
                     g += 0 if d is None else d
             norms["grad_norm/" + path] = torch.stack([g.norm() for g in grads]).norm().item()
-        tqdm.write(f"step {step + 1}: gradient norm of the DPO term {norms['grad_norm/dpo']:.4g}, of lam x the neuron "
-                   f"term {norms['grad_norm/neuron']:.4g} ({norms['grad_norm/neuron'] / norms['grad_norm/dpo']:.2%})")
+        dpo, neuron = norms["grad_norm/dpo"], norms["grad_norm/neuron"]
+        tqdm.write(f"step {step + 1}: gradient norm of the DPO term {dpo:.4g}, of lam x the neuron term {neuron:.4g} "
+                   f"({neuron / (dpo or math.nan):.2%} of the DPO term's)")
         return norms
 
     relative = args.neuron_margin == "relative"
@@ -973,10 +974,11 @@ def cmd_plot(args):
     rows = read_jsonl(path) if path.is_file() else []
     if not rows:
         raise UserError(f"no training steps in {path}; pass the --out folder of a train run")
-    import matplotlib.pyplot as plt  # without a display, matplotlib draws with Agg
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
     panels = [("loss", ["loss", "loss/dpo", "loss/neuron"]), ("reward accuracy", ["rewards/accuracies"]),
               ("margins", ["rewards/margins", "neuron/margin"]), ("learning rate", ["learning_rate"])]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2)
     for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
@@ -1271,8 +1273,7 @@ def generation_summary(completions, args, seconds):
 
 
 def paired_difference(shared):
-    """Accuracy difference of two runs on the same questions, shared = [(this correct, other correct)],
-    with the exact McNemar p-value."""
+    """Accuracy difference of two runs on the same questions, shared = [(this correct, other correct)]; exact McNemar."""
     only_this, only_other = sum(a and not b for a, b in shared), sum(b and not a for a, b in shared)
     return {"shared": len(shared), "difference": (only_this - only_other) / len(shared), "only_this_correct": only_this,
             "only_other_correct": only_other, "mcnemar_p": mcnemar_exact(only_this, only_other)}
@@ -1364,7 +1365,6 @@ def cmd_demo(args):
     model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
     write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
     write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
-    print(f"[demo] tiny model in {model}, GSM8K-format data in {data}")
     common, neurons = ["--model", model, "--data", str(data), "--seed", str(args.seed), "--device", "cpu"], \
         str(out / "identify" / "neurons.json")
     stages = [("identify", ["--num-samples", "8", "--top-k", "16"]),
@@ -1414,7 +1414,7 @@ def build_parser():
     common.add_argument("--trust-remote-code", action="store_true")
     generation = argparse.ArgumentParser(add_help=False)
     generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: 32 on CPU, "
-                            "128 on GPU); with --server, requests in flight (default 64)")
+                            "128 on GPU); with --server (eval, pairs), requests in flight (default 64)")
     generation.add_argument("--max-new-tokens", type=positive_int, default=512)
 
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
