@@ -637,6 +637,16 @@ def test_identify_writes_a_neuron_set_that_round_trips(neurons_file, tiny):
                       for n in saved["neurons"]]
 
 
+def test_identify_formats_every_control_row_as_control_text(tiny_dir, data_file, tmp_path, monkeypatch):
+    seen, batches = [], yfpo.solution_batches
+    monkeypatch.setattr(yfpo, "solution_batches", lambda tokenizer, rows, *args: seen.append(rows) or batches(
+        tokenizer, rows, *args))
+    assert run("identify", "--model", tiny_dir, "--data", data_file, "--control", data_file, "--num-samples", "2",
+               "--top-k", "4", "--out", str(tmp_path)) == 0
+    # the control file here is GSM8K itself, with '####' markers: its rows still get no instruction
+    assert [r["gold"] for r in seen[0]] == ["8", "48"] and [r["gold"] for r in seen[1]] == [None, None]
+
+
 def test_per_layer_records_the_neurons_it_kept(tiny_dir, data_file, tmp_path):
     assert run("identify", "--model", tiny_dir, "--data", data_file, "--num-samples", "4", "--top-k", "5",
                "--per-layer", "--out", str(tmp_path)) == 0
