@@ -520,7 +520,7 @@ def cmd_identify(args):
                       "num_selected": len(neurons), "score": "AttnLRP relevance at the down_proj input" +
                       (" minus the same over the control samples" if control else ""), "normalization": "per solution "
                       "token (a sample's relevance / its solution tokens), then the mean over samples", "direction":
-                      "sign of the summed gradient over the solution tokens", "data": args.data, "num_samples": len(rows),
+                      "sign of the summed AttnLRP gradient on solution tokens", "data": args.data, "num_samples": len(rows),
                       "control": args.control, "num_control_samples": len(control), "max_length": args.max_length},
         "counts_per_layer": counts, "direction_disagrees_with_mean_sign": disagree, "scoring_seconds": round(seconds, 2),
         "neurons": [{"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
@@ -894,7 +894,7 @@ def cmd_train(args):
         return logps, scores, yfpo_loss(logps[:, 0], logps[:, 1], ref_logps[indices, 0], ref_logps[indices, 1], margin,
                                         beta=args.beta, lam=args.lam, gamma=gamma, yoke=args.yoke)
 
-    def term_grad_norms(chunk):  # rank 0 alone, on the step's pairs, before its update; no .grad is touched
+    def term_grad_norms(chunk, step):  # rank 0 alone, on the step's pairs, before its update; no .grad is touched
         net, norms = getattr(model, "module", model), {}
         params = [p for p in net.parameters() if p.requires_grad]
         for path in ("dpo", "neuron"):
@@ -917,7 +917,7 @@ def cmd_train(args):
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
         chunk = order[k * pairs_per_step:(k + 1) * pairs_per_step]
         # The gradient each term contributes, at the first and the last step (a few extra passes per run).
-        probe = term_grad_norms(chunk) if master and neurons and args.lam and step in (0, total_steps - 1) else {}
+        probe = term_grad_norms(chunk, step) if master and neurons and args.lam and step in (0, total_steps - 1) else {}
         t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
         sums = torch.zeros(len(PAIR_METRICS) + 1, device=device)  # + the count of tokens processed
         for micro in range(args.grad_accum):
