@@ -28,7 +28,7 @@ DEFAULT_DATA = "openai/gsm8k"
 # Appended to every question; the strict extraction rule looks for exactly this phrase.
 INSTRUCTION = 'Solve the problem step by step, then finish with "The answer is N." where N is the final number.'
 LRP_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # the ones lxt's AttnLRP patches and we test
-GENERATION_BATCH = {"cpu": 32, "cuda": 128}  # default rows decoded at once (measured: see the README)
+GENERATION_BATCH = {"cpu": 64, "cuda": 128}  # default rows decoded at once (measured: see the README)
 
 
 class UserError(Exception):
@@ -1069,8 +1069,17 @@ class SlotCache:
         for layer, (k, v) in enumerate(prefill):
             self.keys[layer][row, :, span], self.values[layer][row, :, span] = k[0], v[0]
 
-    def keep(self, rows):
-        self.keys, self.values, self.valid = [k[rows] for k in self.keys], [v[rows] for v in self.values], self.valid[rows]
+    def keep(self, live):
+        """Rows `live` (ascending) become rows 0..n-1 in place: only those beyond n move, into the holes (no copy of
+        the whole cache each time a sequence ends). Returns the old row of each new row."""
+        order, n = list(range(len(live))), len(live)
+        holes, movers = [r for r in order if r not in live], [r for r in live if r >= n]
+        for t in self.keys + self.values + [self.valid]:
+            t[holes] = t[movers]
+        for h, m in zip(holes, movers):
+            order[h] = m
+        self.keys, self.values, self.valid = [k[:n] for k in self.keys], [v[:n] for v in self.values], self.valid[:n]
+        return order
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -1143,8 +1152,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
             if not live:
                 break
             if len(live) < len(rows):  # nothing waits: finished rows leave the batch
-                rows = [rows[r] for r in live]
-                cache.keep(torch.tensor(live, device=device))
+                rows = [rows[r] for r in cache.keep(live)]
             cache.trim()
             cache.valid[:, cache.length] = True
             out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
