@@ -6,6 +6,8 @@ Optional, on a real model: YFPO_SMOLLM2=/path/to/SmolLM2-135M-Instruct python -m
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +184,18 @@ def test_load_folder_reads_every_shard_of_the_split_only(tmp_path):
     yfpo.write_jsonl(tmp_path / "train-00001-of-00002.jsonl", DEMO_ROWS[2:3])
     yfpo.write_jsonl(tmp_path / "trainextra.jsonl", DEMO_ROWS[3:])
     assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "train")] == ["8", "48", "105"]
+
+
+def test_load_json_lines_json_list_and_parquet_files(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "list.json").write_text(json.dumps(DEMO_ROWS[:3]))
+    yfpo.write_jsonl(tmp_path / "lines.json", DEMO_ROWS[:3])  # what datasets' to_json writes
+    datasets.Dataset.from_list(DEMO_ROWS[:3]).to_parquet(str(tmp_path / "rows.parquet"))
+    for name in ("list.json", "lines.json", "rows.parquet"):
+        assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path / name), "train")] == ["8", "48", "105"], name
+    (tmp_path / "bad.json").write_text("[{oops")
+    with pytest.raises(yfpo.UserError, match="could not load .*bad.json"):
+        yfpo.load_gsm8k(str(tmp_path / "bad.json"), "train")
 
 
 def test_chat_template_prompt_holds_question_instruction_and_generation_prompt(tiny):
@@ -451,18 +465,9 @@ def test_eval_cli_writes_rows_and_summary(tiny_dir, data_file, tmp_path, capsys)
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_eval_compare_reports_paired_difference(tiny_dir, data_file, tmp_path, capsys):
-    first = tmp_path / "first"
-    assert run("eval", "--model", tiny_dir, "--data", data_file, "--limit", "3", "--max-new-tokens", "4", "--out", str(first)) == 0
-    rows = [json.loads(line) for line in (first / "eval.jsonl").read_text().splitlines()]
-    for r in rows:  # the other run got every question right
-        r["correct"] = True
-    yfpo.write_jsonl(first / "other.jsonl", rows)
-    assert run("eval", "--model", tiny_dir, "--data", data_file, "--limit", "3", "--max-new-tokens", "4",
-               "--out", str(tmp_path / "second"), "--compare", str(first / "other.jsonl")) == 0
-    compare = json.loads((tmp_path / "second" / "summary.json").read_text())["compare"]
-    assert compare["shared"] == 3 and compare["only_this_correct"] == 0 and compare["only_other_correct"] == 3
-    assert compare["difference"] == -1.0 and compare["mcnemar_p"] == 0.25
+def test_paired_difference_counts_the_questions_only_one_run_got_right():
+    d = yfpo.paired_difference([(False, True)] * 3 + [(True, True), (False, False)])
+    assert d == {"shared": 5, "difference": -0.6, "only_this_correct": 0, "only_other_correct": 3, "mcnemar_p": 0.25}
 
 
 def test_wilson_interval_known_value():
@@ -790,7 +795,8 @@ def test_ablate_cli_writes_the_comparison(tiny_dir, data_file, neurons_file, tmp
     assert all(r["note"] in out for r in (result["random_matched"], result["random_unmatched"]) if r["note"])
 
 
-@pytest.mark.parametrize("case", ["shape mismatch", "k too large", "unsupported", "one seed", "num-samples 0"])
+@pytest.mark.parametrize("case", ["shape mismatch", "k too large", "unsupported", "one seed", "num-samples 0",
+                                  "hub data offline"])
 def test_identify_and_ablate_bad_input(case, tiny_dir, data_file, neurons_file, tmp_path, capsys):
     out = str(tmp_path / "out")
     if case == "shape mismatch":
@@ -813,6 +819,9 @@ def test_identify_and_ablate_bad_input(case, tiny_dir, data_file, neurons_file, 
     elif case == "one seed":
         assert_user_error(capsys, out, "ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file,
                           "--random-seeds", "1", "--out", out, says="--random-seeds 1: the controls' std needs at least 2")
+    elif case == "hub data offline":  # identify reads the train split: the hint names that file
+        assert_user_error(capsys, out, "identify", "--model", tiny_dir, "--data", "no-such-org/no-such-data", "--out", out,
+                          says="offline, pass a local file: --data /path/to/train.jsonl")
     else:
         with pytest.raises(SystemExit) as e:
             run("identify", "--model", tiny_dir, "--num-samples", "0", "--out", out)
@@ -1107,7 +1116,7 @@ def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir,
 
 @pytest.mark.parametrize("case", ["missing field", "empty file", "all truncated", "lam without neurons",
                                   "negative lam without neurons", "neurons shape", "resume without checkpoint",
-                                  "no such device", "empty prompt", "gamma auto with one pair"])
+                                  "no such device", "empty prompt", "gamma auto with one pair", "empty folder"])
 def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--out", out, "--lam", "0", "--device", "cpu"]
@@ -1143,6 +1152,9 @@ def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, cap
         saved["num_layers"] = 5
         (tmp_path / "n.json").write_text(json.dumps(saved))
         argv, says = argv + ["--neurons", str(tmp_path / "n.json")], "was made for 5 layers x 128 neurons"
+    elif case == "empty folder":  # a first try: the pairs are named first, with the command that makes them
+        argv, says = ["train", "--lam", "0.3", "--out", out], "pairs file missing: " + str(Path(out) / "pairs.jsonl") + \
+            "; make one with `python yfpo.py pairs`"
     else:
         argv, says = argv + ["--resume"], "--resume: no checkpoint"
     assert_user_error(capsys, out, *argv, says=says)
@@ -1173,12 +1185,131 @@ def test_plot_draws_the_training_curves(tiny_dir, pairs_file, tmp_path):
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_demo_runs_every_stage(tmp_path, capsys):
+# ---------------------------------------------------------------------------------------------
+# Reproduce: every stage in one restartable command, and its report
+# ---------------------------------------------------------------------------------------------
+REPRODUCE = ["--num-samples", "8", "--top-k", "16", "--ablate-samples", "4", "--random-seeds", "2", "--num-questions", "8",
+             "--samples-per-question", "2", "--max-new-tokens", "16", "--lr", "1e-4", "--train-batch-size", "2",
+             "--grad-accum", "1", "--epochs", "2", "--max-length", "256", "--save-every", "2", "--eval-limit", "6",
+             "--device", "cpu"]
+STAGES = ["identify", "ablate", "pairs", "train_dpo", "train_yfpo", "eval_base", "eval_dpo", "eval_yfpo"]
+
+
+def reproduce(tiny_dir, data_file, out, *extra):
+    return run("reproduce", "--model", tiny_dir, "--data", data_file, *REPRODUCE, "--out", str(out), *extra)
+
+
+def without_wall_times(report):
+    return report.split("| stage | wall time")[0]
+
+
+def stages_run(printed):  # (stages run, stages skipped) by reproduce's screen lines
+    return re.findall(r"\[reproduce\] (\w+)(?: \(resuming its checkpoint\))? ->", printed), \
+        re.findall(r"\[reproduce\] (\w+): done with these settings, skipped", printed)
+
+
+@pytest.fixture(scope="session")
+def reproduced(tiny_dir, data_file, tmp_path_factory):
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("reproduce")
+    assert reproduce(tiny_dir, data_file, out) == 0
+    return out
+
+
+def test_reproduce_report_holds_every_model_run_and_stage(reproduced):
+    report = (reproduced / "report.md").read_text()
+    for column in ("accuracy", "95% CI", "correct / total", "vs base", "McNemar p", "reward accuracy", "reward margin",
+                   "neuron margin", "its gain over the reference", "grad norm DPO first / last",
+                   "grad norm neuron first / last", "wall time"):
+        assert column in report, column
+    for name in ("base", "dpo", "yfpo"):
+        summary = json.loads((reproduced / f"eval_{name}" / "summary.json").read_text())
+        assert f"| {name} | {summary['accuracy']:.4f} | [{summary['ci_low']:.4f}, {summary['ci_high']:.4f}] | " \
+               f"{summary['correct']} / 6 |" in report
+    rows = {name: yfpo.read_jsonl(reproduced / f"eval_{name}" / "eval.jsonl") for name in ("base", "dpo", "yfpo")}
+    d = yfpo.paired_difference([(a["correct"], b["correct"]) for a, b in zip(rows["yfpo"], rows["dpo"])])
+    assert f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}) |\n" in report  # YFPO against DPO, the last column
+    for run_name in ("dpo", "yfpo"):
+        last = metrics(reproduced / f"train_{run_name}")[-1]
+        assert f"| {run_name} | {last['step']} | {last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | " \
+               f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | " + "— | — |" * (run_name == "dpo") in report
+    probes = [m for m in metrics(reproduced / "train_yfpo") if "grad_norm/neuron" in m]  # first and last step
+    assert len(probes) == 2 and f"{probes[0]['grad_norm/neuron']:.4g} / {probes[1]['grad_norm/neuron']:.4g}" in report
+    ablation = json.loads((reproduced / "ablate" / "ablation.json").read_text())
+    assert f"matched random neurons: rise {ablation['random_matched']['rise']:+.4f}" in report
+    assert all(f"| {stage} |" in report.split("| stage | wall time")[1] for stage in STAGES)
+    assert (reproduced / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((reproduced / "train_yfpo" / "stage.json").read_text())["argv"][:1] == ["train"]
+
+
+def test_reproduce_again_skips_every_stage_and_writes_the_same_report(tiny_dir, data_file, reproduced, capsys):
+    before = (reproduced / "report.md").read_text()
+    capsys.readouterr()
+    assert reproduce(tiny_dir, data_file, reproduced) == 0
+    assert stages_run(capsys.readouterr().out) == ([], STAGES)
+    assert (reproduced / "report.md").read_text() == before
+
+
+def test_changing_lam_reruns_only_the_yfpo_training_and_its_eval(tiny_dir, data_file, reproduced, tmp_path, capsys):
+    shutil.copytree(reproduced, tmp_path / "copy")  # a moved folder keeps its stages: OUT is not part of a key
+    capsys.readouterr()
+    assert reproduce(tiny_dir, data_file, tmp_path / "copy", "--lam", "0.5") == 0
+    ran, skipped = stages_run(capsys.readouterr().out)
+    assert ran == ["train_yfpo", "eval_yfpo"] and skipped == [s for s in STAGES if s not in ran]
+    assert "lam=0.5" in (tmp_path / "copy" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["after pairs", "inside training"])
+def test_an_interrupted_run_started_again_gives_the_same_report(where, tiny_dir, data_file, reproduced, tmp_path,
+                                                                monkeypatch, capsys):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    real = yfpo.save_checkpoint
+    if where == "after pairs":
+        monkeypatch.setattr(yfpo, "cmd_train", interrupt)
+    else:  # killed right after train_dpo's first checkpoint (step 2 of 6)
+        monkeypatch.setattr(yfpo, "save_checkpoint", lambda *args: (real(*args), interrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(tiny_dir, data_file, tmp_path)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert reproduce(tiny_dir, data_file, tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert stages_run(printed) == (STAGES[3:], ["identify", "ablate", "pairs"])
+    assert ("train_dpo (resuming its checkpoint)" in printed) == (where == "inside training")
+    assert without_wall_times((tmp_path / "report.md").read_text()) == \
+        without_wall_times((reproduced / "report.md").read_text())
+
+
+@pytest.mark.parametrize("case", ["eval-limit 0", "seeds 0", "unreadable control", "missing data"])
+def test_reproduce_bad_input_fails_before_any_stage(case, tiny_dir, data_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ["reproduce", "--model", tiny_dir, "--data", data_file, "--out", out, "--device", "cpu"]
+    if case in ("eval-limit 0", "seeds 0"):
+        with pytest.raises(SystemExit) as e:
+            run(*argv, "--" + case.split()[0], "0")
+        assert e.value.code == 2 and f"--{case.split()[0]}: must be a positive int" in capsys.readouterr().err
+    elif case == "unreadable control":
+        (tmp_path / "control.jsonl").write_text("{oops\n")
+        assert_user_error(capsys, out, *argv, "--control", str(tmp_path / "control.jsonl"),
+                          says="control.jsonl:1: not valid JSON")
+    else:
+        assert_user_error(capsys, out, *argv, "--data", str(tmp_path / "none.jsonl"), says="data file missing")
+    assert not Path(out).exists()
+
+
+def test_demo_is_reproduce_on_a_tiny_model(tmp_path, capsys):
     assert run("demo", "--out", str(tmp_path)) == 0
-    for path in ("identify/neurons.json", "ablate/ablation.json", "pairs/pairs.jsonl", "train/metrics.jsonl",
-                 "train/model/model.safetensors", "eval/summary.json"):
+    for path in ("identify/neurons.json", "ablate/ablation.json", "pairs/pairs.jsonl", "train_dpo/metrics.jsonl",
+                 "train_yfpo/model/model.safetensors", "eval_base/summary.json", "eval_yfpo/summary.json", "report.md",
+                 "report.png"):
         assert (tmp_path / path).is_file(), path
     assert "accuracy means nothing" in capsys.readouterr().out
+
+
+def test_plot_overlays_the_runs_of_several_folders(reproduced, tmp_path):
+    assert run("plot", str(reproduced), str(reproduced / "train_dpo"), "--out", str(tmp_path / "both.png")) == 0
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------------------------

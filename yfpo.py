@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # comes with transformers
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-DEFAULT_DATA = "openai/gsm8k"
+DEFAULT_MODEL, DEFAULT_DATA = "Qwen/Qwen2.5-0.5B-Instruct", "openai/gsm8k"
 # Appended to every question; the strict extraction rule looks for exactly this phrase.
 INSTRUCTION = 'Solve the problem step by step, then finish with "The answer is N." where N is the final number.'
 LRP_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # the ones lxt's AttnLRP patches and we test
@@ -36,7 +35,6 @@ class UserError(Exception):
 
 
 # --- Files: every output is written whole (temporary name, then rename), so a failed run leaves none ---
-
 def check_out_dir(out):
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is an existing file; pass a folder path")
@@ -76,7 +74,6 @@ def looks_like_path(name):
 
 
 # --- Model, device, seed -------------------------------------------------------------------------
-
 def pick_device(name):
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
@@ -101,15 +98,10 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
     """(model, tokenizer) from a hub id, a local Hugging Face folder, or a .gguf file (model None without weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"trust_remote_code": trust_remote_code}
-    if Path(name).exists():
-        if name.endswith(".gguf"):
-            try:
-                import accelerate, gguf  # noqa: F401  (transformers needs both to read .gguf)
-            except ImportError:
-                raise UserError("loading a .gguf file needs the optional packages: pip install gguf accelerate") from None
-            name, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
-    elif looks_like_path(name):
+    if not Path(name).exists() and looks_like_path(name):
         raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder, a .gguf file or a hub id")
+    if Path(name).is_file() and name.endswith(".gguf"):  # transformers reads it with the packages gguf and accelerate
+        name, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs) if weights else None
@@ -139,7 +131,6 @@ def decoder_layers(model):
 
 
 # --- Data: GSM8K rows, gold answers, prompts -----------------------------------------------------
-
 def load_rows(data, split, config=None):
     """Rows of a local .jsonl/.json/.parquet file (or a folder holding SPLIT.*), or a hub dataset."""
     path = Path(data)
@@ -149,26 +140,19 @@ def load_rows(data, split, config=None):
         if not found:
             raise UserError(f"no {split}.jsonl, {split}.json or {split}.parquet in {data}; add one or pass the file itself")
         return [row for shard in found for row in load_rows(str(shard), split)]
-    if path.is_file():
-        if path.suffix == ".jsonl":
-            return read_jsonl(path)
-        if path.suffix == ".json":
-            try:
-                return list(json.loads(path.read_text()))  # a list of rows (load_gsm8k checks each row)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if path.suffix == ".parquet":
-            import datasets
-            return list(datasets.Dataset.from_parquet(str(path)))
+    if path.is_file() and path.suffix == ".jsonl":
+        return read_jsonl(path)  # our reader: its errors name the line
+    if path.is_file() and path.suffix not in (".json", ".parquet"):
         raise UserError(f"{path}: unknown data format; use .jsonl, .json or .parquet")
-    if looks_like_path(data):
+    if looks_like_path(data) and not path.is_file():
         raise UserError(f"data file missing: {data}; pass an existing .jsonl/.json/.parquet file or folder")
     import datasets
-    try:
-        return list(datasets.load_dataset(data, config, split=split))
-    except Exception as e:  # datasets raises many types for "unreachable"/"unknown"
-        raise UserError(f"could not load dataset '{data}' ({type(e).__name__}); offline, pass a local file: "
-                        f"--data /path/to/{split}.jsonl") from None
+    try:  # a .json (JSON lines, or one list of rows) or .parquet file, or a hub dataset
+        return list(datasets.load_dataset(path.suffix[1:], data_files=data, split="train") if path.is_file() else
+                    datasets.load_dataset(data, config, split=split))
+    except Exception as e:  # datasets raises many types for "unreachable", "unknown" and "malformed"
+        raise UserError(f"could not load '{data}' ({type(e).__name__}); " + ("fix the file" if path.is_file() else
+                        f"offline, pass a local file: --data /path/to/{split}.jsonl")) from None
 
 
 def load_gsm8k(data, split, require_gold=True):
@@ -182,7 +166,7 @@ def load_gsm8k(data, split, require_gold=True):
             raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text, and the question not empty")
         if require_gold and "####" not in row["answer"]:
             raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; end it with '#### <number>'")
-        row["gold"] = parse_gold(row["answer"]) if "####" in row["answer"] else None
+        row["gold"] = parse_gold(row["answer"]) if require_gold else None
     if not rows:
         raise UserError(f"{data}: no rows in split '{split}'")
     return rows
@@ -246,8 +230,7 @@ def collate(examples, pad_id):
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask, loss_mask = torch.zeros(len(examples), width, dtype=torch.long), torch.zeros(len(examples), width)
     for b, (p, c) in enumerate(examples):
-        input_ids[b, :len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[b, :len(p) + len(c)] = 1
+        input_ids[b, :len(p) + len(c)], attention_mask[b, :len(p) + len(c)] = torch.tensor(p + c), 1
         loss_mask[b, len(p) - 1:len(p) + len(c) - 1] = 1
     labels = F.pad(input_ids[:, 1:], (0, 1), value=pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_mask": loss_mask}
@@ -272,13 +255,11 @@ def solution_examples(tokenizer, rows, max_length, system=None):
 # --- Neurons: AttnLRP relevance, selection, the saved set, ablation ------------------------------
 # A "neuron" is one coordinate of an MLP's hidden layer, i.e. of the input of down_proj:
 # a = act(gate_proj(x)) * up_proj(x), shape [B, T, intermediate_size], in every layer.
-
 @contextlib.contextmanager
 def attnlrp(model):
-    """Patch the model's transformers module with lxt's AttnLRP rules; undo the patch on exit.
-    lxt's monkey_patch swaps methods on classes (the MLP, the RMSNorm, torch's Dropout) and
-    functions on the modeling module, which changes gradients for the whole process. We record
-    every attribute it can touch and put them all back, so training never runs patched."""
+    """Patch the model's transformers module with lxt's AttnLRP rules; undo the patch on exit. lxt's monkey_patch swaps
+    methods on classes (the MLP, the RMSNorm, torch's Dropout) and functions on the modeling module, which changes gradients
+    for the whole process. We record every attribute it can touch and put them all back, so training never runs patched."""
     if model.config.model_type not in LRP_ARCHITECTURES:
         raise UserError(f"model type '{model.config.model_type}' is not supported; supported: {', '.join(LRP_ARCHITECTURES)}")
     from lxt.efficient import monkey_patch
@@ -302,9 +283,8 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
     loss_mask: [B, T] (see collate). The explained quantity is
         F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
     and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i} over the solution's tokens, a_l the input of layer l's down_proj.
-    Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside
-    it is plain gradient x input, accumulated in float32. The weights get no gradient (.grad and requires_grad kept).
-    Returns (R, G), each [B, L, I] summed over the solution's own tokens t; G = sum_t dF/da_{l,t,i}."""
+    Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside it is gradient x input
+    (float32; the weights get no gradient). Returns (R, G), each [B, L, I], over the solution's tokens; G = sum_t dF/da."""
     layers, found = decoder_layers(model), {}  # found: down_proj module -> its (relevance, gradient)
     keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # the solution's own tokens: position t + 1 holds label t
 
@@ -314,32 +294,26 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
         def on_grad(grad):  # called during backward with dF/da, shape [B, T, I]
             found[module] = ((a.float() * grad.float() * keep).sum(1), (grad.float() * keep).sum(1))
         args[0].register_hook(on_grad)
-
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(pre_hook) for layer in layers]
-    flags = [p.requires_grad for p in model.parameters()]
-    try:
-        with torch.enable_grad():
-            model.requires_grad_(False)  # activation gradients only: autograd keeps nothing for the weights'
-            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-            hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-            # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary-wide matmul.
-            head = model.get_output_embeddings()
-            logits = (hidden * head.weight[labels]).sum(-1) + (0 if head.bias is None else head.bias[labels])
-            torch.autograd.grad((logits * loss_mask).sum(), embeds)
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
+    with torch.enable_grad(), contextlib.ExitStack() as undo:  # on exit: the hooks removed, every requires_grad restored
+        for layer in layers:
+            undo.enter_context(layer.mlp.down_proj.register_forward_pre_hook(pre_hook))
+        for p in model.parameters():
+            undo.callback(p.requires_grad_, p.requires_grad)
+        model.requires_grad_(False)  # activation gradients only: autograd keeps nothing for the weights'
+        embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+        hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary-wide matmul.
+        head = model.get_output_embeddings()
+        logits = (hidden * head.weight[labels]).sum(-1) + (0 if head.bias is None else head.bias[labels])
+        torch.autograd.grad((logits * loss_mask).sum(), embeds)
     return tuple(torch.stack([found[layer.mlp.down_proj][j] for layer in layers], dim=-2) for j in (0, 1))
 
 
 def score_neurons(model, batches, progress=None):
-    """(scores, directions), each [num_layers, intermediate_size] float32, over the samples of batches
-    (dicts with input_ids, attention_mask, labels, loss_mask; see collate). A sample's relevance is taken per
-    solution token (its R over its token count), so long and short answers weigh alike; the score is the mean
-    over samples (with any solution token). The direction is +1 where the neuron's summed gradient is >= 0 (raising it
-    raises the explained logits, as the gradient R is made of sees it: AttnLRP's inside attnlrp(model)), else -1."""
+    """(scores, directions), each [num_layers, intermediate_size] float32, over the samples of batches (see collate).
+    A sample's relevance is taken per solution token (its R over its token count), so long and short answers weigh alike;
+    the score is the mean over samples (with any solution token). The direction is +1 where the neuron's summed gradient
+    is >= 0 (raising it raises the explained logits, as the gradient R is made of sees it), else -1."""
     score, gradient, count = 0.0, 0.0, 0
     for batch in batches:
         relevance, grad = neuron_relevance(model, **batch)
@@ -367,29 +341,28 @@ def select_neurons(scores, k, per_layer=False):
 
 
 class NeuronCapture:
-    """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs).
-    Inside `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
-    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
-    capture.scores(mask) the neuron scores [B] (needs the neurons' activation mean, std and direction).
-    Keep it open through backward: gradient checkpointing runs the hooks again there."""
+    """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs). Inside
+    `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations() [B, T, K] (K = len(neurons), in
+    the order given), still attached to the autograd graph, and capture.scores(mask) the neuron scores [B] (needs the neurons'
+    activation mean, std and direction). Keep it open through backward: gradient checkpointing runs the hooks again there."""
 
     def __init__(self, model, neurons, mean=None, std=None, direction=None):
-        self.layers, self.captured, self.hooks, self.stats = decoder_layers(model), {}, [], (mean, std, direction)
+        self.layers, self.captured, self.stats = decoder_layers(model), {}, (mean, std, direction)
         self.index = {l: torch.tensor([n[1] for n in neurons if n[0] == l]) for l in sorted({n[0] for n in neurons})}
         # Hooks fill the columns layer by layer; this permutation restores the order given.
         self.order = torch.tensor(sorted(range(len(neurons)), key=lambda k: neurons[k][0])).argsort()
 
     def __enter__(self):
+        self.hooks = contextlib.ExitStack()  # a hook's handle removes the hook when the stack closes
         for layer, index in self.index.items():
             def pre_hook(module, args, layer=layer, index=index):
                 self.captured[layer] = args[0][..., index.to(args[0].device)]
-            self.hooks.append(self.layers[layer].mlp.down_proj.register_forward_pre_hook(pre_hook))
+            self.hooks.enter_context(self.layers[layer].mlp.down_proj.register_forward_pre_hook(pre_hook))
         return self
 
     def __exit__(self, *exc):
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks, self.captured = [], {}
+        self.hooks.close()
+        self.captured = {}
 
     def activations(self):
         acts = torch.cat([self.captured[layer] for layer in self.index], dim=-1)
@@ -406,13 +379,11 @@ def ablate_neurons(model, neurons, scale=0.0):
     layers, masks = decoder_layers(model), {}
     for n in neurons:
         masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
-    hooks = [layers[layer].mlp.down_proj.register_forward_pre_hook(
-        lambda module, args, mask=mask: (args[0] * mask.to(args[0]),) + args[1:]) for layer, mask in masks.items()]
-    try:
+    with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
+        for layer, mask in masks.items():
+            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(
+                lambda module, args, mask=mask: (args[0] * mask.to(args[0]),) + args[1:]))
         yield model
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def model_shape(model):
@@ -447,14 +418,12 @@ def activation_moments(model, batches):
     def pre_hook(module, args):  # sums of a, a^2 and |a| over this batch's solution positions
         a = args[0].double()
         sums[module] = sums.get(module, 0) + torch.stack([(x * keep[-1]).sum((0, 1)) for x in (a, a * a, a.abs())])
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(pre_hook) for layer in layers]
-    try:
+    with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
+        for layer in layers:
+            hooks.enter_context(layer.mlp.down_proj.register_forward_pre_hook(pre_hook))
         for batch in batches:  # the decoder alone: no logits needed. Position t + 1 holds the token label t names.
             keep.append(F.pad(batch["loss_mask"], (1, 0))[:, :-1, None].double())
             model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in hooks:
-            h.remove()
     mean, mean_sq, mean_abs = torch.stack([sums[layer.mlp.down_proj] for layer in layers], 1) / sum(k.sum() for k in keep)
     return mean.float(), (mean_sq - mean ** 2).clamp_min(0).sqrt().float(), mean_abs.float()
 
@@ -505,9 +474,7 @@ def cmd_identify(args):
         with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
             scores, directions = score_neurons(model, math_batches, bar)
             if control:  # keep what is specific to math, not what any text uses
-                control_batches = solution_batches(tokenizer, [{**r, "gold": None} for r in control], args, device,
-                                                   args.batch_size)
-                scores = scores - score_neurons(model, control_batches, bar)[0]
+                scores -= score_neurons(model, solution_batches(tokenizer, control, args, device, args.batch_size), bar)[0]
         seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
     mean, std, _ = activation_moments(model, math_batches)
@@ -525,11 +492,10 @@ def cmd_identify(args):
         "counts_per_layer": counts, "direction_disagrees_with_mean_sign": disagree, "scoring_seconds": round(seconds, 2),
         "neurons": [{"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
                      "act_mean": float(mean[l, i]), "act_std": float(std[l, i])} for l, i, s in neurons]})
-    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per layer:")
-    for layer, count in enumerate(counts):
-        print(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}")
-    print(f"the saved direction differs from the sign of the mean activation for {disagree} of {len(neurons)}")
-    print(f"wrote {out / 'neurons.json'}")
+    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per layer:",
+          *(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}" for layer, count in enumerate(counts)),
+          f"the saved direction differs from the sign of the mean activation for {disagree} of {len(neurons)}",
+          f"wrote {out / 'neurons.json'}", sep="\n")
 
 
 def cmd_ablate(args):
@@ -541,45 +507,40 @@ def cmd_ablate(args):
     batches = solution_batches(tokenizer, rows, args, device, args.nll_batch_size)
     mean_abs = activation_moments(model, batches)[2]  # per neuron, for the matched control
     scale_of = lambda selection: float(sum(mean_abs[n[0], n[1]] for n in selection)) / len(selection)  # noqa: E731
-    bar = tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass")
 
-    def nll(selection):  # gold-solution NLL with the selection scaled
+    def scaled(selection):  # the gold NLL with the selection scaled
         with ablate_neurons(model, selection, args.scale):
             value = gold_nll(model, batches)
         bar.update(1)
         return value
-    result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
-              "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds,
-              "nll_base": nll([]), "nll_ablated": nll(neurons)}
-    for name, bins in (("matched", 10), ("unmatched", 1)):  # per layer and activation-scale bin; per layer only
-        controls = [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed + s), bins)
-                    for s in range(args.random_seeds)]
-        result["random_" + name] = {**compare_with_random(result["nll_base"], result["nll_ablated"], list(map(
-            nll, controls))), "mean_abs_ratio": sum(map(scale_of, controls)) / len(controls) / scale_of(neurons)}
-    bar.close()
+    with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
+        result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
+                  "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds,
+                  "nll_base": scaled([]), "nll_ablated": scaled(neurons)}
+        for name, bins in (("matched", 10), ("unmatched", 1)):  # per layer and activation-scale bin; per layer only
+            controls = [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed + s), bins)
+                        for s in range(args.random_seeds)]
+            result["random_" + name] = {**compare_with_random(result["nll_base"], result["nll_ablated"], list(map(
+                scaled, controls))), "mean_abs_ratio": sum(map(scale_of, controls)) / len(controls) / scale_of(neurons)}
     result["rise"] = result["nll_ablated"] - result["nll_base"]
-    if args.eval_accuracy:
-        base = evaluate(model, tokenizer, rows, args)
-        with ablate_neurons(model, neurons, args.scale):
-            ablated = evaluate(model, tokenizer, rows, args)
-        result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"], accuracy_paired=
-                      paired_difference([(a["correct"], b["correct"]) for a, b in zip(ablated[1], base[1])]))
-    write_json(out / "ablation.json", result)
     print(f"NLL per solution token: base {result['nll_base']:.4f}, neurons x {args.scale:g} {result['nll_ablated']:.4f} "
           f"(rise {result['rise']:+.4f})")
     for name, r in ((name, result["random_" + name]) for name in ("matched", "unmatched")):
         print(f"random {name:9s} {r['mean']:.4f} +- {r['std']:.4f} (rise {r['rise']:+.4f}, mean |a| x "
-              f"{r['mean_abs_ratio']:.2f}), z {r['z'] and round(r['z'], 2)}, " + (r["note"] if r["ratio"] is None else
-                                                                                 f"ratio {r['ratio']:.2f}"))
-    if args.eval_accuracy:
-        p, base, ablated = result["accuracy_paired"], result["accuracy_base"], result["accuracy_ablated"]
-        print(f"accuracy: base {base:.4f}, neurons x {args.scale:g} {ablated:.4f}; right only with: {p['only_this_correct']}"
-              f", without: {p['only_other_correct']}; McNemar p {p['mcnemar_p']:.2g}")
+              f"{r['mean_abs_ratio']:.2f}), z {r['z'] and round(r['z'], 2)}, " + (r["note"] or f"ratio {r['ratio']:.2f}"))
+    if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
+        base = evaluate(model, tokenizer, rows, args)
+        with ablate_neurons(model, neurons, args.scale):
+            ablated = evaluate(model, tokenizer, rows, args)
+        p = paired_difference([(a["correct"], b["correct"]) for a, b in zip(ablated[1], base[1])])
+        result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"], accuracy_paired=p)
+        print(f"accuracy: base {base[0]['accuracy']:.4f}, neurons x {args.scale:g} {ablated[0]['accuracy']:.4f}; right only "
+              f"with: {p['only_this_correct']}, without: {p['only_other_correct']}; McNemar p {p['mcnemar_p']:.2g}")
+    write_json(out / "ablation.json", result)
     print(f"wrote {out / 'ablation.json'}")
 
 
 # --- Losses --------------------------------------------------------------------------------------
-
 def completion_logps(logits, labels, mask):
     """Summed log-probabilities of the completion tokens.
     logits: [B, T, V]; labels: [B, T], labels[b, t] = the token position t predicts; mask: [B, T].
@@ -623,13 +584,9 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
     Returns (losses [B], dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B])."""
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     neuron_losses = None if neuron_margin is None else -F.logsigmoid(gamma * neuron_margin)
-    if lam == 0:
-        losses = dpo_losses
-    elif yoke == "loss":
-        losses = dpo_losses + lam * neuron_losses
-    else:
-        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-        losses = -F.logsigmoid(beta * h + lam * gamma * neuron_margin)
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    losses = dpo_losses if lam == 0 else dpo_losses + lam * neuron_losses if yoke == "loss" else \
+        -F.logsigmoid(beta * h + lam * gamma * neuron_margin)
     return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
 
 
@@ -660,7 +617,6 @@ def gold_nll(model, batches):
 
 
 # --- Preference pairs ----------------------------------------------------------------------------
-
 def make_pairs(tokenizer, rows, samples, system=None):
     """Pairs from graded samples (samples[q]: the completions of rows[q]): chosen = a correct sample, else the gold
     solution (chosen_is_gold); rejected = an incorrect one; none when all are correct. Returns (TRL-format pairs, counts)."""
@@ -680,9 +636,8 @@ def make_pairs(tokenizer, rows, samples, system=None):
 def cmd_pairs(args):
     """pairs: sample the model on GSM8K train, grade with is_correct, pair a right and a wrong answer."""
     out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
-    prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
     n, start = args.samples_per_question, time.perf_counter()
-    samples = sample_completions(model, tokenizer, prompts, args, "pairs", args.temperature, n)
+    samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
     speed = generation_summary(samples, args, time.perf_counter() - start)
     pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n), args.system)
     write_jsonl(out / "pairs.jsonl", pairs)
@@ -698,8 +653,7 @@ def load_pairs(path):
     rows = read_jsonl(path)
     if not rows:
         raise UserError(f"{path} holds no pairs; it needs one JSON row per line with prompt, chosen and rejected")
-    linenos = [i for i, line in enumerate(Path(path).read_text().split("\n"), 1) if line.strip()]
-    for lineno, row in zip(linenos, rows):
+    for lineno, row in zip([i for i, line in enumerate(Path(path).read_text().split("\n"), 1) if line.strip()], rows):
         for field in ("prompt", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
                 raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs prompt, chosen and rejected")
@@ -762,14 +716,6 @@ def pair_forward(model, batch, capture=None):
     return logps, None if capture is None else torch.stack([capture.scores(mask[..., j]) for j in (0, 1)], dim=-1)
 
 
-def warmup_cosine(warmup_steps, total_steps):
-    """Learning-rate factor: linear warmup to 1, then cosine decay to 0."""
-    def factor(step):
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return (step + 1) / warmup_steps if step < warmup_steps else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def peak_flops(device):
     """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU a measured float32 matmul rate."""
     if device.type == "cuda":
@@ -799,15 +745,13 @@ def cmd_train(args):
     rank, world = rank_and_world()  # under torchrun each rank takes every world-th micro-batch of a step
     master, ddp = rank == 0, world > 1
     out, device = check_out_dir(args.out), pick_device(args.device)
-    if device.type == "cuda":  # under torchrun, this rank's GPU
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device  # this rank's GPU
     dtype = pick_dtype(args.dtype, device)
     if dtype == torch.float16:
         raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss scaling)")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     rows = load_pairs(args.pairs or out / "pairs.jsonl")  # the pairs first: without them nothing else matters
-    default_neurons = out / "neurons.json"
-    args.neurons = args.neurons or (str(default_neurons) if default_neurons.is_file() else None)
+    args.neurons = args.neurons or (str(out / "neurons.json") if (out / "neurons.json").is_file() else None)
     if args.lam != 0 and not args.neurons:
         raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 trains plain DPO")
     checkpoint, cache = out / "model", out / "reference.pt"
@@ -836,7 +780,6 @@ def cmd_train(args):
     # What a checkpoint must share with the run that resumes it: the data order, the reference and the loss.
     run = hashlib.sha256(json.dumps([pairs, neurons, pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
                                      args.yoke, args.neuron_margin]).encode()).hexdigest()
-
     batch_of = lambda ids: to_device(collate_pairs([pairs[i] for i in ids], tokenizer.pad_token_id), device)  # noqa: E731
     # Reference log-probs and neuron scores once, before step 1 (no second model in memory); --resume reuses them.
     if master and not args.resume:
@@ -856,10 +799,10 @@ def cmd_train(args):
     gamma = args.gamma if args.gamma != "auto" else 1 / spread if spread > 0 else 1.0
     if master and neurons:
         print(f"gamma {gamma:.4g} ({'1 / std of the reference neuron margins' if args.gamma == 'auto' else '--gamma'})")
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    warmup = math.ceil(args.warmup_ratio * total_steps)  # learning-rate factor: linear warmup to 1, then cosine decay to 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup if step < warmup else 0.5 * (
+        1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup)))))
     start_step = 0
     if args.resume:
         state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
@@ -869,10 +812,9 @@ def cmd_train(args):
         optimizer.load_state_dict(state["optimizer"])  # no RNG state: with dropout off, nothing here draws at random
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
-        if master:  # forget the steps logged after the checkpoint; they are about to be redone
-            write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
-    elif master:
-        write_text(out / "metrics.jsonl", "")
+    if master:  # a new log, or the old one without the steps after the checkpoint (they are about to be redone)
+        write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step]
+                    if args.resume else [])
     if args.gradient_checkpointing:  # non-reentrant, so the hooked activations keep their gradient path
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -908,7 +850,6 @@ def cmd_train(args):
         tqdm.write(f"step {step + 1}: gradient norm of the DPO term {dpo:.4g}, of lam x the neuron term {neuron:.4g} "
                    f"({neuron / (dpo or math.nan):.2%} of the DPO term's)")
         return norms
-
     relative = args.neuron_margin == "relative"
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not master)
     last_saved = start_step
@@ -968,29 +909,6 @@ def cmd_train(args):
               f"wrote {out / 'metrics.jsonl'} and {checkpoint}")
 
 
-def cmd_plot(args):
-    """plot: losses, reward accuracy and neuron margin from DIR/metrics.jsonl into DIR/training.png."""
-    path = Path(args.dir) / "metrics.jsonl"
-    rows = read_jsonl(path) if path.is_file() else []
-    if not rows:
-        raise UserError(f"no training steps in {path}; pass the --out folder of a train run")
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
-    panels = [("loss", ["loss", "loss/dpo", "loss/neuron"]), ("reward accuracy", ["rewards/accuracies"]),
-              ("margins", ["rewards/margins", "neuron/margin"]), ("learning rate", ["learning_rate"])]
-    fig = Figure(figsize=(10, 7))
-    axes = fig.subplots(2, 2)
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for key in keys:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
-        ax.set(title=title, xlabel="step")
-        ax.legend()
-    fig.tight_layout()
-    tmp = Path(args.dir) / "training.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, Path(args.dir) / "training.png")
-    print(f"wrote {Path(args.dir) / 'training.png'}")
-
-
 # --- Evaluation: answer extraction, grading, batched greedy generation, statistics ---------------
 # A number: optional sign, digits with or without thousands commas, optional decimals.
 NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
@@ -1006,10 +924,9 @@ def normalize_number(text):
 def extract_answer_rule(text):
     """(answer, rule): 'strict' for the number right after the last "The answer is", "####" or
     "\\boxed{"; else 'flexible' for the last number in the text; (None, None) when there is none."""
-    if strict := STRICT.findall(text):
-        return normalize_number(strict[-1]), "strict"
-    numbers = FLEXIBLE.findall(text)
-    return (normalize_number(numbers[-1]), "flexible") if numbers else (None, None)
+    strict = STRICT.findall(text)
+    numbers = strict or FLEXIBLE.findall(text)
+    return (normalize_number(numbers[-1]), "strict" if strict else "flexible") if numbers else (None, None)
 
 
 def extract_answer(text):
@@ -1037,9 +954,8 @@ def sequence_seed(seed, index):
 
 
 class SlotCache:
-    """The KV cache of continuous batching: keys and values [S, H, W, D] per layer, row s one live sequence
-    whose tokens end at the shared column `length`, valid [S, W] the columns it owns. A row is filled with a
-    prefilled prompt (right-aligned), and each step writes one column in place (no torch.cat)."""
+    """The KV cache of continuous batching: keys and values [S, H, W, D] per layer, row s one live sequence whose tokens end
+    at the shared column `length`, valid [S, W] the columns it owns; each step writes one column in place (no torch.cat)."""
 
     def __init__(self, prefill, rows, prompt_width, max_new_tokens):
         k, width = prefill[0][0], prompt_width + max_new_tokens + 64  # k: [1, H, P, D]
@@ -1070,16 +986,14 @@ class SlotCache:
             self.keys[layer][row, :, span], self.values[layer][row, :, span] = k[0], v[0]
 
     def keep(self, live):
-        """Rows `live` (ascending) become rows 0..n-1 in place: only those beyond n move, into the holes (no copy of
+        """Rows `live` (ascending) become rows 0..n-1 in place: only rows beyond n move, into the holes (no copy of
         the whole cache each time a sequence ends). Returns the old row of each new row."""
-        order, n = list(range(len(live))), len(live)
-        holes, movers = [r for r in order if r not in live], [r for r in live if r >= n]
+        n = len(live)
+        moves = dict(zip((r for r in range(n) if r not in live), (r for r in live if r >= n)))  # hole -> mover
         for t in self.keys + self.values + [self.valid]:
-            t[holes] = t[movers]
-        for h, m in zip(holes, movers):
-            order[h] = m
+            t[list(moves)] = t[list(moves.values())]
         self.keys, self.values, self.valid = [k[:n] for k in self.keys], [v[:n] for v in self.values], self.valid[:n]
-        return order
+        return [moves.get(r, r) for r in range(n)]
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -1098,19 +1012,17 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 @torch.no_grad()
 def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate", temperature=0.0, num_samples=1,
              seed=0):
-    """num_samples completions per prompt text, in order, as {text, stop, tokens}; stop is eos, answer or length
-    (STOP_RULE). Greedy, or plain sampling at temperature > 0 with a generator per sequence (no top-k/top-p,
-    no repetition penalty: the model's generation defaults are not used).
-    Continuous batching: each prompt is prefilled alone, then decoded in a batch of batch_size rows; a row
-    whose sequence ends takes the next waiting one, or leaves, so no step computes a finished sequence.
-    Under torchrun each rank takes every world-th prompt, and every rank returns the whole list."""
+    """num_samples completions per prompt text, in order, as {text, stop, tokens}; stop is eos, answer or length (STOP_RULE).
+    Greedy, or plain sampling at temperature > 0 with a generator per sequence (the model's generation defaults are not
+    used). Continuous batching: each prompt is prefilled alone, then decoded in a batch of batch_size rows; a row whose
+    sequence ends takes the next waiting one, or leaves. Under torchrun each rank takes every world-th prompt."""
     from transformers import AttentionInterface
     (rank, world), device, eos = rank_and_world(), model.device, model.generation_config.eos_token_id
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # ranks take turns, longest first
     waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]  # a stack: pop() takes the next
-    rows, cache, prefilled, results = [], None, {}, {}
+    rows, cache, results = [], None, {}
 
     def pick(logits, sequences):  # logits [S, V] -> next tokens [S]
         if not temperature:
@@ -1128,19 +1040,18 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
             results[sequence["index"]] = {"text": text, "stop": stop, "tokens": sequence["count"]}
             bar.update(1)
         return stop is not None
-
     AttentionInterface.register("yfpo_decode", decode_attention)
-    implementation, model.config._attn_implementation = model.config._attn_implementation, "yfpo_decode"
     bar = tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample", disable=rank > 0)
-    try:
+    with bar, contextlib.ExitStack() as restore:  # on exit: the model's attention put back, then the bar closed
+        restore.callback(setattr, model.config, "_attn_implementation", model.config._attn_implementation)
+        model.config._attn_implementation = "yfpo_decode"
         while waiting or rows:
             free = [r for r, s in enumerate(rows) if s is None] + list(range(len(rows), batch_size))
             while free and waiting:  # refill: prefill the next prompt alone and take its first token
                 q, j = waiting.pop()
-                if q not in prefilled:
+                if j == 0:  # a prompt's samples are popped one after another: prefill it once, for all of them
                     out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True, logits_to_keep=1)
-                    prefilled[q] = ([kv[:2] for kv in out.past_key_values], out.logits[0, -1])
-                kv, logits = prefilled[q] if j < num_samples - 1 else prefilled.pop(q)
+                    kv, logits = [layer[:2] for layer in out.past_key_values], out.logits[0, -1]
                 index = q * num_samples + j  # sampling only: a generator per sequence, freed with it
                 sequence = {"index": index, "tokens": [], "count": 0, "position": len(ids[q]) - 1, "generator":
                             temperature and torch.Generator(device).manual_seed(sequence_seed(seed, index))}
@@ -1162,11 +1073,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
             cache.length += 1
             for r, token in enumerate(pick(out.logits[:, -1], rows)):
                 if push(rows[r], token):
-                    rows[r] = None
-                    cache.valid[r] = False
-    finally:
-        model.config._attn_implementation = implementation
-        bar.close()
+                    rows[r], cache.valid[r] = None, False
     if world > 1:  # every rank's {index: completion}, merged
         parts = [None] * world
         torch.distributed.all_gather_object(parts, results)
@@ -1209,13 +1116,10 @@ def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_toke
             raise UserError(f"--server failed on prompt {q} ({detail})") from None
         bar.update(1)
         return [stated_completion(tokenizer, c["text"], c.get("finish_reason")) for c in choices]
-
-    pool = ThreadPoolExecutor(in_flight)
-    try:
-        with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
-            return [c for per_prompt in pool.map(complete, range(len(prompts))) for c in per_prompt]
-    finally:
-        pool.shutdown(cancel_futures=True)  # after an error, send nothing more
+    with contextlib.ExitStack() as cleanup, tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+        pool = ThreadPoolExecutor(in_flight)
+        cleanup.callback(pool.shutdown, cancel_futures=True)  # after the bar closes; after an error, send nothing more
+        return [c for per_prompt in pool.map(complete, range(len(prompts))) for c in per_prompt]
 
 
 def stated_completion(tokenizer, text, finish_reason):
@@ -1227,16 +1131,15 @@ def stated_completion(tokenizer, text, finish_reason):
     return {"text": text, "stop": "length" if finish_reason == "length" else "eos", "tokens": len(tokens)}
 
 
-def sample_completions(model, tokenizer, prompts, args, desc, temperature=0.0, num_samples=1):
-    """generate() in this process, or server_generate() with --server."""
+def sample_completions(model, tokenizer, rows, args, desc, temperature=0.0, num_samples=1):
+    """generate() in this process, or server_generate() with --server, on the rows' questions (format_prompt)."""
+    prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
     run = functools.partial(server_generate, args.server, args.model) if args.server else functools.partial(generate, model)
     return run(tokenizer, prompts, args.batch_size, args.max_new_tokens, desc, temperature, num_samples, args.seed)
 
 
 def wilson_interval(correct, total, z=1.96):
     """95% Wilson score interval for a binomial proportion."""
-    if total == 0:
-        return 0.0, 0.0
     p = correct / total
     center = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
@@ -1245,28 +1148,21 @@ def wilson_interval(correct, total, z=1.96):
 
 def mcnemar_exact(only_a, only_b):
     """Two-sided exact McNemar p-value from the discordant counts (a right/b wrong, b right/a wrong)."""
-    n = only_a + only_b
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return min(1.0, 2 * sum(math.comb(only_a + only_b, i) for i in range(min(only_a, only_b) + 1)) / 2 ** (only_a + only_b))
 
 
 def evaluate(model, tokenizer, rows, args):
     """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
     start = time.perf_counter()
-    prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
-    completions = sample_completions(model, tokenizer, prompts, args, "eval")
-    results = []
-    for i, (row, c) in enumerate(zip(rows, completions)):
-        answer, rule = extract_answer_rule(c["text"])
-        results.append({"index": i, "question": row["question"], "gold": row["gold"], "completion": c["text"],
-                        "extracted": answer, "rule": rule, "correct": is_correct(c["text"], row["gold"]),
-                        "stop": c["stop"], "tokens": c["tokens"]})
-    seconds = time.perf_counter() - start
-    correct = sum(r["correct"] for r in results)
+    completions = sample_completions(model, tokenizer, rows, args, "eval")
+    results = [{"index": i, "question": row["question"], "gold": row["gold"], "completion": c["text"],
+                "extracted": (found := extract_answer_rule(c["text"]))[0], "rule": found[1],
+                "correct": is_correct(c["text"], row["gold"]), "stop": c["stop"], "tokens": c["tokens"]}
+               for i, (row, c) in enumerate(zip(rows, completions))]
+    seconds, correct = time.perf_counter() - start, sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
-    summary = {"accuracy": correct / len(results), "correct": correct, "total": len(results), "ci_low": low,
-               "ci_high": high, "prompt_format": "chat_template" if tokenizer.chat_template else "plain",
-               "system": args.system,
+    summary = {"accuracy": correct / len(results), "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
+               "prompt_format": "chat_template" if tokenizer.chat_template else "plain", "system": args.system,
                **generation_summary(completions, args, seconds), "questions_per_s": round(len(results) / seconds, 3)}
     return summary, results
 
@@ -1289,29 +1185,137 @@ def paired_difference(shared):
 
 def cmd_eval(args):
     """eval: GSM8K exact match with batched greedy decoding."""
-    if args.compare and not Path(args.compare).is_file():
-        raise UserError(f"--compare file missing: {args.compare}; pass another run's eval.jsonl")
     out, device, rows, model, tokenizer = start_command(args, args.split, args.limit)
     summary, results = evaluate(model, tokenizer, rows, args)
     summary.update(model=args.model, data=args.data, split=args.split, limit=args.limit, seed=args.seed)
-    if args.compare:  # the questions both runs answered, paired
-        try:
-            other = {(r["index"], r["question"]): r["correct"] for r in read_jsonl(args.compare)}
-        except (KeyError, TypeError):
-            raise UserError(f"--compare {args.compare} is not an eval.jsonl (rows need index, question, correct)") from None
-        shared = [(r["correct"], other[r["index"], r["question"]]) for r in results if (r["index"], r["question"]) in other]
-        if not shared:
-            raise UserError(f"--compare {args.compare} shares no questions with this run; compare runs on the same data")
-        summary["compare"] = {"other": args.compare, **paired_difference(shared)}
     write_jsonl(out / "eval.jsonl", results)
     write_json(out / "summary.json", summary)
     print(f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}), 95% CI "
           f"[{summary['ci_low']:.4f}, {summary['ci_high']:.4f}], {summary['questions_per_s']} questions/s")
-    if c := summary.get("compare"):
-        print(f"vs {args.compare}: difference {c['difference']:+.4f} over {c['shared']} shared questions ("
-              f"{c['only_this_correct']} right only here, {c['only_other_correct']} only there), McNemar p "
-              f"{c['mcnemar_p']:.4g}")
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
+
+
+# --- Reproduce: the paper's experiment in one restartable command ---------------------------------
+
+def reproduce_stages(args, out):
+    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S as its own command would."""
+    def flags(**values):  # --name value for every value given
+        return [x for k, v in values.items() if v is not None for x in ("--" + k.replace("_", "-"), str(v))]
+    common = flags(model=args.model, data=args.data, device=args.device, dtype=args.dtype, system=args.system) + \
+        ["--trust-remote-code"] * args.trust_remote_code
+    generation = common + flags(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    neurons, pairs = str(out / "identify" / "neurons.json"), str(out / "pairs" / "pairs.jsonl")
+    stages = [("identify", ["identify", *common, *flags(seed=args.seed, num_samples=args.num_samples, top_k=args.top_k,
+                                                          max_length=args.max_length, control=args.control)], []),
+              ("ablate", ["ablate", *generation, *flags(seed=args.seed, neurons=neurons, num_samples=args.ablate_samples,
+                                                        max_length=args.max_length)], ["identify"]),
+              ("pairs", ["pairs", *generation, *flags(seed=args.seed, num_questions=args.num_questions, temperature=
+                                                      args.temperature, samples_per_question=args.samples_per_question)], [])]
+    runs = [(name + (f"_seed{seed}" if args.seeds > 1 else ""), seed, lam)  # DPO and YFPO, for every seed
+            for seed in range(args.seed, args.seed + args.seeds) for name, lam in (("dpo", 0.0), ("yfpo", args.lam))]
+    stages += [("train_" + run, ["train", *common, *flags(
+        seed=seed, pairs=pairs, neurons=neurons, lam=lam, lr=args.lr, beta=args.beta, gamma=args.gamma, yoke=args.yoke,
+        neuron_margin=args.neuron_margin, epochs=args.epochs, grad_accum=args.grad_accum, batch_size=args.train_batch_size,
+        max_length=args.max_length, save_every=args.save_every)], ["identify", "pairs"]) for run, seed, lam in runs]
+    evals = [("base", None, [])] + [(run, out / ("train_" + run) / "model", ["train_" + run]) for run, _, _ in runs]
+    return stages + [("eval_" + run, ["eval", *generation, *flags(limit=args.eval_limit, model=model)], reads)
+                     for run, model, reads in evals]  # a trained model's --model comes last, and the last one wins
+
+
+def cmd_reproduce(args):
+    """reproduce: identify -> ablate -> pairs -> train DPO and YFPO on the same pairs -> eval all three -> report."""
+    out = check_out_dir(args.out)
+    for data, split, gold in [(args.data, "train", True), (args.data, "test", True)] + [(args.control, "train", False)] * \
+            bool(args.control):  # bad input fails here, before any stage runs
+        load_gsm8k(data, split, gold)
+    load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code, weights=False)
+    keys, seconds = {}, {}
+    for stage, argv, reads in reproduce_stages(args, out):
+        # Skipped if OUT/stage/stage.json shows it finished under this key (its command line, OUT aside, and the keys of
+        # what it reads); a training cut short under it resumes from its checkpoint; anything else is redone from scratch.
+        key = keys[stage] = hashlib.sha256(json.dumps([argv, [keys[r] for r in reads]]).replace(str(out), "OUT").encode()
+                                           ).hexdigest()[:16]
+        folder = out / stage
+        stamp = json.loads((folder / "stage.json").read_text()) if (folder / "stage.json").is_file() else {}
+        if stamp.get("key") == key and "seconds" in stamp:
+            print(f"[reproduce] {stage}: done with these settings, skipped")
+            seconds[stage] = stamp["seconds"]
+            continue
+        resume = stamp.get("key") == key and (folder / "model" / "trainer_state.pt").is_file()
+        if not resume:
+            shutil.rmtree(folder, ignore_errors=True)
+        write_json(folder / "stage.json", {"key": key, "argv": argv})
+        print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' if resume else ''} -> {folder}")
+        start = time.perf_counter()
+        main([*argv, "--out", str(folder), *["--resume"] * resume], strict=True)
+        seconds[stage] = round(time.perf_counter() - start, 1)
+        write_json(folder / "stage.json", {"key": key, "argv": argv, "seconds": seconds[stage]})
+    write_report(out, args, seconds)
+    cmd_plot(argparse.Namespace(dirs=[str(out)], out=out / "report.png"))
+    print(f"wrote {out / 'report.md'}")
+
+
+def write_report(out, args, seconds):
+    """OUT/report.md: the settings, accuracies with 95% CIs and paired tests, training dynamics, ablation, wall times."""
+    evals = {s[5:]: (json.loads((out / s / "summary.json").read_text()), read_jsonl(out / s / "eval.jsonl"))
+             for s in seconds if s.startswith("eval_")}
+
+    def versus(name, other):  # name's accuracy minus other's on the same questions, and the exact McNemar p
+        d = paired_difference([(a["correct"], b["correct"]) for a, b in zip(evals[name][1], evals[other][1])])
+        return f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g})"
+    lines = ["# YFPO reproduction", "", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in vars(args).items() if k not in (
+        "run", "command", "out")), "", "| model | accuracy | 95% CI | correct / total | vs base (McNemar p) | "
+             "vs DPO (McNemar p) |", "| --- " * 6 + "|"]
+    for name, (s, _) in evals.items():
+        lines.append(f"| {name} | {s['accuracy']:.4f} | [{s['ci_low']:.4f}, {s['ci_high']:.4f}] | {s['correct']} / "
+                     f"{s['total']} | {'—' if name == 'base' else versus(name, 'base')} | "
+                     f"{versus(name, 'dpo' + name[4:]) if name.startswith('yfpo') else '—'} |")
+    for name in ("dpo", "yfpo") if args.seeds > 1 else ():
+        acc = torch.tensor([s["accuracy"] for run, (s, _) in evals.items() if run.startswith(name)], dtype=torch.float64)
+        lines.append(f"\n{name} over {args.seeds} seeds: accuracy {acc.mean():.4f} ± {acc.std():.4f} (std)")
+    lines += ["", "| training run | steps | reward accuracy | reward margin | neuron margin | its gain over the reference | "
+              "grad norm DPO first / last | grad norm neuron first / last |", "| --- " * 8 + "|"]
+    for stage in (s for s in seconds if s.startswith("train_")):
+        steps = read_jsonl(out / stage / "metrics.jsonl")
+        norms = [" / ".join(f"{m[k]:.4g}" for m in steps if k in m) or "—" for k in ("grad_norm/dpo", "grad_norm/neuron")]
+        last = steps[-1]
+        lines.append(f"| {stage[6:]} | {last['step']} | {last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | "
+                     f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | {norms[0]} | {norms[1]} |")
+    ab = json.loads((out / "ablate" / "ablation.json").read_text())
+    m = ab["random_matched"]
+    lines += ["", f"Ablation ({ab['num_neurons']} neurons x {ab['scale']:g}, {ab['num_samples']} test solutions): NLL "
+              f"{ab['nll_base']:.4f} -> {ab['nll_ablated']:.4f} (rise {ab['rise']:+.4f}); matched random neurons: rise "
+              f"{m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}", "", "| stage | wall time (s) |",
+              "| --- | --- |", *(f"| {s} | {t} |" for s, t in seconds.items()), f"| all | {sum(seconds.values()):.1f} |"]
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def cmd_plot(args):
+    """plot: the paper's figure 2 for train or reproduce folders: the DPO loss, reward margin and neuron margin per step
+    of every run overlaid and, for reproduce folders, their models' GSM8K accuracies with 95% Wilson CIs."""
+    named = lambda folder, name: f"{folder}/{name}" if len(args.dirs) > 1 else name  # noqa: E731
+    runs = {named(d, p.parent.name.removeprefix("train_")): p for d in map(Path, args.dirs)
+            for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
+    accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text()) for d in map(Path, args.dirs)
+                  for p in sorted(d.glob("eval_*/summary.json"))}
+    if not runs or not all(map(read_jsonl, runs.values())):
+        raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of train or reproduce runs")
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
+    fig = Figure(figsize=(12 if accuracies else 7, 8), layout="tight")
+    grid = fig.add_gridspec(3, 2 if accuracies else 1)
+    for row, key in enumerate(("loss/dpo", "rewards/margins", "neuron/margin")):
+        ax = fig.add_subplot(grid[row, 0], xlabel="step" if row == 2 else None, ylabel=key)
+        for label, path in runs.items():
+            ax.plot(*zip(*[(m["step"], m[key]) for m in read_jsonl(path)]), label=label)
+        ax.legend()
+    if accuracies:
+        ax = fig.add_subplot(grid[:, 1], title="GSM8K accuracy, 95% Wilson CI", ylabel="accuracy")
+        ci = torch.tensor([[s["ci_low"], s["accuracy"], s["ci_high"]] for s in accuracies.values()], dtype=torch.float64)
+        ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=ci.diff(dim=1).T.tolist(), capsize=8)  # yerr: below, above
+    out = Path(args.out or Path(args.dirs[0]) / "training.png")
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=120)
+    os.replace(out.with_suffix(".tmp.png"), out)
+    print(f"wrote {out}")
 
 
 # --- Demo: every stage on a tiny random model, offline. It checks the install; its accuracy means nothing. ---
@@ -1323,8 +1327,7 @@ DEMO_PROBLEMS = [
     ("A shirt costs $20 and is 25% off. What does it cost now?",
      "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n#### 15"),
     ("Ben had 50 marbles and gave away 18. How many are left?", "He has 50-18=<<50-18=32>>32 marbles left.\n#### 32"),
-    ("A train travels 60 miles per hour for 3 hours. How far does it go?",
-     "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
+    ("A train travels 60 miles per hour for 3 hours. How far does it go?", "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
     ("Lily splits 36 candies among 4 friends. How many does each get?", "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
     ("A farm has 7 cows and 3 times as many hens. How many animals are there?",
      "There are 7*3=<<7*3=21>>21 hens.\nIn all 7+21=<<7+21=28>>28 animals.\n#### 28"),
@@ -1332,10 +1335,8 @@ DEMO_PROBLEMS = [
      "He saves 1200*12=<<1200*12=14400>>14,400 dollars.\n#### 14,400"),
     ("A rope is 9 meters long. It is cut into 3 equal parts. How long is each part?",
      "Each part is 9/3=<<9/3=3>>3 meters.\n#### 3"),
-    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?",
-     "Her mother is 8*4=<<8*4=32>>32.\n#### 32"),
-    ("A class has 14 girls and 16 boys. How many students are there?",
-     "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
+    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?", "Her mother is 8*4=<<8*4=32>>32.\n#### 32"),
+    ("A class has 14 girls and 16 boys. How many students are there?", "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
 ]
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -1360,36 +1361,26 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
 def cmd_demo(args):
-    """demo: build a tiny model and data, then run identify, ablate, pairs, train, eval and plot."""
+    """demo: `reproduce` on a tiny random model and a dozen built-in problems, offline."""
     out, start = check_out_dir(args.out), time.perf_counter()
     model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
     write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
     write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
-    common, neurons = ["--model", model, "--data", str(data), "--seed", str(args.seed), "--device", "cpu"], \
-        str(out / "identify" / "neurons.json")
-    stages = [("identify", ["--num-samples", "8", "--top-k", "16"]),
-              ("ablate", ["--neurons", neurons, "--num-samples", "4", "--random-seeds", "2"]),
-              ("pairs", ["--num-questions", "8", "--samples-per-question", "2", "--max-new-tokens", "16"]),
-              ("train", ["--pairs", str(out / "pairs" / "pairs.jsonl"), "--neurons", neurons, "--lam", "0.3", "--lr",
-                         "1e-4", "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", "--max-length", "256"]),
-              ("eval", ["--model", str(out / "train" / "model"), "--max-new-tokens", "16"])]
-    for name, argv in stages:  # a stage's own flags come last and win
-        print(f"\n[demo] {name} -> {out / name}")
-        main([name, *common, *argv, "--out", str(out / name)], strict=True)
-    main(["plot", str(out / "train")], strict=True)
-    print(f"\n[demo] all stages ran in {time.perf_counter() - start:.1f}s in {out}; a random model: accuracy means nothing.")
+    small = ("--device cpu --num-samples 8 --top-k 16 --ablate-samples 4 --random-seeds 2 --num-questions 8 --lr 1e-4 "
+             "--samples-per-question 2 --max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 --max-length 256")
+    main(["reproduce", "--model", model, "--data", str(data), "--seed", str(args.seed), *small.split(), "--save-every", "2",
+          "--out", str(out)], strict=True)
+    print(f"[demo] every stage ran in {time.perf_counter() - start:.1f}s in {out}; a random model: accuracy means nothing.")
 
 
 # --- Command line --------------------------------------------------------------------------------
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -1398,11 +1389,10 @@ class Parser(argparse.ArgumentParser):
 def positive(kind):
     """An argparse type: a number of this kind above zero."""
     def parse(text):
-        try:
-            assert kind(text) > 0
-            return kind(text)
-        except (ValueError, AssertionError):
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'") from None
+        with contextlib.suppress(ValueError):
+            if kind(text) > 0:
+                return kind(text)
+        raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'")
     return parse
 
 
@@ -1421,56 +1411,58 @@ def build_parser():
     common.add_argument("--system", default=None, help="system prompt (default: none)")
     common.add_argument("--trust-remote-code", action="store_true")
     generation = argparse.ArgumentParser(add_help=False)
-    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: 32 on CPU, "
+    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: 64 on CPU, "
                             "128 on GPU); with --server (eval, pairs), requests in flight (default 64)")
     generation.add_argument("--max-new-tokens", type=positive_int, default=512)
-
+    loss = argparse.ArgumentParser(add_help=False)
+    loss.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
+    loss.add_argument("--gamma", type=lambda text: text if text == "auto" else positive_float(text), default="auto",
+                      help="scale of the neuron margin; auto: 1 / std of the reference margins over the pairs")
+    loss.add_argument("--neuron-margin", choices=["policy", "relative"], default="policy", help="relative: m - m_ref")
+    loss.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
+    loss.add_argument("--yoke", choices=["loss", "reward"], default="loss")
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def command(name, run, help, *parents, **positive_ints):  # a subcommand and its positive whole-number flags
+    def command(name, run, help, *parents, **flags):  # a subcommand and its flags that need no help text
         p = commands.add_parser(name, parents=parents, help=help)
         p.set_defaults(run=run)
-        for flag, default in positive_ints.items():
-            p.add_argument("--" + flag.replace("_", "-"), type=positive_int, default=default)
+        for flag, default in flags.items():  # int or None: a positive whole number; float: positive; str: any text
+            kind = str if isinstance(default, str) else positive_float if isinstance(default, float) else positive_int
+            p.add_argument("--" + flag.replace("_", "-"), type=kind, default=default)
         return p
-
     p = command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common, num_samples=256,
                 top_k=1000, batch_size=4, max_length=512)
     p.add_argument("--per-layer", action="store_true", help="top k/L neurons of every layer instead of the global top k")
     p.add_argument("--control", help="non-math question/answer data; its mean relevance is subtracted")
     p = command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common, generation,
-                num_samples=200, random_seeds=10, nll_batch_size=8, max_length=512)
+                num_samples=200, random_seeds=10, nll_batch_size=8, max_length=512, split="test")
     p.add_argument("--scale", type=float, default=0.0, help="factor on the neurons' activations: 0 ablates them")
     p.add_argument("--neurons", required=True)
-    p.add_argument("--split", default="test")
     p.add_argument("--eval-accuracy", action="store_true", help="also run the evaluator with and without ablation")
     p = command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
-                num_questions=2000, samples_per_question=4)
-    p.add_argument("--temperature", type=positive_float, default=0.8)
+                num_questions=2000, samples_per_question=4, temperature=0.8)
     p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to sample from")
-    p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, grad_accum=4, epochs=1, max_steps=None,
-                max_length=512, save_every=None)  # save_every: checkpoint every N steps (always at the end)
+    # save_every: a checkpoint every N steps (always one at the end)
+    p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, grad_accum=4, epochs=1,
+                max_steps=None, max_length=512, save_every=None, lr=5e-7)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--pairs", help="pairs JSONL (default: OUT/pairs.jsonl)")
     p.add_argument("--neurons", help="neurons.json (default: OUT/neurons.json when it exists)")
-    p.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
-    p.add_argument("--gamma", type=lambda text: text if text == "auto" else positive_float(text), default="auto",
-                   help="scale of the neuron margin; auto: 1 / std of the reference margins over the pairs")
-    p.add_argument("--neuron-margin", choices=["policy", "relative"], default="policy", help="relative: m - m_ref")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
-    p.add_argument("--yoke", choices=["loss", "reward"], default="loss")
-    p.add_argument("--lr", type=float, default=5e-7)
     p.add_argument("--batch-size", type=positive_int, default=2, help="pairs per micro-batch per process")
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--resume", action="store_true", help="continue from OUT/model")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None)  # limit: first N
-    p.add_argument("--split", default="test")
-    p.add_argument("--compare", help="another run's eval.jsonl: paired difference and McNemar p")
+    p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None, split="test")  # limit: first N
     p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to generate with")
-    command("plot", cmd_plot, "draw DIR/metrics.jsonl into DIR/training.png").add_argument("dir")
-    p = command("demo", cmd_demo, "all stages on a tiny random model, offline")
-    p.add_argument("--out", default="demo")
+    p = command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md", common,
+                generation, loss, num_samples=256, top_k=1000, ablate_samples=200, random_seeds=10, num_questions=2000,
+                samples_per_question=4, temperature=0.8, seeds=1, lr=5e-7, epochs=1, train_batch_size=2, grad_accum=4,
+                max_length=512, save_every=25, eval_limit=None)
+    p.add_argument("--control", help="identify's non-math question/answer data, subtracted")
+    p = command("plot", cmd_plot, "overlay the training dynamics (and accuracies) of train or reproduce folders")
+    p.add_argument("dirs", nargs="+")
+    p.add_argument("--out", help="the figure (default: DIR/training.png for the first DIR)")
+    p = command("demo", cmd_demo, "all stages on a tiny random model, offline", out="demo")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -1480,7 +1472,7 @@ def main(argv=None, strict=False):
     args = build_parser().parse_args(argv)
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # an unreachable hub ends in one UserError line, not a retry log
-    distributed = "RANK" in os.environ and hasattr(args, "device")
+    distributed = "RANK" in os.environ and hasattr(args, "device") and not torch.distributed.is_initialized()
     if distributed:  # torchrun: one process per device; rank 0 prints and writes
         import datetime
         on_gpu = torch.cuda.is_available() and args.device != "cpu"
