@@ -483,8 +483,9 @@ def test_mcnemar_exact_known_values():
 
 
 @pytest.mark.parametrize("case", ["missing file", "bad json line", "no question", "answer not text", "no marker", "limit 0",
-                                  "negative limit", "model missing", "out is a file", "hub model", "hub data"])
-def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_file, tmp_path, capsys):
+                                  "negative limit", "model missing", "out is a file", "hub model", "hub data",
+                                  "gguf without its packages"])
+def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_file, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     out = tmp_path / "out"
     argv = {"model": tiny_dir, "data": data_file, "out": str(out)}
@@ -516,6 +517,11 @@ def test_eval_bad_input_is_one_line_exit_2_and_no_output(case, tiny_dir, data_fi
         argv["model"], says = "no-such-org/no-such-model", "offline, pass a local folder or .gguf file"
     elif case == "hub data":
         argv["data"], says = "no-such-org/no-such-data", "offline, pass a local file"
+    elif case == "gguf without its packages":
+        (tmp_path / "model.gguf").write_bytes(b"GGUF")
+        real = yfpo.importlib.util.find_spec
+        monkeypatch.setattr(yfpo.importlib.util, "find_spec", lambda name, *rest: None if name == "gguf" else real(name, *rest))
+        argv["model"], says = str(tmp_path / "model.gguf"), "needs the optional packages: pip install gguf accelerate"
     code = None
     try:
         code = run("eval", "--model", argv["model"], "--data", argv["data"], "--out", argv["out"], *extra)
@@ -1239,7 +1245,20 @@ def test_reproduce_report_holds_every_model_run_and_stage(reproduced):
     assert f"matched random neurons: rise {ablation['random_matched']['rise']:+.4f}" in report
     assert all(f"| {stage} |" in report.split("| stage | wall time")[1] for stage in STAGES)
     assert (reproduced / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((reproduced / "train_yfpo" / "stage.json").read_text())["argv"][:1] == ["train"]
+
+
+def test_reproduce_passes_each_flag_to_its_stage(reproduced):
+    def value(stage, flag):  # the flag's last value on the stage's command line, as argparse reads it
+        argv = json.loads((reproduced / stage / "stage.json").read_text())["argv"]
+        return argv[len(argv) - argv[::-1].index(flag)]
+    assert [value("identify", f) for f in ("--num-samples", "--top-k", "--max-length")] == ["8", "16", "256"]
+    assert [value("ablate", f) for f in ("--num-samples", "--random-seeds", "--max-new-tokens")] == ["4", "2", "16"]
+    assert [value("pairs", f) for f in ("--num-questions", "--samples-per-question", "--temperature")] == ["8", "2", "0.8"]
+    assert [value("train_yfpo", f) for f in ("--lam", "--lr", "--batch-size", "--grad-accum", "--epochs", "--save-every")] \
+        == ["0.3", "0.0001", "2", "1", "2", "2"]
+    assert value("train_dpo", "--lam") == "0.0" and value("eval_yfpo", "--limit") == "6"
+    assert value("eval_yfpo", "--model") == str(reproduced / "train_yfpo" / "model")
+    assert json.loads((reproduced / "ablate" / "ablation.json").read_text())["random_seeds"] == 2
 
 
 def test_reproduce_again_skips_every_stage_and_writes_the_same_report(tiny_dir, data_file, reproduced, capsys):
@@ -1252,11 +1271,13 @@ def test_reproduce_again_skips_every_stage_and_writes_the_same_report(tiny_dir, 
 
 def test_changing_lam_reruns_only_the_yfpo_training_and_its_eval(tiny_dir, data_file, reproduced, tmp_path, capsys):
     shutil.copytree(reproduced, tmp_path / "copy")  # a moved folder keeps its stages: OUT is not part of a key
+    (tmp_path / "copy" / "train_dpo_seed7").mkdir()  # a stage of other settings (another --seeds) leaves
+    (tmp_path / "copy" / "train_dpo_seed7" / "stage.json").write_text("{}")
     capsys.readouterr()
     assert reproduce(tiny_dir, data_file, tmp_path / "copy", "--lam", "0.5") == 0
     ran, skipped = stages_run(capsys.readouterr().out)
     assert ran == ["train_yfpo", "eval_yfpo"] and skipped == [s for s in STAGES if s not in ran]
-    assert "lam=0.5" in (tmp_path / "copy" / "report.md").read_text()
+    assert "lam=0.5" in (tmp_path / "copy" / "report.md").read_text() and not (tmp_path / "copy" / "train_dpo_seed7").exists()
 
 
 @pytest.mark.parametrize("where", ["after pairs", "inside training"])
@@ -1308,8 +1329,16 @@ def test_demo_is_reproduce_on_a_tiny_model(tmp_path, capsys):
 
 
 def test_plot_overlays_the_runs_of_several_folders(reproduced, tmp_path):
-    assert run("plot", str(reproduced), str(reproduced / "train_dpo"), "--out", str(tmp_path / "both.png")) == 0
-    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+    assert run("plot", str(reproduced), str(reproduced / "train_dpo"), "--out", str(tmp_path / "both.pdf")) == 0
+    assert (tmp_path / "both.pdf").read_bytes()[:4] == b"%PDF"  # the format the name asks for
+    assert run("plot", str(tmp_path)) == 2  # no runs in it
+
+
+def test_reproduce_refuses_torchrun(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+        monkeypatch.setenv(name, value)
+    assert_user_error(capsys, str(tmp_path / "out"), "reproduce", "--model", tiny_dir, "--data", data_file, "--out",
+                      str(tmp_path / "out"), "--device", "cpu", says="reproduce runs in one process: no torchrun")
 
 
 # ---------------------------------------------------------------------------------------------

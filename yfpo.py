@@ -9,6 +9,7 @@ import collections
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -101,6 +102,8 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
     if not Path(name).exists() and looks_like_path(name):
         raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder, a .gguf file or a hub id")
     if Path(name).is_file() and name.endswith(".gguf"):  # transformers reads it with the packages gguf and accelerate
+        if not all(map(importlib.util.find_spec, ("gguf", "accelerate"))):
+            raise UserError("loading a .gguf file needs the optional packages: pip install gguf accelerate")
         name, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
@@ -238,10 +241,6 @@ def collate(examples, pad_id):
 
 def batches_of(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def to_device(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def solution_examples(tokenizer, rows, max_length, system=None):
@@ -460,7 +459,8 @@ def compare_with_random(nll_base, nll_selected, nll_random):
 
 def solution_batches(tokenizer, rows, args, device, batch_size):
     examples = solution_examples(tokenizer, rows, args.max_length, args.system)
-    return [to_device(collate(chunk, tokenizer.pad_token_id), device) for chunk in batches_of(examples, batch_size)]
+    return [{k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+            for chunk in batches_of(examples, batch_size)]
 
 
 def cmd_identify(args):
@@ -780,10 +780,10 @@ def cmd_train(args):
     # What a checkpoint must share with the run that resumes it: the data order, the reference and the loss.
     run = hashlib.sha256(json.dumps([pairs, neurons, pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
                                      args.yoke, args.neuron_margin]).encode()).hexdigest()
-    batch_of = lambda ids: to_device(collate_pairs([pairs[i] for i in ids], tokenizer.pad_token_id), device)  # noqa: E731
+    batch_of = lambda ids: {k: v.to(device) for k, v in  # noqa: E731
+                            collate_pairs([pairs[i] for i in ids], tokenizer.pad_token_id).items()}
     # Reference log-probs and neuron scores once, before step 1 (no second model in memory); --resume reuses them.
-    if master and not args.resume:
-        model.eval()
+    if master and not args.resume:  # (load_model returns the model in eval mode)
         with torch.no_grad(), autocast:
             ref = [pair_forward(model, batch_of(chunk), capture) for chunk in
                    tqdm(batches_of(range(len(pairs)), args.batch_size), desc="reference", unit="batch")]
@@ -1201,16 +1201,16 @@ def reproduce_stages(args, out):
     """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S as its own command would."""
     def flags(**values):  # --name value for every value given
         return [x for k, v in values.items() if v is not None for x in ("--" + k.replace("_", "-"), str(v))]
-    common = flags(model=args.model, data=args.data, device=args.device, dtype=args.dtype, system=args.system) + \
-        ["--trust-remote-code"] * args.trust_remote_code
+    common = flags(model=args.model, data=args.data, seed=args.seed, device=args.device, dtype=args.dtype,
+                   system=args.system) + ["--trust-remote-code"] * args.trust_remote_code  # a stage's own flags win
     generation = common + flags(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     neurons, pairs = str(out / "identify" / "neurons.json"), str(out / "pairs" / "pairs.jsonl")
-    stages = [("identify", ["identify", *common, *flags(seed=args.seed, num_samples=args.num_samples, top_k=args.top_k,
+    stages = [("identify", ["identify", *common, *flags(num_samples=args.num_samples, top_k=args.top_k,
                                                           max_length=args.max_length, control=args.control)], []),
-              ("ablate", ["ablate", *generation, *flags(seed=args.seed, neurons=neurons, num_samples=args.ablate_samples,
-                                                        max_length=args.max_length)], ["identify"]),
-              ("pairs", ["pairs", *generation, *flags(seed=args.seed, num_questions=args.num_questions, temperature=
-                                                      args.temperature, samples_per_question=args.samples_per_question)], [])]
+              ("ablate", ["ablate", *generation, *flags(neurons=neurons, num_samples=args.ablate_samples, max_length=
+                                                        args.max_length, random_seeds=args.random_seeds)], ["identify"]),
+              ("pairs", ["pairs", *generation, *flags(num_questions=args.num_questions, temperature=args.temperature,
+                                                      samples_per_question=args.samples_per_question)], [])]
     runs = [(name + (f"_seed{seed}" if args.seeds > 1 else ""), seed, lam)  # DPO and YFPO, for every seed
             for seed in range(args.seed, args.seed + args.seeds) for name, lam in (("dpo", 0.0), ("yfpo", args.lam))]
     stages += [("train_" + run, ["train", *common, *flags(
@@ -1225,31 +1225,32 @@ def reproduce_stages(args, out):
 def cmd_reproduce(args):
     """reproduce: identify -> ablate -> pairs -> train DPO and YFPO on the same pairs -> eval all three -> report."""
     out = check_out_dir(args.out)
-    for data, split, gold in [(args.data, "train", True), (args.data, "test", True)] + [(args.control, "train", False)] * \
-            bool(args.control):  # bad input fails here, before any stage runs
+    inputs = [(args.data, "train", True), (args.data, "test", True)] + [(args.control, "train", False)] * bool(args.control)
+    for data, split, gold in inputs:  # bad input fails here, before any stage runs
         load_gsm8k(data, split, gold)
     load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code, weights=False)
-    keys, seconds = {}, {}
-    for stage, argv, reads in reproduce_stages(args, out):
+    stages, keys, seconds = reproduce_stages(args, out), {}, {}
+    for stale in {p.parent for p in out.glob("*/stage.json")} - {out / stage for stage, _, _ in stages}:
+        shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
+    for stage, argv, reads in stages:
         # Skipped if OUT/stage/stage.json shows it finished under this key (its command line, OUT aside, and the keys of
         # what it reads); a training cut short under it resumes from its checkpoint; anything else is redone from scratch.
-        key = keys[stage] = hashlib.sha256(json.dumps([argv, [keys[r] for r in reads]]).replace(str(out), "OUT").encode()
-                                           ).hexdigest()[:16]
-        folder = out / stage
-        stamp = json.loads((folder / "stage.json").read_text()) if (folder / "stage.json").is_file() else {}
+        line = ["OUT" + a[len(str(out)):] if a.startswith(str(out) + os.sep) else a for a in argv]
+        key = keys[stage] = hashlib.sha256(json.dumps([line, [keys[r] for r in reads]]).encode()).hexdigest()[:16]
+        stamp = json.loads((out / stage / "stage.json").read_text()) if (out / stage / "stage.json").is_file() else {}
         if stamp.get("key") == key and "seconds" in stamp:
             print(f"[reproduce] {stage}: done with these settings, skipped")
             seconds[stage] = stamp["seconds"]
             continue
-        resume = stamp.get("key") == key and (folder / "model" / "trainer_state.pt").is_file()
+        resume = stamp.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
         if not resume:
-            shutil.rmtree(folder, ignore_errors=True)
-        write_json(folder / "stage.json", {"key": key, "argv": argv})
-        print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' if resume else ''} -> {folder}")
+            shutil.rmtree(out / stage, ignore_errors=True)
+        write_json(out / stage / "stage.json", {"key": key, "argv": argv})
+        print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' if resume else ''} -> {out / stage}")
         start = time.perf_counter()
-        main([*argv, "--out", str(folder), *["--resume"] * resume], strict=True)
+        main([*argv, "--out", str(out / stage), *["--resume"] * resume], strict=True)
         seconds[stage] = round(time.perf_counter() - start, 1)
-        write_json(folder / "stage.json", {"key": key, "argv": argv, "seconds": seconds[stage]})
+        write_json(out / stage / "stage.json", {"key": key, "argv": argv, "seconds": seconds[stage]})
     write_report(out, args, seconds)
     cmd_plot(argparse.Namespace(dirs=[str(out)], out=out / "report.png"))
     print(f"wrote {out / 'report.md'}")
@@ -1291,10 +1292,9 @@ def write_report(out, args, seconds):
 
 
 def cmd_plot(args):
-    """plot: the paper's figure 2 for train or reproduce folders: the DPO loss, reward margin and neuron margin per step
-    of every run overlaid and, for reproduce folders, their models' GSM8K accuracies with 95% Wilson CIs."""
+    """plot: the paper's figure 2 for train or reproduce folders: DPO loss, reward and neuron margins per step; accuracies."""
     named = lambda folder, name: f"{folder}/{name}" if len(args.dirs) > 1 else name  # noqa: E731
-    runs = {named(d, p.parent.name.removeprefix("train_")): p for d in map(Path, args.dirs)
+    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): p for d in map(Path, args.dirs)
             for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
     accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text()) for d in map(Path, args.dirs)
                   for p in sorted(d.glob("eval_*/summary.json"))}
@@ -1313,8 +1313,8 @@ def cmd_plot(args):
         ci = torch.tensor([[s["ci_low"], s["accuracy"], s["ci_high"]] for s in accuracies.values()], dtype=torch.float64)
         ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=ci.diff(dim=1).T.tolist(), capsize=8)  # yerr: below, above
     out = Path(args.out or Path(args.dirs[0]) / "training.png")
-    fig.savefig(out.with_suffix(".tmp.png"), dpi=120)
-    os.replace(out.with_suffix(".tmp.png"), out)
+    fig.savefig(tmp := out.with_name(f"{out.stem}.tmp{out.suffix}"), dpi=120)
+    os.replace(tmp, out)
     print(f"wrote {out}")
 
 
@@ -1373,11 +1373,11 @@ def cmd_demo(args):
     model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
     write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
     write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
-    small = ("--device cpu --num-samples 8 --top-k 16 --ablate-samples 4 --random-seeds 2 --num-questions 8 --lr 1e-4 "
-             "--samples-per-question 2 --max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 --max-length 256")
-    main(["reproduce", "--model", model, "--data", str(data), "--seed", str(args.seed), *small.split(), "--save-every", "2",
-          "--out", str(out)], strict=True)
-    print(f"[demo] every stage ran in {time.perf_counter() - start:.1f}s in {out}; a random model: accuracy means nothing.")
+    small = (f"--device cpu --seed {args.seed} --num-samples 8 --top-k 16 --ablate-samples 4 --random-seeds 2 --lr 1e-4 "
+             "--num-questions 8 --samples-per-question 2 --max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 "
+             "--save-every 2")
+    main(["reproduce", "--model", model, "--data", str(data), *small.split(), "--out", str(out)], strict=True)
+    print(f"[demo] done in {time.perf_counter() - start:.1f}s in {out}; a random model: its accuracy means nothing.")
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -1472,7 +1472,7 @@ def main(argv=None, strict=False):
     args = build_parser().parse_args(argv)
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # an unreachable hub ends in one UserError line, not a retry log
-    distributed = "RANK" in os.environ and hasattr(args, "device") and not torch.distributed.is_initialized()
+    distributed = "RANK" in os.environ and hasattr(args, "device")
     if distributed:  # torchrun: one process per device; rank 0 prints and writes
         import datetime
         on_gpu = torch.cuda.is_available() and args.device != "cpu"
@@ -1482,10 +1482,10 @@ def main(argv=None, strict=False):
         torch.distributed.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
         sys.stdout = sys.stdout if torch.distributed.get_rank() == 0 else open(os.devnull, "w")
     try:
-        if getattr(args, "server", None) and distributed:  # every rank would send every prompt
-            raise UserError("--server runs in one process (the server batches the requests): drop torchrun")
+        if distributed and (getattr(args, "server", None) or args.command == "reproduce"):  # every rank would do it all
+            raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} runs in one process: no torchrun")
         args.run(args)
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a path that cannot be written or read
         if strict:
             raise
         print(f"error: {e}", file=sys.stderr)
