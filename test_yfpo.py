@@ -1238,7 +1238,9 @@ def test_reproduce_report_holds_every_model_run_and_stage(reproduced):
     for run_name in ("dpo", "yfpo"):
         last = metrics(reproduced / f"train_{run_name}")[-1]
         assert f"| {run_name} | {last['step']} | {last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | " \
-               f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | " + "— | — |" * (run_name == "dpo") in report
+               f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | " in report
+    dpo_steps = metrics(reproduced / "train_dpo")  # lam = 0: the DPO term's gradient is the whole gradient
+    assert f"| {dpo_steps[0]['grad_norm']:.4g} / {dpo_steps[-1]['grad_norm']:.4g} | — |\n" in report
     probes = [m for m in metrics(reproduced / "train_yfpo") if "grad_norm/neuron" in m]  # first and last step
     assert len(probes) == 2 and f"{probes[0]['grad_norm/neuron']:.4g} / {probes[1]['grad_norm/neuron']:.4g}" in report
     ablation = json.loads((reproduced / "ablate" / "ablation.json").read_text())

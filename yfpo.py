@@ -1277,9 +1277,9 @@ def write_report(out, args, seconds):
     lines += ["", "| training run | steps | reward accuracy | reward margin | neuron margin | its gain over the reference | "
               "grad norm DPO first / last | grad norm neuron first / last |", "| --- " * 8 + "|"]
     for stage in (s for s in seconds if s.startswith("train_")):
-        steps = read_jsonl(out / stage / "metrics.jsonl")
-        norms = [" / ".join(f"{m[k]:.4g}" for m in steps if k in m) or "—" for k in ("grad_norm/dpo", "grad_norm/neuron")]
-        last = steps[-1]
+        last = (steps := read_jsonl(out / stage / "metrics.jsonl"))[-1]
+        dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"  # lam = 0: the whole gradient is the DPO term's
+        norms = [f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—" for k in (dpo, "grad_norm/neuron")]
         lines.append(f"| {stage[6:]} | {last['step']} | {last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | "
                      f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | {norms[0]} | {norms[1]} |")
     ab = json.loads((out / "ablate" / "ablation.json").read_text())
