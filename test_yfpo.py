@@ -476,6 +476,24 @@ def test_wilson_interval_known_value():
     assert yfpo.wilson_interval(0, 10)[0] == 0.0
 
 
+def test_mcnemar_detectable_difference_has_exactly_the_asked_power():
+    d = yfpo.mcnemar_detectable(10, 100)  # 10 discordant of 100: significant splits are 0-10, 1-9 and mirrors
+    pi = (d * 100 / 10 + 1) / 2
+    power = sum(math.comb(10, k) * pi ** k * (1 - pi) ** (10 - k) for k in range(11)
+                if yfpo.mcnemar_exact(k, 10 - k) <= 0.05)
+    assert math.isclose(power, 0.8, rel_tol=1e-6) and math.isclose(d, 0.0833, abs_tol=1e-4)
+    assert yfpo.mcnemar_detectable(5, 100) is None and yfpo.mcnemar_detectable(0, 100) is None  # none can be
+    assert yfpo.mcnemar_detectable(40, 200) > yfpo.mcnemar_detectable(40, 400)  # the same count among more
+
+
+def test_bootstrap_ci_is_reproducible_from_its_seed_and_brackets_the_mean():
+    values = torch.arange(50, dtype=torch.float64) ** 1.5
+    a, b = yfpo.bootstrap_ci(values, seed=3), yfpo.bootstrap_ci(values, seed=3)
+    assert a == b and a != yfpo.bootstrap_ci(values, seed=4)
+    assert a[0] < values.mean().item() < a[1]
+    assert yfpo.bootstrap_ci(torch.ones(20), seed=0) == (1.0, 1.0)
+
+
 def test_mcnemar_exact_known_values():
     assert yfpo.mcnemar_exact(0, 0) == 1.0
     assert yfpo.mcnemar_exact(0, 5) == 2 / 32
@@ -654,8 +672,30 @@ def test_identify_formats_every_control_row_as_control_text(tiny_dir, data_file,
         tokenizer, rows, *args))
     assert run("identify", "--model", tiny_dir, "--data", data_file, "--control", data_file, "--num-samples", "2",
                "--top-k", "4", "--out", str(tmp_path)) == 0
-    # the control file here is GSM8K itself, with '####' markers: its rows still get no instruction
-    assert [r["gold"] for r in seen[0]] == ["8", "48"] and [r["gold"] for r in seen[1]] == [None, None]
+    # the control file here is GSM8K itself, with '####' markers: its rows still get no instruction.
+    # identify reads the end of the train split (pairs reads its start), the control file from its start.
+    assert [r["gold"] for r in seen[0]] == ["32", "30"] and [r["gold"] for r in seen[1]] == [None, None]
+    assert [r["index"] for r in seen[0]] == [10, 11] and [r["index"] for r in seen[1]] == [0, 1]
+    assert json.loads((tmp_path / "neurons.json").read_text())["selection"]["question_indices"] == [10, 11]
+
+
+def test_identify_writes_a_random_control_set_matched_on_layer_and_scale(tiny, data_file, neurons_file):
+    model, tokenizer = tiny
+    selected = json.loads(Path(neurons_file).read_text())
+    control = json.loads(Path(neurons_file).with_name("random_neurons.json").read_text())
+    picked = {(n["layer"], n["index"]) for n in selected["neurons"]}
+    drawn = [(n["layer"], n["index"]) for n in control["neurons"]]
+    assert len(set(drawn)) == len(drawn) == len(picked) and not picked & set(drawn)
+    assert sorted(l for l, _ in drawn) == sorted(l for l, _ in picked)  # as many per layer
+    rows = yfpo.load_gsm8k(data_file, "train")[-8:]
+    batches = [sample_batch(tokenizer, rows[i:i + 4], 512) for i in (0, 4)]
+    mean, std, mean_abs = yfpo.activation_moments(model, batches)
+    generator = torch.Generator().manual_seed(0)  # identify's seed: the matched draw of random_neurons
+    assert drawn == yfpo.random_neurons(yfpo.load_neurons(neurons_file, model), mean_abs, generator)
+    for n in control["neurons"]:  # its own statistics, from the same pass
+        assert math.isclose(n["act_mean"], mean[n["layer"], n["index"]].item(), rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(n["act_std"], std[n["layer"], n["index"]].item(), rel_tol=1e-4)
+    assert control["selection"]["question_indices"] == list(range(4, 12))
 
 
 def test_per_layer_records_the_neurons_it_kept(tiny_dir, data_file, tmp_path):
@@ -667,7 +707,7 @@ def test_per_layer_records_the_neurons_it_kept(tiny_dir, data_file, tmp_path):
 
 def test_identify_selects_the_top_of_score_neurons(tiny, data_file, neurons_file):
     model, tokenizer = tiny
-    rows = yfpo.load_gsm8k(data_file, "train")[:8]
+    rows = yfpo.load_gsm8k(data_file, "train")[-8:]  # identify reads the end of the train split
     batches = [sample_batch(tokenizer, rows[i:i + 4], 512) for i in (0, 4)]
     with yfpo.attnlrp(model):
         scores = yfpo.score_neurons(model, batches)[0]
@@ -680,7 +720,7 @@ def test_saved_direction_is_the_sign_of_the_summed_gradient(tiny, data_file, neu
     # the gradient the relevance is made of: AttnLRP's, over the solution tokens of identify's own batches
     model, tokenizer = tiny
     grads = {0: 0, 1: 0}
-    for rows in (DEMO_ROWS[:4], DEMO_ROWS[4:8]):  # identify's batches, by hand: the gold logits' gradient at down_proj
+    for rows in (DEMO_ROWS[4:8], DEMO_ROWS[8:]):  # identify's batches (the split's end), by hand: the gold logits' gradient at down_proj
         batch = sample_batch(tokenizer, rows, 512)
         seen = {}
 
@@ -799,6 +839,31 @@ def test_ablate_cli_writes_the_comparison(tiny_dir, data_file, neurons_file, tmp
     out = capsys.readouterr().out
     assert "random matched" in out and "random unmatched" in out and "McNemar p" in out
     assert all(r["note"] in out for r in (result["random_matched"], result["random_unmatched"]) if r["note"])
+
+
+def test_ablate_control_text_nll_equals_a_hand_computation(tiny_dir, data_file, neurons_file, tmp_path):
+    assert run("ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file, "--num-samples", "3",
+               "--random-seeds", "2", "--control", data_file, "--out", str(tmp_path)) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())["control"]
+    model, tokenizer = yfpo.load_model(tiny_dir, torch.device("cpu"), torch.float32)
+    neurons = yfpo.load_neurons(neurons_file, model)
+
+    def nll():  # the control rows one at a time: the question alone as the prompt, the answer whole
+        total = count = 0
+        for q, a in yfpo.DEMO_PROBLEMS[-3:]:  # the control file's last rows (identify reads its first)
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+            full = tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant",
+                                                                                    "content": a}])
+            with torch.no_grad():
+                logp = model(torch.tensor([full])).logits[0, :-1].log_softmax(-1)
+            targets = torch.tensor(full[len(prompt):])
+            total -= logp[len(prompt) - 1:].gather(-1, targets[:, None]).sum().item()
+            count += len(targets)
+        return total / count
+    assert result["rows"] == [9, 10, 11] and math.isclose(result["nll_base"], nll(), rel_tol=1e-5)
+    with yfpo.ablate_neurons(model, neurons, 0.0):
+        assert math.isclose(result["nll_ablated"], nll(), rel_tol=1e-5)
+    assert len(result["random_matched"]["nll"]) == 2 and "mean_abs_ratio" in result["random_unmatched"]
 
 
 @pytest.mark.parametrize("case", ["shape mismatch", "k too large", "unsupported", "one seed", "num-samples 0",
@@ -976,7 +1041,7 @@ def test_train_cli_logs_trl_metrics_and_saves_a_loadable_model(tiny_dir, pairs_f
     assert set(yfpo.PAIR_METRICS) | {"grad_norm", "learning_rate", "step_time_s", "tokens_per_s", "mfu"} <= set(rows[0])
     assert [r["learning_rate"] for r in rows] == [5e-4, 1e-3, 1e-3] and all(r["mfu"] > 0 for r in rows)
     assert abs(rows[0]["rewards/margins"]) < 1e-4  # step 1: the policy is the reference
-    assert [("grad_norm/dpo" in r, "grad_norm/neuron" in r) for r in rows] == [(True, True), (False, False), (True, True)]
+    assert all({"grad_norm/dpo", "grad_norm/neuron", "neuron/share", "grad_cosine"} <= set(r) for r in rows)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert model.config.num_hidden_layers == 2 and (tmp_path / "model" / "trainer_state.pt").is_file()
@@ -984,7 +1049,7 @@ def test_train_cli_logs_trl_metrics_and_saves_a_loadable_model(tiny_dir, pairs_f
 
 def test_logged_term_gradient_norms_equal_norms_computed_by_hand(tiny_dir, pairs_file, neurons_file, tmp_path):
     (row,) = train(tiny_dir, pairs_file, tmp_path, "--neurons", neurons_file, "--lam", "0.5", "--gamma", "2",
-                   "--batch-size", "8", "--max-steps", "1")  # one step over all 8 pairs
+                   "--batch-size", "8", "--max-steps", "1", "--balance", "none")  # one step over all 8 pairs
     model, tokenizer = yfpo.load_model(tiny_dir, torch.device("cpu"), torch.float32)
     neurons = yfpo.load_neurons(neurons_file, model)
     batch = yfpo.collate_pairs(yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file), 256), tokenizer.pad_token_id)
@@ -1000,6 +1065,28 @@ def test_logged_term_gradient_norms_equal_norms_computed_by_hand(tiny_dir, pairs
     assert math.isclose(row["grad_norm/dpo"], norm(dpo), rel_tol=1e-4)
     assert math.isclose(row["grad_norm/neuron"], norm(neuron), rel_tol=1e-4)
     assert math.isclose(row["grad_norm"], norm(dpo + neuron), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("yoke, margin", [("loss", "policy"), ("reward", "policy"), ("reward", "relative")])
+def test_calibration_makes_the_step_1_share_equal_lam(yoke, margin, tiny_dir, pairs_file, neurons_file, tmp_path):
+    # one step over all 8 pairs, which are also the calibration pairs: the probe measures exactly lam
+    (row,) = train(tiny_dir, pairs_file, tmp_path, "--neurons", neurons_file, "--lam", "0.3", "--yoke", yoke,
+                   "--neuron-margin", margin, "--batch-size", "8", "--max-steps", "1")
+    assert abs(row["neuron/share"] - 0.3) < 1e-4 and row["c"] == torch.load(tmp_path / "reference.pt")["c"]
+    assert row["c"] != 1 and -1 <= row["grad_cosine"] <= 1
+    state = torch.load(tmp_path / "model" / "trainer_state.pt", weights_only=False)
+    assert state["c"] == row["c"]  # saved with the checkpoint
+
+
+def test_balance_none_is_the_raw_loss(tiny_dir, pairs_file, neurons_file, tmp_path):
+    args = ("--neurons", neurons_file, "--lam", "0.5", "--gamma", "2", "--batch-size", "8", "--max-steps", "1")
+    (raw,) = train(tiny_dir, pairs_file, tmp_path / "raw", *args, "--balance", "none")
+    (share,) = train(tiny_dir, pairs_file, tmp_path / "share", *args)
+    # step 1, policy = reference: h = 0, so loss = log 2 + lam * c * loss/neuron, with c = 1 for none
+    assert raw["c"] == 1 and math.isclose(raw["loss"], math.log(2) + 0.5 * raw["loss/neuron"], rel_tol=1e-6)
+    assert math.isclose(share["loss"], math.log(2) + 0.5 * share["c"] * share["loss/neuron"], rel_tol=1e-6)
+    assert math.isclose(share["neuron/share"], 0.5, rel_tol=1e-4)
+    assert math.isclose(share["neuron/share"] / raw["neuron/share"], share["c"], rel_tol=1e-4)
 
 
 def test_gamma_auto_is_one_over_the_std_of_the_reference_margins(tiny_dir, pairs_file, neurons_file, tmp_path):
@@ -1122,7 +1209,8 @@ def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir,
 
 @pytest.mark.parametrize("case", ["missing field", "empty file", "all truncated", "lam without neurons",
                                   "negative lam without neurons", "neurons shape", "resume without checkpoint",
-                                  "no such device", "empty prompt", "gamma auto with one pair", "empty folder"])
+                                  "no such device", "empty prompt", "gamma auto with one pair", "empty folder",
+                                  "overlap"])
 def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["train", "--model", tiny_dir, "--pairs", pairs_file, "--out", out, "--lam", "0", "--device", "cpu"]
@@ -1161,9 +1249,22 @@ def test_train_bad_input(case, tiny_dir, pairs_file, neurons_file, tmp_path, cap
     elif case == "empty folder":  # a first try: the pairs are named first, with the command that makes them
         argv, says = ["train", "--lam", "0.3", "--out", out], "pairs file missing: " + str(Path(out) / "pairs.jsonl") + \
             "; make one with `python yfpo.py pairs`"
+    elif case == "overlap":  # pairs on the questions identify selected the neurons on (rows 4 to 11)
+        rows = [{**json.loads(line), "question_index": i} for i, line in enumerate(Path(pairs_file).read_text().splitlines())]
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        argv, says = argv + ["--pairs", str(bad), "--neurons", neurons_file], \
+            f"{bad} uses 4 questions (first: 4) that {neurons_file} was selected on; pair other questions, or pass " \
+            "--allow-overlap"
     else:
         argv, says = argv + ["--resume"], "--resume: no checkpoint"
     assert_user_error(capsys, out, *argv, says=says)
+
+
+def test_allow_overlap_trains_on_the_selection_questions(tiny_dir, pairs_file, neurons_file, tmp_path):
+    rows = [{**json.loads(line), "question_index": i} for i, line in enumerate(Path(pairs_file).read_text().splitlines())]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(train(tiny_dir, str(tmp_path / "p.jsonl"), tmp_path / "out", "--neurons", neurons_file,
+                     "--max-steps", "1", "--allow-overlap")) == 1
 
 
 def test_resume_refuses_a_checkpoint_of_other_pairs(tiny_dir, pairs_file, tmp_path, capsys):
@@ -1194,15 +1295,17 @@ def test_plot_draws_the_training_curves(tiny_dir, pairs_file, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Reproduce: every stage in one restartable command, and its report
 # ---------------------------------------------------------------------------------------------
-REPRODUCE = ["--num-samples", "8", "--top-k", "16", "--ablate-samples", "4", "--random-seeds", "2", "--num-questions", "8",
+REPRODUCE = ["--num-samples", "4", "--top-k", "16", "--ablate-samples", "4", "--random-seeds", "2", "--num-questions", "8",
              "--samples-per-question", "2", "--max-new-tokens", "16", "--lr", "1e-4", "--train-batch-size", "2",
              "--grad-accum", "1", "--epochs", "2", "--max-length", "256", "--save-every", "2", "--eval-limit", "6",
-             "--device", "cpu"]
-STAGES = ["identify", "ablate", "pairs", "train_dpo", "train_yfpo", "eval_base", "eval_dpo", "eval_yfpo"]
+             "--device", "cpu", "--control"]
+MODELS = ["base", "dpo", "yfpo", "yfpo_random"]
+STAGES = ["identify", "ablate", "pairs", "train_dpo", "train_yfpo", "train_yfpo_random", "eval_base", "eval_dpo",
+          "eval_yfpo", "eval_yfpo_random", "heldout", "score_base", "score_dpo", "score_yfpo", "score_yfpo_random"]
 
 
 def reproduce(tiny_dir, data_file, out, *extra):
-    return run("reproduce", "--model", tiny_dir, "--data", data_file, *REPRODUCE, "--out", str(out), *extra)
+    return run("reproduce", "--model", tiny_dir, "--data", data_file, *REPRODUCE, data_file, "--out", str(out), *extra)
 
 
 def without_wall_times(report):
@@ -1224,36 +1327,77 @@ def reproduced(tiny_dir, data_file, tmp_path_factory):
 
 def test_reproduce_report_holds_every_model_run_and_stage(reproduced):
     report = (reproduced / "report.md").read_text()
-    for column in ("accuracy", "95% CI", "correct / total", "vs base", "McNemar p", "reward accuracy", "reward margin",
-                   "neuron margin", "its gain over the reference", "grad norm DPO first / last",
-                   "grad norm neuron first / last", "wall time"):
+    for column in ("accuracy", "95% CI", "strict", "correct / total", "vs base", "vs DPO", "detectable",
+                   "share first / middle / last", "cosine first / middle / last", "reward accuracy",
+                   "reward margin", "neuron margin", "its gain over the reference", "grad norm DPO first / last",
+                   "grad norm neuron first / last", "Held-out endpoints", "wall time"):
         assert column in report, column
-    for name in ("base", "dpo", "yfpo"):
-        summary = json.loads((reproduced / f"eval_{name}" / "summary.json").read_text())
-        assert f"| {name} | {summary['accuracy']:.4f} | [{summary['ci_low']:.4f}, {summary['ci_high']:.4f}] | " \
-               f"{summary['correct']} / 6 |" in report
-    rows = {name: yfpo.read_jsonl(reproduced / f"eval_{name}" / "eval.jsonl") for name in ("base", "dpo", "yfpo")}
-    d = yfpo.paired_difference([(a["correct"], b["correct"]) for a, b in zip(rows["yfpo"], rows["dpo"])])
-    assert f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}) |\n" in report  # YFPO against DPO, the last column
-    for run_name in ("dpo", "yfpo"):
-        last = metrics(reproduced / f"train_{run_name}")[-1]
-        assert f"| {run_name} | {last['step']} | {last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | " \
-               f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | " in report
+    for name in MODELS:
+        s = json.loads((reproduced / f"eval_{name}" / "summary.json").read_text())
+        assert f"| {name} | {s['accuracy']:.4f} | [{s['ci_low']:.4f}, {s['ci_high']:.4f}] | " \
+               f"{s['accuracy_strict']:.4f} | {s['correct']} / 6 |" in report
+    rows = {name: yfpo.read_jsonl(reproduced / f"eval_{name}" / "eval.jsonl") for name in MODELS}
+    for name in ("yfpo", "yfpo_random"):  # against DPO, the last column
+        d = yfpo.paired_difference([(a["correct"], b["correct"]) for a, b in zip(rows[name], rows["dpo"])])
+        assert f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}; {d['only_this_correct']} vs " \
+               f"{d['only_other_correct']}; detectable" in report.split(f"| {name} |")[1].split("\n")[0]
+    for run_name in MODELS[1:]:
+        steps = metrics(reproduced / f"train_{run_name}")
+        last = steps[-1]
+        assert f"| {run_name} | {last['step']} | {last['c']:.4g} | " in report
+        assert f"| {last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | {last['neuron/margin']:.4f} | " \
+               f"{last['neuron/margin_gain']:+.4f} | " in report
     dpo_steps = metrics(reproduced / "train_dpo")  # lam = 0: the DPO term's gradient is the whole gradient
     assert f"| {dpo_steps[0]['grad_norm']:.4g} / {dpo_steps[-1]['grad_norm']:.4g} | — |\n" in report
-    probes = [m for m in metrics(reproduced / "train_yfpo") if "grad_norm/neuron" in m]  # first and last step
-    assert len(probes) == 2 and f"{probes[0]['grad_norm/neuron']:.4g} / {probes[1]['grad_norm/neuron']:.4g}" in report
+    probes = [m for m in metrics(reproduced / "train_yfpo") if "neuron/share" in m]  # first, middle, last
+    assert [m["step"] for m in probes] == [1, 5, 8]
+    assert " / ".join(f"{m['neuron/share']:.3g}" for m in probes) in report
     ablation = json.loads((reproduced / "ablate" / "ablation.json").read_text())
-    assert f"matched random neurons: rise {ablation['random_matched']['rise']:+.4f}" in report
+    assert f"Ablation on math text" in report and f"rise {ablation['random_matched']['rise']:+.4f}" in report
+    assert f"Ablation on control text" in report and f"rise {ablation['control']['rise']:+.4f}" in report
     assert all(f"| {stage} |" in report.split("| stage | wall time")[1] for stage in STAGES)
     assert (reproduced / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heldout_pairs_are_the_base_models_wrong_answers_with_gold_as_chosen(reproduced):
+    evaluated = yfpo.read_jsonl(reproduced / "eval_base" / "eval.jsonl")
+    pairs = yfpo.read_jsonl(reproduced / "heldout" / "pairs.jsonl")
+    wrong = [e for e in evaluated if not e["correct"]]
+    assert [p["question_index"] for p in pairs] == [e["index"] for e in wrong] and pairs
+    for p, e in zip(pairs, wrong):
+        assert p["rejected"][0]["content"] == e["completion"]
+        assert p["chosen"][0]["content"] == yfpo.gold_solution(yfpo.DEMO_PROBLEMS[e["index"]][1])
+
+
+def test_heldout_table_is_the_scores_against_the_base_model(reproduced):
+    report = (reproduced / "report.md").read_text()
+    scores = {name: yfpo.read_jsonl(reproduced / f"score_{name}" / "scores.jsonl") for name in MODELS}
+    base = scores["base"]
+    margin = torch.tensor([r["neurons"]["neurons"][0] - r["neurons"]["neurons"][1] for r in base], dtype=torch.float64)
+    low, high = yfpo.bootstrap_ci(margin, seed=0)
+    nll = torch.tensor([-r["logps"][0] / r["chosen_tokens"] for r in base], dtype=torch.float64)
+    assert f"| base | — | — | {nll.mean():.4f} [" in report and f"{margin.mean():.4f} [{low:.4f}, {high:.4f}]" in report
+    h = torch.tensor([(y["logps"][0] - b["logps"][0]) - (y["logps"][1] - b["logps"][1])
+                      for y, b in zip(scores["yfpo"], base)], dtype=torch.float64)
+    low, high = yfpo.bootstrap_ci((h > 0).double(), seed=0)
+    assert f"| yfpo | {(h > 0).double().mean():.4f} [{low:.4f}, {high:.4f}] | {h.mean():.4f} [" in report
+
+
+def test_the_random_arm_trains_on_the_matched_set_with_its_own_c(reproduced):
+    def argv(stage):
+        return json.loads((reproduced / stage / "stage.json").read_text())["argv"]
+    assert str(reproduced / "identify" / "random_neurons.json") in argv("train_yfpo_random")
+    assert [a for a in argv("train_yfpo_random") if a != str(reproduced / "identify" / "random_neurons.json")] == \
+        [a for a in argv("train_yfpo") if a != str(reproduced / "identify" / "neurons.json")]  # the same otherwise
+    c = {run: torch.load(reproduced / f"train_{run}" / "reference.pt")["c"] for run in ("yfpo", "yfpo_random")}
+    assert c["yfpo"] != c["yfpo_random"] and metrics(reproduced / "train_yfpo_random")[0]["c"] == c["yfpo_random"]
 
 
 def test_reproduce_passes_each_flag_to_its_stage(reproduced):
     def value(stage, flag):  # the flag's last value on the stage's command line, as argparse reads it
         argv = json.loads((reproduced / stage / "stage.json").read_text())["argv"]
         return argv[len(argv) - argv[::-1].index(flag)]
-    assert [value("identify", f) for f in ("--num-samples", "--top-k", "--max-length")] == ["8", "16", "256"]
+    assert [value("identify", f) for f in ("--num-samples", "--top-k", "--max-length")] == ["4", "16", "256"]
     assert [value("ablate", f) for f in ("--num-samples", "--random-seeds", "--max-new-tokens")] == ["4", "2", "16"]
     assert [value("pairs", f) for f in ("--num-questions", "--samples-per-question", "--temperature")] == ["8", "2", "0.8"]
     assert [value("train_yfpo", f) for f in ("--lam", "--lr", "--batch-size", "--grad-accum", "--epochs", "--save-every")] \
@@ -1278,7 +1422,8 @@ def test_changing_lam_reruns_only_the_yfpo_training_and_its_eval(tiny_dir, data_
     capsys.readouterr()
     assert reproduce(tiny_dir, data_file, tmp_path / "copy", "--lam", "0.5") == 0
     ran, skipped = stages_run(capsys.readouterr().out)
-    assert ran == ["train_yfpo", "eval_yfpo"] and skipped == [s for s in STAGES if s not in ran]
+    assert ran == [s for s in STAGES if s.split("_", 1)[-1] in ("yfpo", "yfpo_random")]  # train, eval, score
+    assert skipped == [s for s in STAGES if s not in ran]
     assert "lam=0.5" in (tmp_path / "copy" / "report.md").read_text() and not (tmp_path / "copy" / "train_dpo_seed7").exists()
 
 

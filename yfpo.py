@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def start_command(args, split, limit):
     """Output folder checked, seed set, data rows, model (with --server: the server checked, only the tokenizer)."""
     out, device = check_out_dir(args.out), pick_device(args.device)
     torch.manual_seed(args.seed)
-    rows = load_gsm8k(args.data, split)[:limit]
+    rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
     args.server = getattr(args, "server", None) and check_server(args.server, args.model)  # eval and pairs have it
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code,
                                   weights=not args.server)
@@ -169,7 +170,7 @@ def load_gsm8k(data, split, require_gold=True):
             raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text, and the question not empty")
         if require_gold and "####" not in row["answer"]:
             raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; end it with '#### <number>'")
-        row["gold"] = parse_gold(row["answer"]) if require_gold else None
+        row["gold"], row["index"] = parse_gold(row["answer"]) if require_gold else None, i - 1
     if not rows:
         raise UserError(f"{data}: no rows in split '{split}'")
     return rows
@@ -464,70 +465,106 @@ def solution_batches(tokenizer, rows, args, device, batch_size):
 
 
 def cmd_identify(args):
-    """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k."""
+    """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k. The solutions
+    are the last --num-samples of the train split (pairs samples from its start); beside the set, a random
+    control set matched to it per layer and activation scale, with statistics from the same pass."""
     control = load_gsm8k(args.control, "train", require_gold=False)[:args.num_samples] if args.control else []
-    out, device, rows, model, tokenizer = start_command(args, "train", args.num_samples)
+    out, device, rows, model, tokenizer = start_command(args, "train", slice(-args.num_samples, None))
     with attnlrp(model):
-        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # checks k before the long pass
+        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # k checked before the pass
         math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
         start = time.perf_counter()
         with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
             scores, directions = score_neurons(model, math_batches, bar)
             if control:  # keep what is specific to math, not what any text uses
-                scores -= score_neurons(model, solution_batches(tokenizer, control, args, device, args.batch_size), bar)[0]
+                control_batches = solution_batches(tokenizer, control, args, device, args.batch_size)
+                scores -= score_neurons(model, control_batches, bar)[0]
         seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
-    mean, std, _ = activation_moments(model, math_batches)
+    mean, std, mean_abs = activation_moments(model, math_batches)
+    generator = torch.Generator().manual_seed(args.seed)
+    matched = [(l, i, float(scores[l, i])) for l, i in random_neurons(neurons, mean_abs, generator)]
     num_layers, width = model_shape(model)
     counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
     disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
-    write_json(out / "neurons.json", {
-        "model": args.model, "num_layers": num_layers, "intermediate_size": width,
-        "selection": {"rule": "per_layer_top_k" if args.per_layer else "global_top_k", "top_k": args.top_k,
-                      "num_selected": len(neurons), "score": "AttnLRP relevance at the down_proj input" +
-                      (" minus the same over the control samples" if control else ""), "normalization": "per solution "
-                      "token (a sample's relevance / its solution tokens), then the mean over samples", "direction":
-                      "sign of the summed AttnLRP gradient on solution tokens", "data": args.data, "num_samples": len(rows),
-                      "control": args.control, "num_control_samples": len(control), "max_length": args.max_length},
-        "counts_per_layer": counts, "direction_disagrees_with_mean_sign": disagree, "scoring_seconds": round(seconds, 2),
-        "neurons": [{"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
-                     "act_mean": float(mean[l, i]), "act_std": float(std[l, i])} for l, i, s in neurons]})
+    selection = {"rule": "per_layer_top_k" if args.per_layer else "global_top_k", "top_k": args.top_k,
+                 "num_selected": len(neurons), "score": "AttnLRP relevance at the down_proj input" +
+                 (" minus the same over the control samples" if control else ""),
+                 "normalization": "per solution token (a sample's relevance / its solution tokens), then the "
+                 "mean over samples", "direction": "sign of the summed AttnLRP gradient on solution tokens",
+                 "data": args.data, "split": "train", "num_samples": len(rows),
+                 "question_indices": [r["index"] for r in rows], "control": args.control,
+                 "num_control_samples": len(control), "max_length": args.max_length}
+
+    def neuron_file(chosen, **extra):
+        return {"model": args.model, "num_layers": num_layers, "intermediate_size": width, **extra,
+                "scoring_seconds": round(seconds, 2), "neurons": [
+                    {"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
+                     "act_mean": float(mean[l, i]), "act_std": float(std[l, i])} for l, i, s in chosen]}
+    write_json(out / "random_neurons.json", neuron_file(matched, selection={
+        **selection, "rule": "random control: as many per layer as neurons.json, matched on mean |a| "
+        "(10 bins), none of its neurons", "seed": args.seed}))
+    write_json(out / "neurons.json", neuron_file(neurons, selection=selection, counts_per_layer=counts,
+                                                 direction_disagrees_with_mean_sign=disagree))
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per layer:",
-          *(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}" for layer, count in enumerate(counts)),
+          *(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
+            for layer, count in enumerate(counts)),
           f"the saved direction differs from the sign of the mean activation for {disagree} of {len(neurons)}",
-          f"wrote {out / 'neurons.json'}", sep="\n")
+          f"train questions {rows[0]['index']}-{rows[-1]['index']}; wrote {out / 'neurons.json'} and "
+          f"{out / 'random_neurons.json'} (the matched random control)", sep="\n")
 
 
 def cmd_ablate(args):
-    """ablate: does scaling the neurons (0: ablating them) raise the gold NLL more than scaling random, matched ones?"""
+    """ablate: does scaling the neurons (0: ablating them) raise the gold NLL more than scaling random,
+    matched ones? With --control also on non-math text (its last rows: identify reads its first), so that
+    "math-specific" is measured: the selected set should raise the math NLL more than the control text's."""
     if args.random_seeds < 2:
-        raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 seeds (default 10)")
+        raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 seeds "
+                        "(default 10)")
+    control = load_gsm8k(args.control, "train", require_gold=False)[-args.num_samples:] if args.control else []
     out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
-    batches = solution_batches(tokenizer, rows, args, device, args.nll_batch_size)
-    mean_abs = activation_moments(model, batches)[2]  # per neuron, for the matched control
-    scale_of = lambda selection: float(sum(mean_abs[n[0], n[1]] for n in selection)) / len(selection)  # noqa: E731
+    texts = {"math": solution_batches(tokenizer, rows, args, device, args.nll_batch_size)}
+    if control:  # formatted as identify formats it: the question alone, the answer whole
+        texts["control"] = solution_batches(tokenizer, control, args, device, args.nll_batch_size)
+    mean_abs = activation_moments(model, texts["math"])[2]  # per neuron, for the matched control
 
-    def scaled(selection):  # the gold NLL with the selection scaled
+    def scale_of(selection):  # mean |a| of a selection
+        return float(sum(mean_abs[n[0], n[1]] for n in selection)) / len(selection)
+
+    def scaled(selection):  # the gold NLL of each text with the selection scaled
         with ablate_neurons(model, selection, args.scale):
-            value = gold_nll(model, batches)
+            nll = {text: gold_nll(model, batches) for text, batches in texts.items()}
         bar.update(1)
-        return value
+        return nll
+    controls = {name: [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed + s), bins)
+                       for s in range(args.random_seeds)]  # per layer and scale bin; per layer only
+                for name, bins in (("matched", 10), ("unmatched", 1))}
     with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
-        result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
-                  "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds,
-                  "nll_base": scaled([]), "nll_ablated": scaled(neurons)}
-        for name, bins in (("matched", 10), ("unmatched", 1)):  # per layer and activation-scale bin; per layer only
-            controls = [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed + s), bins)
-                        for s in range(args.random_seeds)]
-            result["random_" + name] = {**compare_with_random(result["nll_base"], result["nll_ablated"], list(map(
-                scaled, controls))), "mean_abs_ratio": sum(map(scale_of, controls)) / len(controls) / scale_of(neurons)}
-    result["rise"] = result["nll_ablated"] - result["nll_base"]
-    print(f"NLL per solution token: base {result['nll_base']:.4f}, neurons x {args.scale:g} {result['nll_ablated']:.4f} "
-          f"(rise {result['rise']:+.4f})")
-    for name, r in ((name, result["random_" + name]) for name in ("matched", "unmatched")):
-        print(f"random {name:9s} {r['mean']:.4f} +- {r['std']:.4f} (rise {r['rise']:+.4f}, mean |a| x "
-              f"{r['mean_abs_ratio']:.2f}), z {r['z'] and round(r['z'], 2)}, " + (r["note"] or f"ratio {r['ratio']:.2f}"))
+        base, ablated = scaled([]), scaled(neurons)
+        random = {name: [scaled(c) for c in sets] for name, sets in controls.items()}
+    result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
+              "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds}
+    for text in texts:
+        part = {"nll_base": base[text], "nll_ablated": ablated[text], "rise": ablated[text] - base[text]}
+        for name, sets in controls.items():
+            nlls = [r[text] for r in random[name]]
+            scale = sum(map(scale_of, sets)) / len(sets) / scale_of(neurons)
+            part["random_" + name] = {**compare_with_random(base[text], ablated[text], nlls),
+                                      "mean_abs_ratio": scale}
+        if text == "math":
+            result.update(part)
+        else:
+            result["control"] = {"data": args.control, "num_samples": len(control),
+                                 "rows": [r["index"] for r in control], **part}
+    for text, r in [("math", result), ("control", result.get("control"))][:len(texts)]:
+        print(f"{text} NLL per solution token: base {r['nll_base']:.4f}, neurons x {args.scale:g} "
+              f"{r['nll_ablated']:.4f} (rise {r['rise']:+.4f})")
+        for name in ("matched", "unmatched"):
+            c = r["random_" + name]
+            print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, mean |a| x "
+                  f"{c['mean_abs_ratio']:.2f}), z {c['z'] and round(c['z'], 2)}, " +
+                  (c["note"] or f"ratio {c['ratio']:.2f}"))
     if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
         base = evaluate(model, tokenizer, rows, args)
         with ablate_neurons(model, neurons, args.scale):
@@ -574,19 +611,23 @@ def neuron_scores(activations, mask, mean, std, direction):
     return (z.mean(-1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
-def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_margin=None, beta=0.1, lam=0.3,
-              gamma=1.0, yoke="loss"):
-    """The YFPO loss. Log-probs and the neuron margin are [B]: m = s(x, y_w) - s(x, y_l) (--neuron-margin policy),
-    or m - m_ref, anchored to the reference model's margin as h anchors the log-ratios (--neuron-margin relative).
-        yoke="loss":    L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
-        yoke="reward":  L = -log sigmoid(beta * h + lam * gamma * m)
+def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_margin=None, beta=0.1,
+              lam=0.3, gamma=1.0, yoke="loss"):
+    """The YFPO loss. Log-probs and the neuron margin are [B]: m = s(x, y_w) - s(x, y_l) (--neuron-margin
+    policy), or m - m_ref, anchored to the reference model's margin as h anchors the log-ratios (relative).
+    lam is the neuron term's whole weight: train passes lam * c, c the calibration that makes lam a share.
     lam = 0 returns the DPO loss itself (the margin may then be None).
     Returns (losses [B], dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B])."""
-    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
+                                                            ref_rejected, beta)
     neuron_losses = None if neuron_margin is None else -F.logsigmoid(gamma * neuron_margin)
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    losses = dpo_losses if lam == 0 else dpo_losses + lam * neuron_losses if yoke == "loss" else \
-        -F.logsigmoid(beta * h + lam * gamma * neuron_margin)
+    if lam == 0:
+        losses = dpo_losses
+    elif yoke == "loss":  # L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
+        losses = dpo_losses + lam * neuron_losses
+    else:  # yoke == "reward": L = -log sigmoid(beta * h + lam * gamma * m)
+        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+        losses = -F.logsigmoid(beta * h + lam * gamma * neuron_margin)
     return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
 
 
@@ -633,8 +674,38 @@ def make_pairs(tokenizer, rows, samples, system=None):
     return pairs, dict(counts, pairs=len(pairs))
 
 
+def heldout_pairs(tokenizer, rows, evaluated, system=None):
+    """Held-out endpoints, for teacher-forced scoring: for every question an evaluated model got wrong,
+    chosen = the gold solution and rejected = that model's own greedy answer (no new generation).
+    rows: the split's GSM8K rows; evaluated: eval.jsonl rows (index, question, completion, correct)."""
+    pairs = []
+    for e in evaluated:
+        if e["index"] >= len(rows) or rows[e["index"]]["question"] != e["question"]:
+            raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; pass the "
+                            "--data the eval ran on")
+        if not e["correct"]:
+            pairs.append({"prompt": make_prompt(tokenizer, e["question"], system), "chosen": make_completion(
+                tokenizer, gold_solution(rows[e["index"]]["answer"])), "rejected": make_completion(
+                tokenizer, e["completion"]), "question_index": e["index"], "chosen_is_gold": True})
+    return pairs
+
+
 def cmd_pairs(args):
-    """pairs: sample the model on GSM8K train, grade with is_correct, pair a right and a wrong answer."""
+    """pairs: sample the model on the start of GSM8K train, grade with is_correct, pair a right and a
+    wrong answer. With --from-eval: held-out pairs from an eval's wrong answers (heldout_pairs)."""
+    if args.from_eval:
+        summary = Path(args.from_eval).with_name("summary.json")
+        if not (Path(args.from_eval).is_file() and summary.is_file()):
+            raise UserError(f"--from-eval {args.from_eval}: no eval.jsonl with its summary.json there; "
+                            "run `python yfpo.py eval` first")
+        split, out = json.loads(summary.read_text())["split"], check_out_dir(args.out)
+        tokenizer = load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
+                               weights=False)[1]
+        pairs = heldout_pairs(tokenizer, load_gsm8k(args.data, split), read_jsonl(args.from_eval), args.system)
+        write_jsonl(out / "pairs.jsonl", pairs)
+        print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split} split); "
+              f"wrote {out / 'pairs.jsonl'}")
+        return
     out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
     n, start = args.samples_per_question, time.perf_counter()
     samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
@@ -642,7 +713,8 @@ def cmd_pairs(args):
     pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n), args.system)
     write_jsonl(out / "pairs.jsonl", pairs)
     print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
-          f"({len(samples) / speed['wall_time_s']:.3f} samples/s, {speed['tokens_per_s']} tokens/s); stops {speed['stops']}")
+          f"({len(samples) / speed['wall_time_s']:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
+          f"stops {speed['stops']}")
     print(f"wrote {out / 'pairs.jsonl'}")
 
 
@@ -726,187 +798,325 @@ def peak_flops(device):
     return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
 
 
-def save_checkpoint(out, model, tokenizer, optimizer, scheduler, run, step):
+def save_checkpoint(out, model, tokenizer, optimizer, scheduler, state, step):
     """OUT/model: save_pretrained weights and tokenizer plus trainer_state.pt, swapped in whole."""
     final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
     shutil.rmtree(tmp, ignore_errors=True)
     getattr(model, "module", model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "run": run, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               tmp / "trainer_state.pt")
+    torch.save({**state, "step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def cmd_train(args):
-    """train: DPO + lam * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
-    rank, world = rank_and_world()  # under torchrun each rank takes every world-th micro-batch of a step
-    master, ddp = rank == 0, world > 1
-    out, device = check_out_dir(args.out), pick_device(args.device)
-    device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device  # this rank's GPU
-    dtype = pick_dtype(args.dtype, device)
+def term_gradients(params, loss_of, chunks):
+    """How each term of the loss pulls, measured without touching .grad. loss_of(indices, path) is the loss
+    of the pairs `indices` with its gradient through one path: "dpo" (the log-probs alone) or "neuron" (the
+    neuron scores alone); chunks: micro-batches of pair indices. Returns grad_norm/dpo, grad_norm/neuron,
+    neuron/share = ||g_neuron|| / ||g_dpo||, and grad_cosine = cos(g_dpo, g_neuron): a neuron gradient
+    parallel to DPO's only re-weights DPO."""
+    grads = {}
+    for path in ("dpo", "neuron"):
+        grads[path] = [torch.zeros_like(p) for p in params]
+        for indices in chunks:
+            pulls = torch.autograd.grad(loss_of(indices, path), params, allow_unused=True)
+            for g, d in zip(grads[path], pulls):
+                if d is not None:
+                    g += d
+
+    def dot(x, y):
+        return sum(float((a.double() * b).sum()) for a, b in zip(grads[x], grads[y]))
+    dpo, neuron = math.sqrt(dot("dpo", "dpo")), math.sqrt(dot("neuron", "neuron"))
+    return {"grad_norm/dpo": dpo, "grad_norm/neuron": neuron, "neuron/share": neuron / (dpo or math.nan),
+            "grad_cosine": dot("dpo", "neuron") / (dpo * neuron or math.nan)}
+
+
+def calibrate(lam, share_at, linear):
+    """The constant c that makes lam a share (--balance share): with the neuron term weighted lam * c, its
+    gradient at step 1 is |lam| times the DPO term's, c = ||grad L_dpo|| / ||grad L_neuron||, measured on the
+    reference model (the policy before step 1). share_at(c) measures the share with weight lam * c. Where the
+    share is linear in c (--yoke loss; at step 1 also the relative margin, m - m_ref = 0) one measurement is
+    exact; --yoke reward with the policy margin moves the sigmoid with c, so it repeats to 1e-6."""
+    c = 1.0
+    for _ in range(8):
+        share = share_at(c)
+        if not share > 0:
+            raise UserError("the neuron term has no gradient on the calibration pairs; check --neurons, "
+                            "or pass --balance none")
+        if abs(share / abs(lam) - 1) < 1e-6:
+            break
+        c *= abs(lam) / share
+        if linear:
+            break
+    return c
+
+
+def train_setup(args):
+    """Everything the training loop reads, checked before any long work: the run as a namespace."""
+    job = types.SimpleNamespace(args=args, out=check_out_dir(args.out))
+    job.rank, job.world = rank_and_world()  # under torchrun each rank takes every world-th micro-batch
+    job.master, job.ddp = job.rank == 0, job.world > 1
+    device = pick_device(args.device)  # this rank's GPU under torchrun
+    job.device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+    dtype = pick_dtype(args.dtype, job.device)
     if dtype == torch.float16:
         raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss scaling)")
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    rows = load_pairs(args.pairs or out / "pairs.jsonl")  # the pairs first: without them nothing else matters
-    args.neurons = args.neurons or (str(out / "neurons.json") if (out / "neurons.json").is_file() else None)
+    job.autocast = torch.autocast(job.device.type, dtype=dtype) if dtype != torch.float32 else \
+        contextlib.nullcontext()
+    rows = load_pairs(args.pairs or job.out / "pairs.jsonl")  # the pairs first: without them nothing matters
+    if not args.neurons and (job.out / "neurons.json").is_file():
+        args.neurons = str(job.out / "neurons.json")
     if args.lam != 0 and not args.neurons:
-        raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 trains plain DPO")
-    checkpoint, cache = out / "model", out / "reference.pt"
-    if args.resume and not ((checkpoint / "trainer_state.pt").is_file() and cache.is_file()):
-        raise UserError(f"--resume: no checkpoint in {checkpoint} (or no {cache}); start without --resume")
+        raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 trains "
+                        "plain DPO")
+    job.checkpoint, job.cache = job.out / "model", job.out / "reference.pt"
+    if args.resume and not ((job.checkpoint / "trainer_state.pt").is_file() and job.cache.is_file()):
+        raise UserError(f"--resume: no checkpoint in {job.checkpoint} (or no {job.cache}); start without --resume")
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(str(checkpoint) if args.resume else args.model, device, torch.float32,
-                                  args.trust_remote_code)
-    if model.config._attn_implementation not in ("eager", "sdpa"):  # the packed pairs' block masks need one of these
-        raise UserError(f"{model.config._attn_implementation} attention cannot take packed pairs; use eager or sdpa")
-    neurons = load_neurons(args.neurons, model) if args.neurons else []
-    # The hooks stay on for the whole run (gradient checkpointing re-runs them during backward).
-    capture = NeuronCapture(model, neurons, *(torch.tensor([n[k] for n in neurons], dtype=torch.float32, device=device)
-                                              for k in (3, 4, 5))).__enter__() if neurons else None
-    pairs = tokenize_pairs(tokenizer, rows, args.max_length)
-    if not pairs:
-        raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; raise it")
-    if args.gamma == "auto" and neurons and args.lam and len(pairs) < 2:
-        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs; pass --gamma 1")
-    pairs_per_step = args.batch_size * args.grad_accum * world
-    steps_per_epoch = len(pairs) // pairs_per_step
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(pairs)} pairs are fewer than one optimizer step takes ({pairs_per_step} = batch x accum x "
-                        "processes); lower --batch-size or --grad-accum")
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    job.model, job.tokenizer = load_model(str(job.checkpoint) if args.resume else args.model, job.device,
+                                          torch.float32, args.trust_remote_code)
+    if job.model.config._attn_implementation not in ("eager", "sdpa"):  # what the packed pairs' masks need
+        raise UserError(f"{job.model.config._attn_implementation} attention cannot take packed pairs; use "
+                        "eager or sdpa")
+    job.neurons = load_neurons(args.neurons, job.model) if args.neurons else []
+    if job.neurons and not args.allow_overlap:
+        check_disjoint(args.neurons, args.pairs or job.out / "pairs.jsonl", rows)
+    job.pairs = tokenize_pairs(job.tokenizer, rows, args.max_length)
+    if not job.pairs:
+        raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; "
+                        "raise it")
+    if args.gamma == "auto" and job.neurons and args.lam and len(job.pairs) < 2:
+        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs; pass "
+                        "--gamma 1")
+    job.pairs_per_step = args.batch_size * args.grad_accum * job.world
+    job.steps_per_epoch = len(job.pairs) // job.pairs_per_step
+    if job.steps_per_epoch == 0:
+        raise UserError(f"{len(job.pairs)} pairs are fewer than one optimizer step takes ({job.pairs_per_step} "
+                        "= batch x accum x processes); lower --batch-size or --grad-accum")
+    job.total_steps = min(args.epochs * job.steps_per_epoch, args.max_steps or math.inf)
     # What a checkpoint must share with the run that resumes it: the data order, the reference and the loss.
-    run = hashlib.sha256(json.dumps([pairs, neurons, pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
-                                     args.yoke, args.neuron_margin]).encode()).hexdigest()
-    batch_of = lambda ids: {k: v.to(device) for k, v in  # noqa: E731
-                            collate_pairs([pairs[i] for i in ids], tokenizer.pad_token_id).items()}
-    # Reference log-probs and neuron scores once, before step 1 (no second model in memory); --resume reuses them.
-    if master and not args.resume:  # (load_model returns the model in eval mode)
-        with torch.no_grad(), autocast:
-            ref = [pair_forward(model, batch_of(chunk), capture) for chunk in
-                   tqdm(batches_of(range(len(pairs)), args.batch_size), desc="reference", unit="batch")]
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logps": torch.cat([lp for lp, _ in ref]).cpu(),
-                    "neuron": torch.cat([lp * 0 if s is None else s for lp, s in ref]).cpu()}, cache)
-    if ddp:
+    job.run_id = hashlib.sha256(json.dumps([job.pairs, job.neurons, job.pairs_per_step, args.seed, args.lam,
+                                            args.beta, args.gamma, args.yoke, args.neuron_margin, args.balance,
+                                            args.calibration_pairs]).encode()).hexdigest()
+    return job
+
+
+def check_disjoint(neurons_path, pairs_path, rows):
+    """Refuse pairs on the questions the neuron set was selected on (the margin would measure the fit)."""
+    selected = set(json.loads(Path(neurons_path).read_text()).get("selection", {}).get("question_indices", []))
+    shared = sorted(selected & {r["question_index"] for r in rows if "question_index" in r})
+    if shared:
+        raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that {neurons_path} "
+                        "was selected on; pair other questions, or pass --allow-overlap")
+
+
+def epoch_order(job, epoch):
+    return torch.randperm(len(job.pairs), generator=torch.Generator().manual_seed(job.args.seed + epoch))
+
+
+def batch_of(job, indices):
+    pairs = collate_pairs([job.pairs[i] for i in indices], job.tokenizer.pad_token_id)
+    return {k: v.to(job.device) for k, v in pairs.items()}
+
+
+def pair_losses(job, net, indices, weight, path=None):
+    """(log-probs [b, 2], neuron scores [b, 2] or None, yfpo_loss(...)) of pairs[indices] through net, the
+    neuron term weighted `weight` (lam * c). path "dpo" or "neuron": the gradient flows through the
+    log-probs alone, or through the neuron scores alone (for term_gradients)."""
+    with job.autocast:
+        logps, scores = pair_forward(net, batch_of(job, indices), job.capture)
+    margin = None
+    if scores is not None:
+        margin = scores[:, 0] - scores[:, 1]
+        if job.args.neuron_margin == "relative":  # m - m_ref, anchored as h anchors the log-ratios
+            margin = margin - job.ref_margins[indices]
+    if path == "dpo":
+        margin = margin.detach()
+    elif path == "neuron":
+        logps = logps.detach()
+    ref = job.ref_logps[indices]
+    losses = yfpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], margin, beta=job.args.beta,
+                       lam=weight, gamma=job.gamma, yoke=job.args.yoke)
+    return logps, scores, losses
+
+
+def measure_terms(job, chunk, weight):
+    """term_gradients on the pairs `chunk` (rank 0's unwrapped model), normalized as a step's loss is."""
+    def loss_of(indices, path):
+        return pair_losses(job, job.raw, indices, weight, path)[2][0].sum() / len(chunk)
+    params = [p for p in job.raw.parameters() if p.requires_grad]
+    return term_gradients(params, loss_of, batches_of(chunk, job.args.batch_size))
+
+
+def reference_pass(job):
+    """Before step 1, on rank 0: the reference log-probs and neuron scores of every pair (no second model in
+    memory), gamma, and the calibration c; saved in OUT/reference.pt, which --resume and the other ranks read."""
+    args = job.args
+    job.ref_logps = job.ref_margins = None
+    if job.master and not args.resume:  # (load_model returns the model in eval mode)
+        with torch.no_grad(), job.autocast:
+            ref = [pair_forward(job.model, batch_of(job, chunk), job.capture) for chunk in
+                   tqdm(batches_of(range(len(job.pairs)), args.batch_size), desc="reference", unit="batch")]
+        logps = torch.cat([lp for lp, _ in ref])
+        neuron = torch.cat([lp * 0 if s is None else s for lp, s in ref])
+        job.ref_logps, job.ref_margins = logps, neuron[:, 0] - neuron[:, 1]
+        # gamma auto: gamma * m is O(1), as beta * h is (1 where the margins do not vary, or without neurons).
+        spread = job.ref_margins.std().item() if job.neurons else 0.0
+        gamma = args.gamma if args.gamma != "auto" else 1 / spread if spread > 0 else 1.0
+        job.gamma, c = gamma, 1.0
+        if job.neurons and args.lam and args.balance == "share":
+            job.model.train()
+            chunk = epoch_order(job, 0)[:args.calibration_pairs]
+            linear = args.yoke == "loss" or args.neuron_margin == "relative"
+            c = calibrate(args.lam, lambda c: measure_terms(job, chunk, args.lam * c)["neuron/share"], linear)
+            print(f"calibration on {len(chunk)} pairs: c = {c:.4g}, so that at step 1 the neuron term's "
+                  f"gradient is {abs(args.lam):g} x the DPO term's")
+        job.out.mkdir(parents=True, exist_ok=True)
+        torch.save({"logps": logps.cpu(), "neuron": neuron.cpu(), "gamma": gamma, "c": c}, job.cache)
+    if job.ddp:
         torch.distributed.barrier()
-    ref = torch.load(cache)
-    ref_logps, ref_margins = ref["logps"].to(device), (ref["neuron"][:, 0] - ref["neuron"][:, 1]).to(device)
-    # gamma auto: gamma * m is O(1), as beta * h is (1 where the reference margins do not vary, or without neurons).
-    spread = ref_margins.std().item() if neurons else 0.0
-    gamma = args.gamma if args.gamma != "auto" else 1 / spread if spread > 0 else 1.0
-    if master and neurons:
-        print(f"gamma {gamma:.4g} ({'1 / std of the reference neuron margins' if args.gamma == 'auto' else '--gamma'})")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = math.ceil(args.warmup_ratio * total_steps)  # learning-rate factor: linear warmup to 1, then cosine decay to 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup if step < warmup else 0.5 * (
-        1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup)))))
-    start_step = 0
-    if args.resume:
-        state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
-        if state["run"] != run:
-            raise UserError(f"--resume: {checkpoint} was trained with other pairs, neurons, batch x accum x processes, "
-                            "seed or loss settings; resume with the same ones, or train into a new --out")
-        optimizer.load_state_dict(state["optimizer"])  # no RNG state: with dropout off, nothing here draws at random
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-    if master:  # a new log, or the old one without the steps after the checkpoint (they are about to be redone)
-        write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step]
-                    if args.resume else [])
+    ref = torch.load(job.cache)
+    job.ref_logps = ref["logps"].to(job.device)
+    job.ref_margins = (ref["neuron"][:, 0] - ref["neuron"][:, 1]).to(job.device)
+    job.gamma, job.c = ref["gamma"], ref["c"]
+    if job.master and job.neurons:
+        how = "1 / std of the reference neuron margins" if args.gamma == "auto" else "--gamma"
+        print(f"gamma {job.gamma:.4g} ({how}); the neuron term's weight lam x c = {args.lam:g} x {job.c:.4g}")
+
+
+def lr_factor(step, warmup, total_steps):
+    """The learning rate's factor at optimizer step `step` (from 0)."""
+    if step < warmup:  # 1) linear warmup to 1
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))  # 2) cosine decay to 0
+
+
+def disable_dropout(model):
+    """No dropout, as TRL's disable_dropout: policy and reference are one network."""
+    for module in model.modules():  # nn.Dropout's p, and rates such as attention_dropout
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name == "p" and
+                                             isinstance(module, torch.nn.Dropout)):
+                setattr(module, name, 0.0)
+
+
+def probe_steps(total_steps, every):
+    """The steps (from 0) whose terms' gradients are measured: every `every`th, or first, middle and last."""
+    return set(range(0, total_steps, every) if every else (0, total_steps // 2)) | {total_steps - 1}
+
+
+def cmd_train(args):
+    """train: DPO + lam * c * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
+    job = train_setup(args)
+    model, out, master, device = job.model, job.out, job.master, job.device
+    disable_dropout(model)
     if args.gradient_checkpointing:  # non-reentrant, so the hooked activations keep their gradient path
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    job.raw = model
+    with contextlib.ExitStack() as hooks:  # the capture stays on (checkpointing re-runs it in backward)
+        job.capture = None
+        if job.neurons:
+            stats = [torch.tensor([n[k] for n in job.neurons], device=device) for k in (3, 4, 5)]
+            job.capture = hooks.enter_context(NeuronCapture(model, job.neurons, *stats))
+        reference_pass(job)
+        train_loop(job)
+    if master:
+        print(f"trained {job.total_steps - job.start_step} steps ({len(job.pairs)} pairs, {job.pairs_per_step} "
+              f"per step); wrote {out / 'metrics.jsonl'} and {job.checkpoint}")
+
+
+def train_loop(job):
+    """The optimizer steps from the reference to total_steps (or from a checkpoint with --resume)."""
+    args, model, out, master, device = job.args, job.model, job.out, job.master, job.device
+    weight = args.lam * job.c
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = math.ceil(args.warmup_ratio * job.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup=warmup, total_steps=job.total_steps))
+    job.start_step = 0
+    if args.resume:
+        state = torch.load(job.checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["run"] != job.run_id:
+            raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, batch x accum x "
+                            "processes, seed or loss settings; resume with the same ones, or a new --out")
+        optimizer.load_state_dict(state["optimizer"])  # no RNG state: with dropout off nothing draws
+        scheduler.load_state_dict(state["scheduler"])
+        job.start_step = state["step"]
+    if master:  # a new log, or the old one without the steps after the checkpoint (they are redone)
+        kept = read_jsonl(out / "metrics.jsonl") if args.resume else []
+        write_jsonl(out / "metrics.jsonl", [m for m in kept if m["step"] <= job.start_step])
     model.train()
-    for module in model.modules():  # no dropout, as TRL's disable_dropout: policy and reference are one network
-        for name, value in list(vars(module).items()):  # nn.Dropout's p, and rates such as attention_dropout
-            if isinstance(value, float) and ("dropout" in name or name == "p" and isinstance(module, torch.nn.Dropout)):
-                setattr(module, name, 0.0)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    num_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device) if master else None
-
-    def pair_losses(net, indices, path=None):
-        """(log-probs [b, 2], neuron scores [b, 2] or None, yfpo_loss(...)) of pairs[indices] through net;
-        path "dpo" or "neuron": the loss's gradient flows through the log-probs alone, or the neuron scores alone."""
-        with autocast:
-            logps, scores = pair_forward(net, batch_of(indices), capture)
-        margin = None if scores is None else scores[:, 0] - scores[:, 1] - (ref_margins[indices] if relative else 0)
-        logps, margin = (logps, margin.detach()) if path == "dpo" else (logps.detach(), margin) if path else (logps, margin)
-        return logps, scores, yfpo_loss(logps[:, 0], logps[:, 1], ref_logps[indices, 0], ref_logps[indices, 1], margin,
-                                        beta=args.beta, lam=args.lam, gamma=gamma, yoke=args.yoke)
-
-    def term_grad_norms(chunk, step):  # rank 0 alone, on the step's pairs, before its update; no .grad is touched
-        net, norms = getattr(model, "module", model), {}
-        params = [p for p in net.parameters() if p.requires_grad]
-        for path in ("dpo", "neuron"):
-            grads = [torch.zeros_like(p) for p in params]
-            for indices in batches_of(chunk, args.batch_size):
-                loss = pair_losses(net, indices, path)[2][0].sum() / len(chunk)
-                for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
-                    g += 0 if d is None else d
-            norms["grad_norm/" + path] = torch.stack([g.norm() for g in grads]).norm().item()
-        dpo, neuron = norms["grad_norm/dpo"], norms["grad_norm/neuron"]
-        tqdm.write(f"step {step + 1}: gradient norm of the DPO term {dpo:.4g}, of lam x the neuron term {neuron:.4g} "
-                   f"({neuron / (dpo or math.nan):.2%} of the DPO term's)")
-        return norms
-    relative = args.neuron_margin == "relative"
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not master)
-    last_saved = start_step
-    for step in range(start_step, total_steps):
-        epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
-        chunk = order[k * pairs_per_step:(k + 1) * pairs_per_step]
-        # The gradient each term contributes, at the first and the last step (a few extra passes per run).
-        probe = term_grad_norms(chunk, step) if master and neurons and args.lam and step in (0, total_steps - 1) else {}
+    if job.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    num_params = sum(p.numel() for p in model.parameters())
+    peak, probes = peak_flops(device) if master else None, probe_steps(job.total_steps, args.probe_every)
+    bar = tqdm(total=job.total_steps, initial=job.start_step, desc="train", unit="step", disable=not master)
+    last_saved = job.start_step
+    for step in range(job.start_step, job.total_steps):
+        epoch, k = divmod(step, job.steps_per_epoch)
+        chunk = epoch_order(job, epoch)[k * job.pairs_per_step:(k + 1) * job.pairs_per_step]
+        probe = {}  # the gradient each term contributes, before this step's update (a few extra passes)
+        if master and job.neurons and args.lam and step in probes:
+            probe = measure_terms(job, chunk, weight)
+            tqdm.write(f"step {step + 1}: gradient norm of the DPO term {probe['grad_norm/dpo']:.4g}, of the "
+                       f"weighted neuron term {probe['grad_norm/neuron']:.4g} ({probe['neuron/share']:.2%} of "
+                       f"the DPO term's, cosine {probe['grad_cosine']:+.3f})")
         t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
         sums = torch.zeros(len(PAIR_METRICS) + 1, device=device)  # + the count of tokens processed
         for micro in range(args.grad_accum):
-            m = micro * world + rank  # this rank's micro-batch; the same set of pairs for any world size
+            m = micro * job.world + job.rank  # this rank's micro-batch; the same pairs for any world size
             indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
-            with model.no_sync() if ddp and micro < args.grad_accum - 1 else contextlib.nullcontext():
+            sync = not job.ddp or micro == args.grad_accum - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
                 logps, scores, (losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards) = \
-                    pair_losses(model, indices)
-                # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP's rank mean is the step's.
+                    pair_losses(job, model, indices, weight)
+                # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP's rank mean
                 (losses.sum() / (args.batch_size * args.grad_accum)).backward()
-            with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without a neuron set
-                scores, neuron_losses = (logps * 0, losses * 0) if scores is None else (scores, neuron_losses)
-                margin, tokens = scores[:, 0] - scores[:, 1], sum(len(ids) for i in indices for ids in pairs[i])
+            with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without neurons
+                if scores is None:
+                    scores, neuron_losses = logps * 0, losses * 0
+                margin = scores[:, 0] - scores[:, 1]
+                tokens = sum(len(ids) for i in indices for ids in job.pairs[i])
                 values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
-                          (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards, *logps.T,
-                          *scores.T, margin, margin - ref_margins[indices], torch.tensor(float(tokens), device=device)]
+                          (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
+                          *logps.T, *scores.T, margin, margin - job.ref_margins[indices],
+                          torch.tensor(float(tokens), device=device)]
                 sums += torch.stack([v.float().sum() for v in values])
-        if ddp:
+        if job.ddp:
             torch.distributed.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
             bar.close()
-            raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The last good checkpoint is "
-                            f"{checkpoint} (step {last_saved}); lower --lr or inspect the pairs of this step")
+            raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The last good checkpoint "
+                            f"is {job.checkpoint} (step {last_saved}); lower --lr or inspect this step's pairs")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         if master:
             tokens = sums[-1].item()
-            metrics = {"step": step + 1, "epoch": epoch, **dict(zip(PAIR_METRICS, (sums / pairs_per_step).tolist())),
-                       "grad_norm": grad_norm.item(), **probe, "gamma": gamma, "learning_rate": learning_rate,
-                       "step_time_s": seconds, "tokens_per_s": tokens / seconds,
-                       # MFU: 6 N FLOPs per trained token (forward + backward), over the peak of all devices.
-                       "mfu": 6 * num_params * tokens / seconds / (peak * world) if peak else None}
+            metrics = {"step": step + 1, "epoch": epoch,
+                       **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
+                       "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
+                       "learning_rate": learning_rate, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
+                       # MFU: 6 N FLOPs per trained token (forward + backward), over all devices' peak.
+                       "mfu": 6 * num_params * tokens / seconds / (peak * job.world) if peak else None}
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
                             neuron_margin=f"{metrics['neuron/margin']:.3f}")
         bar.update(1)
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == job.total_steps:
             if master:
-                save_checkpoint(out, model, tokenizer, optimizer, scheduler, run, step + 1)
+                save_checkpoint(out, model, job.tokenizer, optimizer, scheduler,
+                                {"run": job.run_id, "c": job.c}, step + 1)
             last_saved = step + 1
     bar.close()
-    if master:
-        print(f"trained {total_steps - start_step} steps ({len(pairs)} pairs, {pairs_per_step} per step); "
-              f"wrote {out / 'metrics.jsonl'} and {checkpoint}")
 
 
 # --- Evaluation: answer extraction, grading, batched greedy generation, statistics ---------------
@@ -1151,6 +1361,38 @@ def mcnemar_exact(only_a, only_b):
     return min(1.0, 2 * sum(math.comb(only_a + only_b, i) for i in range(min(only_a, only_b) + 1)) / 2 ** (only_a + only_b))
 
 
+def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
+    """The smallest accuracy difference the exact McNemar test detects with `power` at `alpha`, given that
+    `discordant` of `total` questions are discordant (conditioned on that count): with only_a ~ Binomial(
+    discordant, pi), the difference is (2 pi - 1) * discordant / total. None when no split is significant."""
+    k = torch.arange(discordant + 1, dtype=torch.float64)
+    log_comb = math.lgamma(discordant + 1) - torch.lgamma(k + 1) - torch.lgamma(discordant - k + 1)
+
+    def pmf(pi):  # P(only_a = k) for every k
+        return (log_comb + k * math.log(pi) + (discordant - k) * math.log1p(-pi)).exp()
+    p_values = 2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1]  # mcnemar_exact(k, discordant - k), k <= half
+    significant = (p_values <= alpha).nonzero()
+    if not len(significant):
+        return None
+    region = (k <= int(significant[-1])) | (k >= discordant - int(significant[-1]))  # where it rejects
+    lo, hi = 0.5, 1 - 1e-12
+    if pmf(hi)[region].sum() < power:
+        return None
+    for _ in range(50):  # bisection: power rises with pi
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if pmf(mid)[region].sum() >= power else (mid, hi)
+    return (2 * hi - 1) * discordant / total
+
+
+def bootstrap_ci(values, seed=0, resamples=2000):
+    """95% percentile bootstrap interval of the mean of values [N] over its N pairs, resampled from seed:
+    the same resamples for any statistic of the same N, so a difference's interval is a paired one."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    picks = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
+    means = values[picks].mean(1)
+    return means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
 def evaluate(model, tokenizer, rows, args):
     """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
     start = time.perf_counter()
@@ -1161,7 +1403,8 @@ def evaluate(model, tokenizer, rows, args):
                for i, (row, c) in enumerate(zip(rows, completions))]
     seconds, correct = time.perf_counter() - start, sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
-    summary = {"accuracy": correct / len(results), "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
+    strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
+    summary = {"accuracy": correct / len(results), "accuracy_strict": strict / len(results), "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
                "prompt_format": "chat_template" if tokenizer.chat_template else "plain", "system": args.system,
                **generation_summary(completions, args, seconds), "questions_per_s": round(len(results) / seconds, 3)}
     return summary, results
@@ -1195,39 +1438,98 @@ def cmd_eval(args):
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
 
 
+def neuron_stats(neurons, device=None):
+    """The saved activation mean, std and direction of a neuron set (load_neurons), each [K]."""
+    return [torch.tensor([n[k] for n in neurons], dtype=torch.float32, device=device) for k in (3, 4, 5)]
+
+
+def cmd_score(args):
+    """score: teacher-forced endpoints of pairs (held-out ones from `pairs --from-eval`): per pair the
+    log-probs of chosen and rejected, the chosen token count, and both neuron scores under every --neurons
+    set, all read off one forward per batch."""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    rows = load_pairs(args.pairs)
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    sets = {Path(path).stem: load_neurons(path, model) for path in args.neurons}
+    kept = [(row, pair) for row in rows for pair in tokenize_pairs(tokenizer, [row], args.max_length)]
+    results = []
+    with torch.no_grad(), contextlib.ExitStack() as hooks:
+        captures = {name: hooks.enter_context(NeuronCapture(model, n, *neuron_stats(n, device)))
+                    for name, n in sets.items()}
+        for chunk in tqdm(batches_of(kept, args.batch_size), desc="score", unit="batch"):
+            batch = {k: v.to(device) for k, v in
+                     collate_pairs([pair for _, pair in chunk], tokenizer.pad_token_id).items()}
+            logps, mask = forward_logps(model, batch), batch["neuron_mask"]
+            scores = {name: torch.stack([c.scores(mask[..., j]) for j in (0, 1)], -1)
+                      for name, c in captures.items()}
+            results += [{"question_index": row.get("question_index"), "logps": logps[b].tolist(),
+                         "chosen_tokens": len(pair[1]),
+                         "neurons": {name: s[b].tolist() for name, s in scores.items()}}
+                        for b, (row, pair) in enumerate(chunk)]
+    write_jsonl(out / "scores.jsonl", results)
+    print(f"scored {len(results)} of {len(rows)} pairs; wrote {out / 'scores.jsonl'}")
+
+
 # --- Reproduce: the paper's experiment in one restartable command ---------------------------------
 
+def reproduce_runs(args):
+    """The training runs [(name, seed, lam, neuron file stem)]: DPO, YFPO and YFPO on the matched random
+    neurons (its own c: the same dose), for every seed."""
+    return [(name + (f"_seed{seed}" if args.seeds > 1 else ""), seed, lam, stem)
+            for seed in range(args.seed, args.seed + args.seeds)
+            for name, lam, stem in (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
+                                    ("yfpo_random", args.lam, "random_neurons"))]
+
+
 def reproduce_stages(args, out):
-    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S as its own command would."""
+    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S as its command would."""
     def flags(**values):  # --name value for every value given
         return [x for k, v in values.items() if v is not None for x in ("--" + k.replace("_", "-"), str(v))]
     common = flags(model=args.model, data=args.data, seed=args.seed, device=args.device, dtype=args.dtype,
-                   system=args.system) + ["--trust-remote-code"] * args.trust_remote_code  # a stage's own flags win
+                   system=args.system) + ["--trust-remote-code"] * args.trust_remote_code  # a stage's flags win
     generation = common + flags(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    neurons, pairs = str(out / "identify" / "neurons.json"), str(out / "pairs" / "pairs.jsonl")
+    sets = {stem: str(out / "identify" / f"{stem}.json") for stem in ("neurons", "random_neurons")}
+    pairs, heldout = str(out / "pairs" / "pairs.jsonl"), str(out / "heldout" / "pairs.jsonl")
     stages = [("identify", ["identify", *common, *flags(num_samples=args.num_samples, top_k=args.top_k,
                                                           max_length=args.max_length, control=args.control)], []),
-              ("ablate", ["ablate", *generation, *flags(neurons=neurons, num_samples=args.ablate_samples, max_length=
-                                                        args.max_length, random_seeds=args.random_seeds)], ["identify"]),
-              ("pairs", ["pairs", *generation, *flags(num_questions=args.num_questions, temperature=args.temperature,
+              ("ablate", ["ablate", *generation, *flags(
+                  neurons=sets["neurons"], num_samples=args.ablate_samples, max_length=args.max_length,
+                  random_seeds=args.random_seeds, control=args.control)], ["identify"]),
+              ("pairs", ["pairs", *generation, *flags(num_questions=args.num_questions,
+                                                      temperature=args.temperature,
                                                       samples_per_question=args.samples_per_question)], [])]
-    runs = [(name + (f"_seed{seed}" if args.seeds > 1 else ""), seed, lam)  # DPO and YFPO, for every seed
-            for seed in range(args.seed, args.seed + args.seeds) for name, lam in (("dpo", 0.0), ("yfpo", args.lam))]
-    stages += [("train_" + run, ["train", *common, *flags(
-        seed=seed, pairs=pairs, neurons=neurons, lam=lam, lr=args.lr, beta=args.beta, gamma=args.gamma, yoke=args.yoke,
-        neuron_margin=args.neuron_margin, epochs=args.epochs, grad_accum=args.grad_accum, batch_size=args.train_batch_size,
-        max_length=args.max_length, save_every=args.save_every)], ["identify", "pairs"]) for run, seed, lam in runs]
-    evals = [("base", None, [])] + [(run, out / ("train_" + run) / "model", ["train_" + run]) for run, _, _ in runs]
-    return stages + [("eval_" + run, ["eval", *generation, *flags(limit=args.eval_limit, model=model)], reads)
-                     for run, model, reads in evals]  # a trained model's --model comes last, and the last one wins
+    runs = reproduce_runs(args)
+    for run, seed, lam, stem in runs:
+        stages.append(("train_" + run, ["train", *common, *flags(
+            seed=seed, pairs=pairs, neurons=sets[stem], lam=lam, lr=args.lr, beta=args.beta, gamma=args.gamma,
+            yoke=args.yoke, neuron_margin=args.neuron_margin, balance=args.balance,
+            calibration_pairs=args.calibration_pairs, epochs=args.epochs, grad_accum=args.grad_accum,
+            batch_size=args.train_batch_size, max_length=args.max_length, save_every=args.save_every)],
+            ["identify", "pairs"]))
+    models = [("base", None, [])] + [(run, out / f"train_{run}" / "model", [f"train_{run}"])
+                                     for run, _, _, _ in runs]
+    for run, model, reads in models:  # a trained model's --model comes last, and the last one wins
+        stages.append(("eval_" + run, ["eval", *generation, *flags(limit=args.eval_limit, model=model)], reads))
+    # Held-out endpoints: test questions the base model got wrong, gold as chosen, its answer as rejected
+    stages.append(("heldout", ["pairs", *common, "--from-eval", str(out / "eval_base" / "eval.jsonl")],
+                   ["eval_base"]))
+    for run, model, reads in models:
+        stages.append(("score_" + run, ["score", *common, *flags(
+            pairs=heldout, max_length=args.max_length, model=model), "--neurons", *sets.values()],
+            ["identify", "heldout", *reads]))
+    return stages
 
 
 def cmd_reproduce(args):
-    """reproduce: identify -> ablate -> pairs -> train DPO and YFPO on the same pairs -> eval all three -> report."""
+    """reproduce: identify -> ablate -> pairs -> train DPO, YFPO and YFPO-random on the same pairs -> eval
+    all four -> held-out endpoints -> report."""
     out = check_out_dir(args.out)
-    inputs = [(args.data, "train", True), (args.data, "test", True)] + [(args.control, "train", False)] * bool(args.control)
-    for data, split, gold in inputs:  # bad input fails here, before any stage runs
-        load_gsm8k(data, split, gold)
+    inputs = [(args.data, "train", True), (args.data, "test", True)]
+    inputs += [(args.control, "train", False)] if args.control else []
+    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs][0]  # bad input fails here
+    if args.num_samples + args.num_questions > len(train_rows):
+        raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} exceed the "
+                        f"{len(train_rows)} train questions: identify reads the last, pairs the first; lower one")
     load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code, weights=False)
     stages, keys, seconds = reproduce_stages(args, out), {}, {}
     for stale in {p.parent for p in out.glob("*/stage.json")} - {out / stage for stage, _, _ in stages}:
@@ -1256,38 +1558,91 @@ def cmd_reproduce(args):
     print(f"wrote {out / 'report.md'}")
 
 
+def heldout_rows(scores, seed):
+    """The held-out table's rows from score stages' scores.jsonl ({model: rows}, base among them), against
+    the base model as the reference: implicit-reward accuracy (h > 0) and margin h, gold NLL per token, and
+    per neuron set the margin m = s(chosen) - s(rejected) (base) or its gain over the base model's (the
+    others); each a mean over pairs with a paired bootstrap 95% CI (the same resamples for every cell)."""
+    def tensors(rows):
+        return {"logps": torch.tensor([r["logps"] for r in rows], dtype=torch.float64),
+                "tokens": torch.tensor([r["chosen_tokens"] for r in rows], dtype=torch.float64),
+                **{name: torch.tensor([r["neurons"][name] for r in rows], dtype=torch.float64)
+                   for name in rows[0]["neurons"]}}
+
+    def cell(values):
+        low, high = bootstrap_ci(values, seed)
+        return f"{values.mean():.4f} [{low:.4f}, {high:.4f}]"
+    base, lines = tensors(scores["base"]), []
+    for name, rows in scores.items():
+        t = tensors(rows)
+        h = (t["logps"] - base["logps"]) @ torch.tensor([1.0, -1.0], dtype=torch.float64)
+        reward = "— | —" if name == "base" else f"{cell((h > 0).double())} | {cell(h)}"
+        margins = [(t[s] - (0 if name == "base" else base[s])) @ torch.tensor([1.0, -1.0], dtype=torch.float64)
+                   for s in ("neurons", "random_neurons")]
+        lines.append(f"| {name} | {reward} | "
+                     f"{cell(-t['logps'][:, 0] / t['tokens'])} | {cell(margins[0])} | {cell(margins[1])} |")
+    return lines
+
+
 def write_report(out, args, seconds):
-    """OUT/report.md: the settings, accuracies with 95% CIs and paired tests, training dynamics, ablation, wall times."""
+    """OUT/report.md: the settings, accuracies with 95% CIs, paired tests and what they can detect,
+    training dynamics with the neuron term's measured share, held-out endpoints, ablation, wall times."""
     evals = {s[5:]: (json.loads((out / s / "summary.json").read_text()), read_jsonl(out / s / "eval.jsonl"))
              for s in seconds if s.startswith("eval_")}
+    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):] for run, _, lam, _ in reproduce_runs(args) if lam}
 
-    def versus(name, other):  # name's accuracy minus other's on the same questions, and the exact McNemar p
+    def versus(name, other):  # name's accuracy minus other's on the same questions: McNemar, and its reach
         d = paired_difference([(a["correct"], b["correct"]) for a, b in zip(evals[name][1], evals[other][1])])
-        return f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g})"
-    lines = ["# YFPO reproduction", "", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in vars(args).items() if k not in (
-        "run", "command", "out")), "", "| model | accuracy | 95% CI | correct / total | vs base (McNemar p) | "
-             "vs DPO (McNemar p) |", "| --- " * 6 + "|"]
+        a, b = d["only_this_correct"], d["only_other_correct"]
+        reach = mcnemar_detectable(a + b, d["shared"])
+        return (f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}; {a} vs {b}; detectable " +
+                ("none" if reach is None else f"{reach:.3f}") + ")")
+    lines = ["# YFPO reproduction", "", "Settings: " + ", ".join(
+        f"`{k}={v}`" for k, v in vars(args).items() if k not in ("run", "command", "out")), "",
+        "Paired tests: exact McNemar p; the questions only this / only the other model got right; the "
+        "smallest difference detectable at 80% power (alpha 0.05) given that discordance.", "",
+        "| model | accuracy | 95% CI | strict | correct / total | vs base | vs DPO |", "| --- " * 7 + "|"]
     for name, (s, _) in evals.items():
-        lines.append(f"| {name} | {s['accuracy']:.4f} | [{s['ci_low']:.4f}, {s['ci_high']:.4f}] | {s['correct']} / "
-                     f"{s['total']} | {'—' if name == 'base' else versus(name, 'base')} | "
-                     f"{versus(name, 'dpo' + name[4:]) if name.startswith('yfpo') else '—'} |")
-    for name in ("dpo", "yfpo") if args.seeds > 1 else ():
-        acc = torch.tensor([s["accuracy"] for run, (s, _) in evals.items() if run.startswith(name)], dtype=torch.float64)
+        lines.append(f"| {name} | {s['accuracy']:.4f} | [{s['ci_low']:.4f}, {s['ci_high']:.4f}] | "
+                     f"{s['accuracy_strict']:.4f} | {s['correct']} / {s['total']} | "
+                     f"{'—' if name == 'base' else versus(name, 'base')} | "
+                     f"{versus(name, dpo_of[name]) if name in dpo_of else '—'} |")
+    for name in ("dpo", "yfpo", "yfpo_random") if args.seeds > 1 else ():
+        acc = torch.tensor([s["accuracy"] for run, (s, _) in evals.items()
+                            if run.rsplit("_seed", 1)[0] == name], dtype=torch.float64)
         lines.append(f"\n{name} over {args.seeds} seeds: accuracy {acc.mean():.4f} ± {acc.std():.4f} (std)")
-    lines += ["", "| training run | steps | reward accuracy | reward margin | neuron margin | its gain over the reference | "
-              "grad norm DPO first / last | grad norm neuron first / last |", "| --- " * 8 + "|"]
+    lines += ["", "| training run | steps | c | share first / middle / last | cosine first / middle / last | "
+              "reward accuracy | reward margin | neuron margin | its gain over the reference | "
+              "grad norm DPO first / last | grad norm neuron first / last |", "| --- " * 11 + "|"]
     for stage in (s for s in seconds if s.startswith("train_")):
         last = (steps := read_jsonl(out / stage / "metrics.jsonl"))[-1]
-        dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"  # lam = 0: the whole gradient is the DPO term's
+        probes = [m for m in steps if "neuron/share" in m]
+        probes = [probes[0], probes[len(probes) // 2], probes[-1]] if probes else []
+        dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"  # lam 0: all of it is DPO's
         norms = [f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—" for k in (dpo, "grad_norm/neuron")]
-        lines.append(f"| {stage[6:]} | {last['step']} | {last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | "
+        share, cosine = (" / ".join(f"{p[k]:.3g}" for p in probes) or "—" for k in ("neuron/share",
+                                                                                    "grad_cosine"))
+        lines.append(f"| {stage[6:]} | {last['step']} | {last['c']:.4g} | {share} | {cosine} | "
+                     f"{last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | "
                      f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | {norms[0]} | {norms[1]} |")
+    scores = {s[6:]: read_jsonl(out / s / "scores.jsonl") for s in seconds if s.startswith("score_")}
+    if scores and scores["base"]:
+        lines += ["", f"Held-out endpoints: {len(scores['base'])} test questions the base model got wrong, "
+                  "gold solution as chosen, its own answer as rejected, teacher-forced, the base model as "
+                  "the reference; mean [paired bootstrap 95% CI] over pairs. The neuron-margin columns are "
+                  "the specificity test: the base row is the margin itself, the others its gain over base.",
+                  "", "| model | reward accuracy | reward margin h | gold NLL per token | neuron margin: "
+                  "selected set | neuron margin: random set |", "| --- " * 6 + "|", *heldout_rows(
+                      scores, args.seed)]
     ab = json.loads((out / "ablate" / "ablation.json").read_text())
-    m = ab["random_matched"]
-    lines += ["", f"Ablation ({ab['num_neurons']} neurons x {ab['scale']:g}, {ab['num_samples']} test solutions): NLL "
-              f"{ab['nll_base']:.4f} -> {ab['nll_ablated']:.4f} (rise {ab['rise']:+.4f}); matched random neurons: rise "
-              f"{m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}", "", "| stage | wall time (s) |",
-              "| --- | --- |", *(f"| {s} | {t} |" for s, t in seconds.items()), f"| all | {sum(seconds.values()):.1f} |"]
+    for text, r in [("math", ab), ("control", ab.get("control"))][:1 + ("control" in ab)]:
+        m = r["random_matched"]
+        lines += ["", f"Ablation on {text} text ({ab['num_neurons']} neurons x {ab['scale']:g}, "
+                  f"{r.get('num_samples', ab['num_samples'])} solutions): NLL {r['nll_base']:.4f} -> "
+                  f"{r['nll_ablated']:.4f} (rise {r['rise']:+.4f}); matched random neurons: rise "
+                  f"{m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}"]
+    lines += ["", "| stage | wall time (s) |", "| --- | --- |", *(f"| {s} | {t} |" for s, t in seconds.items()),
+              f"| all | {sum(seconds.values()):.1f} |"]
     write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
@@ -1373,8 +1728,8 @@ def cmd_demo(args):
     model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
     write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
     write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
-    small = (f"--device cpu --seed {args.seed} --num-samples 8 --top-k 16 --ablate-samples 4 --random-seeds 2 --lr 1e-4 "
-             "--num-questions 8 --samples-per-question 2 --max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 "
+    small = (f"--device cpu --seed {args.seed} --num-samples 3 --top-k 16 --ablate-samples 4 --random-seeds 2 --lr 1e-4 "
+             "--num-questions 5 --samples-per-question 2 --max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 "
              "--save-every 2")
     main(["reproduce", "--model", model, "--data", str(data), *small.split(), "--out", str(out)], strict=True)
     print(f"[demo] done in {time.perf_counter() - start:.1f}s in {out}; a random model: its accuracy means nothing.")
@@ -1421,6 +1776,9 @@ def build_parser():
     loss.add_argument("--neuron-margin", choices=["policy", "relative"], default="policy", help="relative: m - m_ref")
     loss.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
     loss.add_argument("--yoke", choices=["loss", "reward"], default="loss")
+    loss.add_argument("--balance", choices=["share", "none"], default="share", help="share: the neuron term "
+                      "weighs lam * c, c calibrated so that its step-1 gradient is lam x DPO's; none: c = 1")
+    loss.add_argument("--calibration-pairs", type=positive_int, default=16, help="pairs c is measured on")
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -1440,9 +1798,11 @@ def build_parser():
     p.add_argument("--scale", type=float, default=0.0, help="factor on the neurons' activations: 0 ablates them")
     p.add_argument("--neurons", required=True)
     p.add_argument("--eval-accuracy", action="store_true", help="also run the evaluator with and without ablation")
+    p.add_argument("--control", help="non-math question/answer data: the NLL rise there too (its last rows)")
     p = command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
                 num_questions=2000, samples_per_question=4, temperature=0.8)
     p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to sample from")
+    p.add_argument("--from-eval", help="an eval.jsonl: held-out pairs from its wrong answers, no sampling")
     # save_every: a checkpoint every N steps (always one at the end)
     p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, grad_accum=4, epochs=1,
                 max_steps=None, max_length=512, save_every=None, lr=5e-7)
@@ -1452,8 +1812,15 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=2, help="pairs per micro-batch per process")
     p.add_argument("--resume", action="store_true", help="continue from OUT/model")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--probe-every", type=positive_int, help="measure the terms' gradients every N steps "
+                   "(default: the first, middle and last step)")
+    p.add_argument("--allow-overlap", action="store_true", help="train on questions the neurons were selected on")
     p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None, split="test")  # limit: first N
     p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to generate with")
+    p = command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common,
+                batch_size=8, max_length=512)
+    p.add_argument("--pairs", required=True, help="pairs JSONL, e.g. from `pairs --from-eval`")
+    p.add_argument("--neurons", nargs="+", required=True, help="one or more neurons.json files")
     p = command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md", common,
                 generation, loss, num_samples=256, top_k=1000, ablate_samples=200, random_seeds=10, num_questions=2000,
                 samples_per_question=4, temperature=0.8, seeds=1, lr=5e-7, epochs=1, train_batch_size=2, grad_accum=4,
