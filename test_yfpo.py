@@ -1133,8 +1133,8 @@ def test_train_logs_trl_metrics_and_saves_a_loadable_model(tiny_dir, pairs_file,
 def test_logged_term_gradient_norms_equal_norms_computed_by_hand(tiny_dir, pairs_file, neurons_file,
                                                                  tmp_path):
     (row,) = train(tiny_dir, pairs_file, tmp_path, "--neurons", neurons_file, "--lam", "0.5",
-                   "--gamma", "2", "--batch-size", "8", "--max-steps", "1",
-                   "--balance", "none")  # one step over all 8 pairs
+                   "--gamma", "2", "--batch-size", "8", "--max-steps", "1", "--balance", "none",
+                   "--yoke", "loss", "--neuron-margin", "policy")  # one step over all 8 pairs
     model, tokenizer = yfpo.load_model(tiny_dir, torch.device("cpu"), torch.float32)
     neurons = yfpo.load_neurons(neurons_file, model)
     pairs = yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file), 256)
@@ -1172,7 +1172,7 @@ def test_calibration_makes_the_step_1_share_equal_lam(yoke, margin, tiny_dir, pa
 
 def test_balance_none_is_the_raw_loss(tiny_dir, pairs_file, neurons_file, tmp_path):
     args = ("--neurons", neurons_file, "--lam", "0.5", "--gamma", "2", "--batch-size", "8",
-            "--max-steps", "1")
+            "--max-steps", "1", "--yoke", "loss", "--neuron-margin", "policy")  # the paper's form
     (raw,) = train(tiny_dir, pairs_file, tmp_path / "raw", *args, "--balance", "none")
     (share,) = train(tiny_dir, pairs_file, tmp_path / "share", *args)
     # step 1, policy = reference: h = 0, so loss = log 2 + lam * c * loss/neuron; c = 1 for none
@@ -1201,7 +1201,7 @@ def test_a_given_gamma_is_used_as_it_is(tiny_dir, pairs_file, neurons_file, tmp_
 def test_relative_margin_is_the_policy_margin_minus_the_reference_one(tiny_dir, pairs_file,
                                                                       neurons_file, tmp_path):
     args = ("--neurons", neurons_file, "--lam", "1", "--gamma", "3", "--max-steps", "1")
-    (policy,) = train(tiny_dir, pairs_file, tmp_path / "policy", *args)
+    (policy,) = train(tiny_dir, pairs_file, tmp_path / "policy", *args, "--neuron-margin", "policy")
     (relative,) = train(tiny_dir, pairs_file, tmp_path / "relative", *args, "--neuron-margin",
                         "relative")
     # step 1: the policy is the reference, so m - m_ref = 0 and the neuron loss is -log sigmoid(0)
@@ -1790,7 +1790,17 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
     ("train: no such device", TRAIN + "--device gpu", "--device gpu is not a device"),
     ("train: attention that cannot take the packed mask", TRAIN + "--model {flex_attention_model}",
      "flex_attention attention cannot take"),
+    # held-out endpoints
+    ("pairs: --from-eval without an eval", "pairs --model {tiny} --data {data} --out {out} "
+     "--from-eval {tmp}/none/eval.jsonl", "no eval.jsonl with its summary.json there"),
+    ("score: no pairs file", "score --model {tiny} --neurons {neurons} --out {out} --pairs "
+     "{tmp}/none.jsonl", "pairs file missing"),
+    ("score: neurons of another shape", "score --model {tiny} --pairs {pairs} --out {out} "
+     "--neurons {neurons_5_layers}", "was made for 5 layers x 128 neurons"),
     # reproduce: before any stage
+    ("reproduce: identify and pairs questions that overlap", REPRODUCE_CPU +
+     "--num-samples 8 --num-questions 8", "--num-samples 8 + --num-questions 8 exceed the 12 train "
+     "questions: identify reads the last, pairs the first; lower one"),
     ("reproduce: --eval-limit 0", REPRODUCE_CPU + "--eval-limit 0",
      "--eval-limit: must be a positive int"),
     ("reproduce: --seeds 0", REPRODUCE_CPU + "--seeds 0", "--seeds: must be a positive int"),

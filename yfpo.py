@@ -1773,9 +1773,11 @@ def build_parser():
     loss.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
     loss.add_argument("--gamma", type=lambda text: text if text == "auto" else positive_float(text), default="auto",
                       help="scale of the neuron margin; auto: 1 / std of the reference margins over the pairs")
-    loss.add_argument("--neuron-margin", choices=["policy", "relative"], default="policy", help="relative: m - m_ref")
+    loss.add_argument("--neuron-margin", choices=["policy", "relative"], default="relative",
+                      help="relative (default, measured: see the README): m - m_ref; policy: m")
     loss.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
-    loss.add_argument("--yoke", choices=["loss", "reward"], default="loss")
+    loss.add_argument("--yoke", choices=["loss", "reward"], default="reward",
+                      help="reward (default, measured): inside DPO's sigmoid; loss: a second term")
     loss.add_argument("--balance", choices=["share", "none"], default="share", help="share: the neuron term "
                       "weighs lam * c, c calibrated so that its step-1 gradient is lam x DPO's; none: c = 1")
     loss.add_argument("--calibration-pairs", type=positive_int, default=16, help="pairs c is measured on")
