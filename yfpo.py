@@ -839,14 +839,14 @@ def calibrate(lam, share_at, linear):
     gradient at step 1 is |lam| times the DPO term's, c = ||grad L_dpo|| / ||grad L_neuron||, measured on the
     reference model (the policy before step 1). share_at(c) measures the share with weight lam * c. Where the
     share is linear in c (--yoke loss; at step 1 also the relative margin, m - m_ref = 0) one measurement is
-    exact; --yoke reward with the policy margin moves the sigmoid with c, so it repeats to 1e-6."""
+    exact; --yoke reward with the policy margin moves the sigmoid with c, so it repeats to 1e-4."""
     c = 1.0
     for _ in range(8):
         share = share_at(c)
         if not share > 0:
             raise UserError("the neuron term has no gradient on the calibration pairs; check --neurons, "
                             "or pass --balance none")
-        if abs(share / abs(lam) - 1) < 1e-6:
+        if abs(share / abs(lam) - 1) < 1e-4:
             break
         c *= abs(lam) / share
         if linear:
