@@ -709,11 +709,12 @@ def cmd_pairs(args):
     out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
     n, start = args.samples_per_question, time.perf_counter()
     samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
-    speed = generation_summary(samples, args, time.perf_counter() - start)
+    seconds = time.perf_counter() - start  # unrounded: a fast server can answer in under 5 ms
+    speed = generation_summary(samples, args, seconds)
     pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n), args.system)
     write_jsonl(out / "pairs.jsonl", pairs)
     print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
-          f"({len(samples) / speed['wall_time_s']:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
+          f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
           f"stops {speed['stops']}")
     print(f"wrote {out / 'pairs.jsonl'}")
 
