@@ -379,10 +379,13 @@ def ablate_neurons(model, neurons, scale=0.0):
     layers, masks = decoder_layers(model), {}
     for n in neurons:
         masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
+
+    def pre_hook(module, args, mask):
+        return (args[0] * mask.to(args[0]),) + args[1:]
     with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
         for layer, mask in masks.items():
-            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(
-                lambda module, args, mask=mask: (args[0] * mask.to(args[0]),) + args[1:]))
+            hook = functools.partial(pre_hook, mask=mask)
+            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(hook))
         yield model
 
 
@@ -947,8 +950,8 @@ def pair_losses(job, net, indices, weight, path=None):
 def measure_terms(job, chunk, weight):
     """term_gradients on the pairs `chunk` (rank 0's unwrapped model), normalized as a step's loss is."""
     def loss_of(indices, path):
-        return pair_losses(job, job.raw, indices, weight, path)[2][0].sum() / len(chunk)
-    params = [p for p in job.raw.parameters() if p.requires_grad]
+        return pair_losses(job, job.model, indices, weight, path)[2][0].sum() / len(chunk)
+    params = [p for p in job.model.parameters() if p.requires_grad]
     return term_gradients(params, loss_of, batches_of(chunk, job.args.batch_size))
 
 
@@ -972,7 +975,10 @@ def reference_pass(job):
             job.model.train()
             chunk = epoch_order(job, 0)[:args.calibration_pairs]
             linear = args.yoke == "loss" or args.neuron_margin == "relative"
-            c = calibrate(args.lam, lambda c: measure_terms(job, chunk, args.lam * c)["neuron/share"], linear)
+
+            def share_at(c):  # the neuron term's measured share with weight lam * c
+                return measure_terms(job, chunk, args.lam * c)["neuron/share"]
+            c = calibrate(args.lam, share_at, linear)
             print(f"calibration on {len(chunk)} pairs: c = {c:.4g}, so that at step 1 the neuron term's "
                   f"gradient is {abs(args.lam):g} x the DPO term's")
         job.out.mkdir(parents=True, exist_ok=True)
@@ -1010,114 +1016,140 @@ def probe_steps(total_steps, every):
     return set(range(0, total_steps, every) if every else (0, total_steps // 2)) | {total_steps - 1}
 
 
+def neuron_stats(neurons, device=None):
+    """The saved activation mean, std and direction of a neuron set (load_neurons), each [K] float32, by
+    name: NeuronCapture(model, neurons, **neuron_stats(neurons))."""
+    columns = zip(*[n[3:6] for n in neurons])  # (act_mean, act_std, direction) of every neuron
+    return {name: torch.tensor(column, dtype=torch.float32, device=device)
+            for name, column in zip(("mean", "std", "direction"), columns)}
+
+
 def cmd_train(args):
     """train: DPO + lam * c * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
     job = train_setup(args)
-    model, out, master, device = job.model, job.out, job.master, job.device
-    disable_dropout(model)
+    disable_dropout(job.model)
     if args.gradient_checkpointing:  # non-reentrant, so the hooked activations keep their gradient path
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    job.raw = model
+        job.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     with contextlib.ExitStack() as hooks:  # the capture stays on (checkpointing re-runs it in backward)
         job.capture = None
         if job.neurons:
-            stats = [torch.tensor([n[k] for n in job.neurons], device=device) for k in (3, 4, 5)]
-            job.capture = hooks.enter_context(NeuronCapture(model, job.neurons, *stats))
+            stats = neuron_stats(job.neurons, job.device)
+            job.capture = hooks.enter_context(NeuronCapture(job.model, job.neurons, **stats))
         reference_pass(job)
         train_loop(job)
-    if master:
-        print(f"trained {job.total_steps - job.start_step} steps ({len(job.pairs)} pairs, {job.pairs_per_step} "
-              f"per step); wrote {out / 'metrics.jsonl'} and {job.checkpoint}")
+    if job.master:
+        print(f"trained {job.total_steps - job.start_step} steps ({len(job.pairs)} pairs, "
+              f"{job.pairs_per_step} per step); wrote {job.out / 'metrics.jsonl'} and {job.checkpoint}")
+
+
+def optimizer_and_schedule(job):
+    """AdamW with the lr_factor schedule, restored from the checkpoint with --resume, and the metrics log
+    started (or cut back to the checkpoint's step). Returns (optimizer, scheduler, first step)."""
+    args = job.args
+    optimizer = torch.optim.AdamW(job.model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = math.ceil(args.warmup_ratio * job.total_steps)
+    schedule = functools.partial(lr_factor, warmup=warmup, total_steps=job.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    start_step = 0
+    if args.resume:
+        state = torch.load(job.checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["run"] != job.run_id:
+            raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, batch x "
+                            "accum x processes, seed or loss settings; resume with the same ones, or a "
+                            "new --out")
+        optimizer.load_state_dict(state["optimizer"])  # no RNG state: with dropout off nothing draws
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+    if job.master:  # a new log, or the old one without the steps after the checkpoint (they are redone)
+        kept = read_jsonl(job.out / "metrics.jsonl") if args.resume else []
+        write_jsonl(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= start_step])
+    return optimizer, scheduler, start_step
+
+
+def accumulate(job, model, chunk, weight):
+    """Forward and backward of one optimizer step's pairs `chunk` (this rank's micro-batches, gradients
+    accumulated). Returns the sums of PAIR_METRICS over the step's pairs on all ranks, then its tokens."""
+    args = job.args
+    sums = torch.zeros(len(PAIR_METRICS) + 1, device=job.device)
+    for micro in range(args.grad_accum):
+        m = micro * job.world + job.rank  # this rank's micro-batch; the same pairs for any world size
+        indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
+        sync = not job.ddp or micro == args.grad_accum - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            logps, scores, terms = pair_losses(job, model, indices, weight)
+            losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = terms
+            # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP's rank mean
+            (losses.sum() / (args.batch_size * args.grad_accum)).backward()
+        with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without neurons
+            if scores is None:
+                scores, neuron_losses = logps * 0, losses * 0
+            margin = scores[:, 0] - scores[:, 1]
+            tokens = sum(len(ids) for i in indices for ids in job.pairs[i])
+            values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
+                      (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
+                      *logps.T, *scores.T, margin, margin - job.ref_margins[indices],
+                      torch.tensor(float(tokens), device=job.device)]
+            sums += torch.stack([v.float().sum() for v in values])
+    if job.ddp:
+        torch.distributed.all_reduce(sums)
+    return sums
 
 
 def train_loop(job):
     """The optimizer steps from the reference to total_steps (or from a checkpoint with --resume)."""
-    args, model, out, master, device = job.args, job.model, job.out, job.master, job.device
-    weight = args.lam * job.c
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = math.ceil(args.warmup_ratio * job.total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, warmup=warmup, total_steps=job.total_steps))
-    job.start_step = 0
-    if args.resume:
-        state = torch.load(job.checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
-        if state["run"] != job.run_id:
-            raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, batch x accum x "
-                            "processes, seed or loss settings; resume with the same ones, or a new --out")
-        optimizer.load_state_dict(state["optimizer"])  # no RNG state: with dropout off nothing draws
-        scheduler.load_state_dict(state["scheduler"])
-        job.start_step = state["step"]
-    if master:  # a new log, or the old one without the steps after the checkpoint (they are redone)
-        kept = read_jsonl(out / "metrics.jsonl") if args.resume else []
-        write_jsonl(out / "metrics.jsonl", [m for m in kept if m["step"] <= job.start_step])
-    model.train()
+    args, out, master = job.args, job.out, job.master
+    weight = args.lam * job.c  # the neuron term's whole weight
+    optimizer, scheduler, job.start_step = optimizer_and_schedule(job)
+    model = job.model.train()
     if job.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    num_params = sum(p.numel() for p in model.parameters())
-    peak, probes = peak_flops(device) if master else None, probe_steps(job.total_steps, args.probe_every)
-    bar = tqdm(total=job.total_steps, initial=job.start_step, desc="train", unit="step", disable=not master)
+        gpu = [job.device.index] if job.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
+    raw = model.module if job.ddp else model  # what is saved, counted and probed
+    num_params = sum(p.numel() for p in raw.parameters())
+    peak, probes = peak_flops(job.device) if master else None, probe_steps(job.total_steps, args.probe_every)
     last_saved = job.start_step
-    for step in range(job.start_step, job.total_steps):
-        epoch, k = divmod(step, job.steps_per_epoch)
-        chunk = epoch_order(job, epoch)[k * job.pairs_per_step:(k + 1) * job.pairs_per_step]
-        probe = {}  # the gradient each term contributes, before this step's update (a few extra passes)
-        if master and job.neurons and args.lam and step in probes:
-            probe = measure_terms(job, chunk, weight)
-            tqdm.write(f"step {step + 1}: gradient norm of the DPO term {probe['grad_norm/dpo']:.4g}, of the "
-                       f"weighted neuron term {probe['grad_norm/neuron']:.4g} ({probe['neuron/share']:.2%} of "
-                       f"the DPO term's, cosine {probe['grad_cosine']:+.3f})")
-        t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
-        sums = torch.zeros(len(PAIR_METRICS) + 1, device=device)  # + the count of tokens processed
-        for micro in range(args.grad_accum):
-            m = micro * job.world + job.rank  # this rank's micro-batch; the same pairs for any world size
-            indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
-            sync = not job.ddp or micro == args.grad_accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                logps, scores, (losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards) = \
-                    pair_losses(job, model, indices, weight)
-                # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP's rank mean
-                (losses.sum() / (args.batch_size * args.grad_accum)).backward()
-            with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without neurons
-                if scores is None:
-                    scores, neuron_losses = logps * 0, losses * 0
-                margin = scores[:, 0] - scores[:, 1]
-                tokens = sum(len(ids) for i in indices for ids in job.pairs[i])
-                values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
-                          (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
-                          *logps.T, *scores.T, margin, margin - job.ref_margins[indices],
-                          torch.tensor(float(tokens), device=device)]
-                sums += torch.stack([v.float().sum() for v in values])
-        if job.ddp:
-            torch.distributed.all_reduce(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
-            bar.close()
-            raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The last good checkpoint "
-                            f"is {job.checkpoint} (step {last_saved}); lower --lr or inspect this step's pairs")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        if master:
-            tokens = sums[-1].item()
-            metrics = {"step": step + 1, "epoch": epoch,
-                       **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
-                       "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
-                       "learning_rate": learning_rate, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
-                       # MFU: 6 N FLOPs per trained token (forward + backward), over all devices' peak.
-                       "mfu": 6 * num_params * tokens / seconds / (peak * job.world) if peak else None}
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
-                            neuron_margin=f"{metrics['neuron/margin']:.3f}")
-        bar.update(1)
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == job.total_steps:
+    with tqdm(total=job.total_steps, initial=job.start_step, desc="train", unit="step",
+              disable=not master) as bar:
+        for step in range(job.start_step, job.total_steps):
+            epoch, k = divmod(step, job.steps_per_epoch)
+            chunk = epoch_order(job, epoch)[k * job.pairs_per_step:(k + 1) * job.pairs_per_step]
+            probe = {}  # the gradient each term contributes, before this step's update (extra passes)
+            if master and job.neurons and args.lam and step in probes:
+                probe = measure_terms(job, chunk, weight)
+                tqdm.write(f"step {step + 1}: gradient norm of the DPO term {probe['grad_norm/dpo']:.4g}, "
+                           f"of the weighted neuron term {probe['grad_norm/neuron']:.4g} "
+                           f"({probe['neuron/share']:.2%} of the DPO term's, cosine "
+                           f"{probe['grad_cosine']:+.3f})")
+            t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
+            sums = accumulate(job, model, chunk, weight)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
+                raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The last good "
+                                f"checkpoint is {job.checkpoint} (step {last_saved}); lower --lr or "
+                                "inspect this step's pairs")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds, tokens = time.perf_counter() - t0, sums[-1].item()
             if master:
-                save_checkpoint(out, model, job.tokenizer, optimizer, scheduler,
-                                {"run": job.run_id, "c": job.c}, step + 1)
-            last_saved = step + 1
-    bar.close()
+                metrics = {"step": step + 1, "epoch": epoch,
+                           **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
+                           "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
+                           "learning_rate": learning_rate, "step_time_s": seconds,
+                           "tokens_per_s": tokens / seconds,
+                           # MFU: 6 N FLOPs per trained token (forward + backward), over all devices' peak.
+                           "mfu": 6 * num_params * tokens / seconds / (peak * job.world) if peak else None}
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                                neuron_margin=f"{metrics['neuron/margin']:.3f}")
+            bar.update(1)
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == job.total_steps:
+                if master:
+                    save_checkpoint(out, raw, job.tokenizer, optimizer, scheduler,
+                                    {"run": job.run_id, "c": job.c}, step + 1)
+                last_saved = step + 1
 
 
 # --- Evaluation: answer extraction, grading, batched greedy generation, statistics ---------------
@@ -1439,11 +1471,6 @@ def cmd_eval(args):
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
 
 
-def neuron_stats(neurons, device=None):
-    """The saved activation mean, std and direction of a neuron set (load_neurons), each [K]."""
-    return [torch.tensor([n[k] for n in neurons], dtype=torch.float32, device=device) for k in (3, 4, 5)]
-
-
 def cmd_score(args):
     """score: teacher-forced endpoints of pairs (held-out ones from `pairs --from-eval`): per pair the
     log-probs of chosen and rejected, the chosen token count, and both neuron scores under every --neurons
@@ -1455,7 +1482,7 @@ def cmd_score(args):
     kept = [(row, pair) for row in rows for pair in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
-        captures = {name: hooks.enter_context(NeuronCapture(model, n, *neuron_stats(n, device)))
+        captures = {name: hooks.enter_context(NeuronCapture(model, n, **neuron_stats(n, device)))
                     for name, n in sets.items()}
         for chunk in tqdm(batches_of(kept, args.batch_size), desc="score", unit="batch"):
             batch = {k: v.to(device) for k, v in
@@ -1649,7 +1676,8 @@ def write_report(out, args, seconds):
 
 def cmd_plot(args):
     """plot: the paper's figure 2 for train or reproduce folders: DPO loss, reward and neuron margins per step; accuracies."""
-    named = lambda folder, name: f"{folder}/{name}" if len(args.dirs) > 1 else name  # noqa: E731
+    def named(folder, name):  # a run's label: its folder too when there are several
+        return f"{folder}/{name}" if len(args.dirs) > 1 else name
     runs = {named(d, p.parent.resolve().name.removeprefix("train_")): p for d in map(Path, args.dirs)
             for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
     accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text()) for d in map(Path, args.dirs)
@@ -1755,10 +1783,24 @@ def positive(kind):
 positive_int, positive_float = positive(int), positive(float)
 
 
+def gamma_value(text):
+    """--gamma: auto, or a positive number."""
+    return text if text == "auto" else positive_float(text)
+
+
 def build_parser():
+    def group(**flags):  # a parent parser: flags several commands share, declared once
+        parser = argparse.ArgumentParser(add_help=False)
+        for flag, default in flags.items():  # int or None: positive whole number; float: positive; str: text
+            kind = str if isinstance(default, str) else positive_float if isinstance(default, float) \
+                else positive_int
+            parser.add_argument("--" + flag.replace("_", "-"), type=kind, default=default)
+        return parser
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local Hugging Face folder, or .gguf file")
-    common.add_argument("--data", default=DEFAULT_DATA, help="hub dataset, or a local .jsonl/.json/.parquet file or folder")
+    common.add_argument("--model", default=DEFAULT_MODEL,
+                        help="hub id, local Hugging Face folder, or .gguf file")
+    common.add_argument("--data", default=DEFAULT_DATA,
+                        help="hub dataset, or a local .jsonl/.json/.parquet file or folder")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -1766,49 +1808,53 @@ def build_parser():
     common.add_argument("--out", default="out", help="folder for this command's files")
     common.add_argument("--system", default=None, help="system prompt (default: none)")
     common.add_argument("--trust-remote-code", action="store_true")
-    generation = argparse.ArgumentParser(add_help=False)
-    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: 64 on CPU, "
-                            "128 on GPU); with --server (eval, pairs), requests in flight (default 64)")
-    generation.add_argument("--max-new-tokens", type=positive_int, default=512)
-    loss = argparse.ArgumentParser(add_help=False)
+    generation = group(max_new_tokens=512)
+    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: "
+                            "64 on CPU, 128 on GPU); with --server (eval, pairs), requests in flight "
+                            "(default 64)")
+    loss = group(calibration_pairs=16)  # pairs c is measured on
     loss.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
-    loss.add_argument("--gamma", type=lambda text: text if text == "auto" else positive_float(text), default="auto",
-                      help="scale of the neuron margin; auto: 1 / std of the reference margins over the pairs")
+    loss.add_argument("--gamma", type=gamma_value, default="auto", help="scale of the neuron margin; "
+                      "auto: 1 / std of the reference margins over the pairs")
     loss.add_argument("--neuron-margin", choices=["policy", "relative"], default="relative",
                       help="relative (default, measured: see the README): m - m_ref; policy: m")
     loss.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
     loss.add_argument("--yoke", choices=["loss", "reward"], default="reward",
                       help="reward (default, measured): inside DPO's sigmoid; loss: a second term")
-    loss.add_argument("--balance", choices=["share", "none"], default="share", help="share: the neuron term "
-                      "weighs lam * c, c calibrated so that its step-1 gradient is lam x DPO's; none: c = 1")
-    loss.add_argument("--calibration-pairs", type=positive_int, default=16, help="pairs c is measured on")
+    loss.add_argument("--balance", choices=["share", "none"], default="share", help="share: the neuron "
+                      "term weighs lam * c, c calibrated so that its step-1 gradient is lam x DPO's; "
+                      "none: c = 1")
+    # The defaults reproduce passes on to identify, pairs and train; max_length is every stage's.
+    length, selection = group(max_length=512), group(num_samples=256, top_k=1000)
+    sampling = group(num_questions=2000, samples_per_question=4, temperature=0.8)
+    training = group(grad_accum=4, epochs=1, lr=5e-7)
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def command(name, run, help, *parents, **flags):  # a subcommand and its flags that need no help text
-        p = commands.add_parser(name, parents=parents, help=help)
+    def command(name, run, help, *parents, **flags):  # a subcommand and its flags that need no help
+        p = commands.add_parser(name, parents=[*parents, group(**flags)], help=help)
         p.set_defaults(run=run)
-        for flag, default in flags.items():  # int or None: a positive whole number; float: positive; str: any text
-            kind = str if isinstance(default, str) else positive_float if isinstance(default, float) else positive_int
-            p.add_argument("--" + flag.replace("_", "-"), type=kind, default=default)
         return p
-    p = command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common, num_samples=256,
-                top_k=1000, batch_size=4, max_length=512)
-    p.add_argument("--per-layer", action="store_true", help="top k/L neurons of every layer instead of the global top k")
+    p = command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
+                selection, length, batch_size=4)
+    p.add_argument("--per-layer", action="store_true",
+                   help="top k/L neurons of every layer instead of the global top k")
     p.add_argument("--control", help="non-math question/answer data; its mean relevance is subtracted")
-    p = command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common, generation,
-                num_samples=200, random_seeds=10, nll_batch_size=8, max_length=512, split="test")
-    p.add_argument("--scale", type=float, default=0.0, help="factor on the neurons' activations: 0 ablates them")
+    p = command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
+                generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test")
+    p.add_argument("--scale", type=float, default=0.0,
+                   help="factor on the neurons' activations: 0 ablates them")
     p.add_argument("--neurons", required=True)
-    p.add_argument("--eval-accuracy", action="store_true", help="also run the evaluator with and without ablation")
+    p.add_argument("--eval-accuracy", action="store_true",
+                   help="also run the evaluator with and without ablation")
     p.add_argument("--control", help="non-math question/answer data: the NLL rise there too (its last rows)")
     p = command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
-                num_questions=2000, samples_per_question=4, temperature=0.8)
+                sampling)
     p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to sample from")
     p.add_argument("--from-eval", help="an eval.jsonl: held-out pairs from its wrong answers, no sampling")
     # save_every: a checkpoint every N steps (always one at the end)
-    p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, grad_accum=4, epochs=1,
-                max_steps=None, max_length=512, save_every=None, lr=5e-7)
+    p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, training, length,
+                max_steps=None, save_every=None)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--pairs", help="pairs JSONL (default: OUT/pairs.jsonl)")
     p.add_argument("--neurons", help="neurons.json (default: OUT/neurons.json when it exists)")
@@ -1817,19 +1863,21 @@ def build_parser():
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--probe-every", type=positive_int, help="measure the terms' gradients every N steps "
                    "(default: the first, middle and last step)")
-    p.add_argument("--allow-overlap", action="store_true", help="train on questions the neurons were selected on")
-    p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None, split="test")  # limit: first N
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="train on questions the neurons were selected on")
+    p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None,
+                split="test")  # limit: the first N questions
     p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to generate with")
-    p = command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common,
-                batch_size=8, max_length=512)
+    p = command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common, length,
+                batch_size=8)
     p.add_argument("--pairs", required=True, help="pairs JSONL, e.g. from `pairs --from-eval`")
     p.add_argument("--neurons", nargs="+", required=True, help="one or more neurons.json files")
-    p = command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md", common,
-                generation, loss, num_samples=256, top_k=1000, ablate_samples=200, random_seeds=10, num_questions=2000,
-                samples_per_question=4, temperature=0.8, seeds=1, lr=5e-7, epochs=1, train_batch_size=2, grad_accum=4,
-                max_length=512, save_every=25, eval_limit=None)
+    p = command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md",
+                common, generation, loss, selection, sampling, training, length, ablate_samples=200,
+                random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None)
     p.add_argument("--control", help="identify's non-math question/answer data, subtracted")
-    p = command("plot", cmd_plot, "overlay the training dynamics (and accuracies) of train or reproduce folders")
+    p = command("plot", cmd_plot,
+                "overlay the training dynamics (and accuracies) of train or reproduce folders")
     p.add_argument("dirs", nargs="+")
     p.add_argument("--out", help="the figure (default: DIR/training.png for the first DIR)")
     p = command("demo", cmd_demo, "all stages on a tiny random model, offline", out="demo")
