@@ -1,9 +1,13 @@
 #!/usr/bin/env python
 """yfpo: Yoked Feature Preference Optimization (arXiv 2605.11906), the reference implementation.
 
-DPO for math reasoning plus a reward read from the model's own "math neurons", in commands that follow the method:
-identify (AttnLRP relevance of every MLP neuron) -> ablate (the causal check) -> pairs -> train -> eval, and plot, demo.
-The file reads top to bottom in the order of the method; the functions the README calls public stand alone."""
+DPO for math reasoning plus a reward read from the model's own "math neurons", in commands that
+follow the method: identify (AttnLRP relevance of every MLP neuron) -> ablate (the causal check) ->
+pairs -> train -> eval and score, then reproduce (all of it, with a report), plot and demo.
+The file reads top to bottom in the order of the method: files, model, data, grading, generation,
+statistics and evaluation, neurons, pairs, losses, training, eval and score, reproduce, demo, and
+the command line; a section calls only the ones above it (reproduce and demo run stages through
+main). The functions the README calls public stand alone."""
 import argparse
 import collections
 import contextlib
@@ -27,16 +31,24 @@ from tqdm import tqdm  # comes with transformers
 
 DEFAULT_MODEL, DEFAULT_DATA = "Qwen/Qwen2.5-0.5B-Instruct", "openai/gsm8k"
 # Appended to every question; the strict extraction rule looks for exactly this phrase.
-INSTRUCTION = 'Solve the problem step by step, then finish with "The answer is N." where N is the final number.'
+INSTRUCTION = ('Solve the problem step by step, then finish with "The answer is N." where N is the '
+               'final number.')
 LRP_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # the ones lxt's AttnLRP patches and we test
-GENERATION_BATCH = {"cpu": 64, "cuda": 128}  # default rows decoded at once (measured: see the README)
+# default rows decoded at once (measured: see the README)
+GENERATION_BATCH = {"cpu": 64, "cuda": 128}
 
 
 class UserError(Exception):
     """A mistake in the user's input. main() prints it as one line and exits with code 2."""
 
 
-# --- Files: every output is written whole (temporary name, then rename), so a failed run leaves none ---
+# --- Files: every output is written whole (a temporary name, then a rename) ---------------------
+def rank_and_world():
+    """(rank, number of processes): (0, 1) unless launched by torchrun."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def check_out_dir(out):
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is an existing file; pass a folder path")
@@ -59,26 +71,31 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def read_jsonl(path):
+def read_jsonl(path, numbered=False):
+    """The rows of a JSONL file (blank lines skipped); numbered: as (line number, row)."""
     rows = []
     for lineno, line in enumerate(Path(path).read_text().split("\n"), 1):
         try:
-            rows += [json.loads(line)] if line.strip() else []
+            rows += [(lineno, json.loads(line))] if line.strip() else []
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line") from None
-    return rows
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that "
+                            "line") from None
+    return rows if numbered else [row for _, row in rows]
 
 
 def looks_like_path(name):
-    """A name that can only mean a local file (hub ids are 'name' or 'org/name', without extension)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in (
-        ".json", ".jsonl", ".parquet", ".gguf", ".pt")
+    """A name that can only mean a local file (hub ids are 'name' or 'org/name', without
+    extension)."""
+    suffixes = (".json", ".jsonl", ".parquet", ".gguf", ".pt")
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in suffixes
 
 
-# --- Model, device, seed -------------------------------------------------------------------------
+# --- Model and device
 def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -86,47 +103,37 @@ def pick_device(name):
     return device
 
 
-def rank_and_world():
-    import torch.distributed as dist
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def pick_dtype(name, device):
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return getattr(torch, ("bfloat16" if bf16 else "float32") if name == "auto" else name)
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        name = "bfloat16" if bf16 else "float32"
+    return getattr(torch, name)
 
 
 def load_model(name, device, dtype, trust_remote_code=False, weights=True):
-    """(model, tokenizer) from a hub id, a local Hugging Face folder, or a .gguf file (model None without weights)."""
+    """(model, tokenizer) from a hub id, a local Hugging Face folder, or a .gguf file (model None
+    without weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(name).exists() and looks_like_path(name):
-        raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder, a .gguf file or a hub id")
-    if Path(name).is_file() and name.endswith(".gguf"):  # transformers reads it with the packages gguf and accelerate
+        raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder, a .gguf "
+                        "file or a hub id")
+    # read by transformers with gguf and accelerate
+    if Path(name).is_file() and name.endswith(".gguf"):
         if not all(map(importlib.util.find_spec, ("gguf", "accelerate"))):
-            raise UserError("loading a .gguf file needs the optional packages: pip install gguf accelerate")
+            raise UserError("loading a .gguf file needs the optional packages: pip install gguf "
+                            "accelerate")
         name, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs) if weights else None
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
+                                                     **kwargs) if weights else None
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local folder or .gguf file") from None
+        raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local "
+                        "folder or .gguf file") from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model and model.to(device).eval(), tokenizer
-
-
-def start_command(args, split, limit):
-    """Output folder checked, seed set, data rows, model (with --server: the server checked, only the tokenizer)."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
-    torch.manual_seed(args.seed)
-    rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
-    args.server = getattr(args, "server", None) and check_server(args.server, args.model)  # eval and pairs have it
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code,
-                                  weights=not args.server)
-    if getattr(args, "batch_size", 0) is None:  # generation's default, measured (see the README)
-        args.batch_size = 64 if args.server else GENERATION_BATCH[device.type]
-    return out, device, rows, model, tokenizer
 
 
 def decoder_layers(model):
@@ -134,43 +141,61 @@ def decoder_layers(model):
     return getattr(model, "module", model).get_decoder().layers
 
 
-# --- Data: GSM8K rows, gold answers, prompts -----------------------------------------------------
+def model_shape(model):
+    """(layers, MLP neurons per layer)."""
+    layers = decoder_layers(model)
+    return len(layers), layers[0].mlp.down_proj.in_features
+
+
+# --- Data: GSM8K rows, gold answers, prompts, tokenized batches
 def load_rows(data, split, config=None):
-    """Rows of a local .jsonl/.json/.parquet file (or a folder holding SPLIT.*), or a hub dataset."""
+    """Rows of a local .jsonl/.json/.parquet file (or a folder holding SPLIT.*), or a hub
+    dataset."""
     path = Path(data)
-    if path.is_dir():
+    if path.is_dir():  # SPLIT.jsonl, or shards such as SPLIT-00000-of-00002.parquet
         found = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")
-                       and (p.stem == split or p.stem.startswith(split + "-")))  # SPLIT.jsonl or SPLIT-00000-of-00002.*
+                       and (p.stem == split or p.stem.startswith(split + "-")))
         if not found:
-            raise UserError(f"no {split}.jsonl, {split}.json or {split}.parquet in {data}; add one or pass the file itself")
+            raise UserError(f"no {split}.jsonl, {split}.json or {split}.parquet in {data}; add one "
+                            "or pass the file itself")
         return [row for shard in found for row in load_rows(str(shard), split)]
     if path.is_file() and path.suffix == ".jsonl":
         return read_jsonl(path)  # our reader: its errors name the line
     if path.is_file() and path.suffix not in (".json", ".parquet"):
         raise UserError(f"{path}: unknown data format; use .jsonl, .json or .parquet")
     if looks_like_path(data) and not path.is_file():
-        raise UserError(f"data file missing: {data}; pass an existing .jsonl/.json/.parquet file or folder")
+        raise UserError(f"data file missing: {data}; pass an existing .jsonl/.json/.parquet file "
+                        "or folder")
     import datasets
     try:  # a .json (JSON lines, or one list of rows) or .parquet file, or a hub dataset
-        return list(datasets.load_dataset(path.suffix[1:], data_files=data, split="train") if path.is_file() else
-                    datasets.load_dataset(data, config, split=split))
-    except Exception as e:  # datasets raises many types for "unreachable", "unknown" and "malformed"
-        raise UserError(f"could not load '{data}' ({type(e).__name__}); " + ("fix the file" if path.is_file() else
-                        f"offline, pass a local file: --data /path/to/{split}.jsonl")) from None
+        if path.is_file():
+            return list(datasets.load_dataset(path.suffix[1:], data_files=data, split="train"))
+        return list(datasets.load_dataset(data, config, split=split))
+    # datasets raises many types for "unreachable", "unknown" and "malformed"
+    except Exception as e:
+        fix = f"offline, pass a local file: --data /path/to/{split}.jsonl"
+        if path.is_file():
+            fix = "fix the file"
+        raise UserError(f"could not load '{data}' ({type(e).__name__}); {fix}") from None
 
 
 def load_gsm8k(data, split, require_gold=True):
-    """GSM8K rows as dicts with question, answer (the solution, ending '#### N') and gold (N).
-    With require_gold=False (control text for identify) answers need no '####' and gold is None."""
+    """GSM8K rows as dicts with question, answer (the solution, ending '#### N') and gold (N). With
+    require_gold=False (control text for identify) answers need no '####' and gold is None."""
     rows = load_rows(data, split, config="main" if data == DEFAULT_DATA else None)
     for i, row in enumerate(rows, 1):
-        if missing := [k for k in ("question", "answer") if not isinstance(row, dict) or k not in row]:
-            raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need 'question' and 'answer'")
-        if not isinstance(row["question"], str) or not isinstance(row["answer"], str) or not row["question"].strip():
-            raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text, and the question not empty")
-        if require_gold and "####" not in row["answer"]:
-            raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; end it with '#### <number>'")
-        row["gold"], row["index"] = parse_gold(row["answer"]) if require_gold else None, i - 1
+        if missing := [k for k in ("question", "answer") if not isinstance(row,
+                                                                           dict) or k not in row]:
+            raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need "
+                            "'question' and 'answer'")
+        question, answer = row["question"], row["answer"]
+        if not isinstance(question, str) or not isinstance(answer, str) or not question.strip():
+            raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text, and the "
+                            "question not empty")
+        if require_gold and "####" not in answer:
+            raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; end it with "
+                            "'#### <number>'")
+        row["gold"], row["index"] = parse_gold(answer) if require_gold else None, i - 1
     if not rows:
         raise UserError(f"{data}: no rows in split '{split}'")
     return rows
@@ -182,62 +207,82 @@ def parse_gold(answer):
 
 
 def gold_solution(answer):
-    """A GSM8K solution as a model should write it: no <<...>> calculator marks, ending "The answer is N."."""
+    """A GSM8K solution as a model should write it: no <<...>> calculator marks, ending "The answer
+    is N."."""
     reasoning = re.sub(r"<<[^>]*>>", "", answer.rsplit("####", 1)[0]).strip()
     return f"{reasoning}\nThe answer is {parse_gold(answer)}."
 
 
 def prompt_messages(question, system=None, instruction=True):
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": f"{question}\n{INSTRUCTION}" if instruction else question}]
+    return messages + [{"role": "user",
+                        "content": f"{question}\n{INSTRUCTION}" if instruction else question}]
 
 
 def format_prompt(tokenizer, question, system=None, instruction=True):
-    """The prompt text: the chat template with the generation prompt, or 'Question: ...\\nAnswer:'."""
+    """The prompt text: the chat template with the generation prompt, or 'Question:
+    ...\\nAnswer:'."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(prompt_messages(question, system, instruction), tokenize=False,
-                                             add_generation_prompt=True)
-    return f"{system + chr(10) if system else ''}Question: {question}\n{INSTRUCTION + chr(10) if instruction else ''}Answer:"
+        return tokenizer.apply_chat_template(prompt_messages(question, system, instruction),
+                                             tokenize=False, add_generation_prompt=True)
+    system = system + "\n" if system else ""
+    instruction = INSTRUCTION + "\n" if instruction else ""
+    return f"{system}Question: {question}\n{instruction}Answer:"
 
 
 def make_prompt(tokenizer, question, system=None, instruction=True):
-    """A prompt in TRL's preference format: messages when the tokenizer has a chat template, else text."""
-    return prompt_messages(question, system, instruction) if tokenizer.chat_template else \
-        format_prompt(tokenizer, question, system, instruction)
+    """A prompt in TRL's preference format: messages when the tokenizer has a chat template, else
+    text."""
+    if tokenizer.chat_template:
+        return prompt_messages(question, system, instruction)
+    return format_prompt(tokenizer, question, system, instruction)
 
 
 def make_completion(tokenizer, text):
-    """A completion in TRL's format; as text it starts with exactly one space (sampled text may bring its own)."""
-    return [{"role": "assistant", "content": text}] if tokenizer.chat_template else " " + text.lstrip()
+    """A completion in TRL's format; as text it starts with exactly one space (sampled text may
+    bring its own)."""
+    return [{"role": "assistant",
+             "content": text}] if tokenizer.chat_template else " " + text.lstrip()
 
 
 def tokenize_example(tokenizer, prompt, completion, max_length):
-    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them. Conversational (message lists): prompt ids =
-    the chat template with the generation prompt, completion ids = the rest of the templated conversation.
-    Standard (strings): the text's tokens, EOS closing the completion. The completion is cut to fit max_length."""
+    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them. Conversational (message lists):
+    prompt ids = the chat template with the generation prompt, completion ids = the rest of the
+    templated conversation. Standard (strings): the text's tokens, EOS closing the completion. The
+    completion is cut to fit max_length."""
     if isinstance(prompt, list):
-        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True,
+                                                   add_generation_prompt=True)
         full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
     else:
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        full_ids += [tokenizer.eos_token_id]
     if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise UserError("the tokenized prompt is not a prefix of prompt + completion; this tokenizer or chat "
-                        "template cannot be split into prompt and completion (TRL would fail the same way)")
+        raise UserError("the tokenized prompt is not a prefix of prompt + completion; this "
+                        "tokenizer or "
+                        "chat template cannot be split into prompt and completion (TRL would fail "
+                        "the same way)")
     return prompt_ids, full_ids[len(prompt_ids):max(max_length, len(prompt_ids))]
 
 
 def collate(examples, pad_id):
-    """Right-padded batch from (prompt_ids, completion_ids) pairs: input_ids, attention_mask, labels and loss_mask,
-    each [B, T]; labels[b, t] = input_ids[b, t + 1], and loss_mask[b, t] = 1 where that label is a completion token."""
-    width = max(len(p) + len(c) for p, c in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask, loss_mask = torch.zeros(len(examples), width, dtype=torch.long), torch.zeros(len(examples), width)
+    """Right-padded batch from (prompt_ids, completion_ids) pairs: input_ids, attention_mask, labels
+    and loss_mask, each [B, T]; labels[b, t] = input_ids[b, t + 1], and loss_mask[b, t] = 1 where
+    that label is a completion token."""
+    size = (len(examples), max(len(p) + len(c) for p, c in examples))
+    input_ids = torch.full(size, pad_id, dtype=torch.long)
+    attention_mask, loss_mask = torch.zeros(size, dtype=torch.long), torch.zeros(size)
     for b, (p, c) in enumerate(examples):
         input_ids[b, :len(p) + len(c)], attention_mask[b, :len(p) + len(c)] = torch.tensor(p + c), 1
         loss_mask[b, len(p) - 1:len(p) + len(c) - 1] = 1
     labels = F.pad(input_ids[:, 1:], (0, 1), value=pad_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_mask": loss_mask}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "loss_mask": loss_mask}
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def batches_of(items, size):
@@ -245,23 +290,477 @@ def batches_of(items, size):
 
 
 def solution_examples(tokenizer, rows, max_length, system=None):
-    """Tokenized (prompt, gold solution) examples as training sees them. Control rows (gold None: non-math text)
-    keep their own form: the question alone as the prompt (no math instruction), the answer whole."""
-    return [tokenize_example(tokenizer, make_prompt(tokenizer, r["question"], system, r["gold"] is not None),
-                             make_completion(tokenizer, r["answer"] if r["gold"] is None else gold_solution(r["answer"])),
-                             max_length) for r in rows]
+    """Tokenized (prompt, gold solution) examples as training sees them. Control rows (gold None:
+    non-math text) keep their own form: the question alone as the prompt (no math instruction), the
+    answer whole."""
+    examples = []
+    for r in rows:
+        math_row = r["gold"] is not None
+        prompt = make_prompt(tokenizer, r["question"], system, instruction=math_row)
+        completion = make_completion(tokenizer,
+                                     gold_solution(r["answer"]) if math_row else r["answer"])
+        examples.append(tokenize_example(tokenizer, prompt, completion, max_length))
+    return examples
 
 
-# --- Neurons: AttnLRP relevance, selection, the saved set, ablation ------------------------------
+# --- Grading: answer extraction and exact match
+# A number: optional sign, digits with or without thousands commas, optional decimals.
+NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+FLEXIBLE = re.compile(r"(?<![\w.])" + NUMBER)
+# The number right after "The answer is", "####" or "\boxed{" (allowing ':', '*', '$' in between).
+STRICT = re.compile(r"(?:answer is|####|\\boxed\{)[\s:*]*(?:\\?\$\s*)?(" + NUMBER + ")",
+                    re.IGNORECASE)
+
+
+def normalize_number(text):
+    return text.replace(",", "").replace("$", "").replace("%", "").rstrip(".")
+
+
+def extract_answer_rule(text):
+    """(answer, rule): 'strict' for the number right after the last "The answer is", "####" or
+    "\\boxed{"; else 'flexible' for the last number in the text; (None, None) when there is none."""
+    strict = STRICT.findall(text)
+    numbers = strict or FLEXIBLE.findall(text)
+    if not numbers:
+        return None, None
+    return normalize_number(numbers[-1]), "strict" if strict else "flexible"
+
+
+def extract_answer(text):
+    """The final numeric answer of a completion as a string ('1234', '-3.5'), or None."""
+    return extract_answer_rule(text)[0]
+
+
+def is_correct(text, gold):
+    """True when the extracted answer equals the gold number numerically ('18.00' == '18')."""
+    try:
+        answer, gold = float(extract_answer(text)), float(normalize_number(gold))
+    except (TypeError, ValueError):  # no answer, or not a number
+        return False
+    return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
+
+
+# --- Generation: batched greedy (or sampled) decoding, in this process or through a server
+# Stated: the strict pattern, then a character that cannot continue the number ("is 1" does not stop
+# "is 12").
+ANSWER_STATED = re.compile(STRICT.pattern + r"(?=[^\d.,]|[.,]\D)", re.IGNORECASE)
+STOP_RULE = ('EOS, max_new_tokens, or the strict answer ("The answer is N", "#### N", "\\boxed{N") '
+             'once N is complete')
+
+
+def sequence_seed(seed, index):
+    """The seed of sequence `index` (question q, sample j: q * num_samples + j): the same on any
+    rank and batch size."""
+    return (seed * 1_000_003 + index) % 2 ** 31
+
+
+class SlotCache:
+    """The KV cache of continuous batching: keys and values [S, H, W, D] per layer, row s one live
+    sequence whose tokens end at the shared column `length`, valid [S, W] the columns it owns; each
+    step writes one column in place (no torch.cat)."""
+
+    def __init__(self, prefill, rows, prompt_width, max_new_tokens):
+        k, width = prefill[0][0], prompt_width + max_new_tokens + 64  # k: [1, H, P, D]
+        shape = (rows, k.shape[1], width, k.shape[3])
+        self.keys, self.values = ([k.new_zeros(shape) for _ in prefill] for _ in "kv")
+        self.valid = torch.zeros(rows, width, dtype=torch.bool, device=k.device)
+        self.length = self.prompt_width = prompt_width  # always room to the left for any prompt
+
+    # the model's attention layers call this
+    def update(self, keys, values, layer, cache_kwargs=None):
+        new = slice(self.length, self.length + keys.shape[2])
+        self.keys[layer][:, :, new], self.values[layer][:, :, new] = keys, values
+        return self.keys[layer][:, :, :new.stop], self.values[layer][:, :, :new.stop]
+
+    def trim(self):
+        """Drop the leading columns no row owns, 64 or more at a time (a row spans at most W - 64
+        columns)."""
+        start = min(int(self.valid.any(0).int().argmax()), self.length - self.prompt_width)
+        if start >= 64:
+            n = self.length - start
+            for t in self.keys + self.values:
+                t[:, :, :n] = t[:, :, start:self.length].clone()
+            self.valid[:, :n], self.valid[:, n:] = self.valid[:, start:self.length].clone(), False
+            self.length = n
+
+    def place(self, row, prefill):
+        """Row `row` takes a prompt's prefilled [(keys, values) [1, H, P, D] per layer]."""
+        span = slice(self.length - prefill[0][0].shape[2], self.length)
+        self.valid[row], self.valid[row, span] = False, True
+        for layer, (k, v) in enumerate(prefill):
+            self.keys[layer][row, :, span], self.values[layer][row, :, span] = k[0], v[0]
+
+    def keep(self, live):
+        """Rows `live` (ascending) become rows 0..n-1 in place: only rows beyond n move, into the
+        holes (no copy of the whole cache each time a sequence ends). Returns the old row of each
+        new row."""
+        n = len(live)
+        holes, movers = (r for r in range(n) if r not in live), (r for r in live if r >= n)
+        moves = dict(zip(holes, movers))  # hole -> the row that moves into it
+        for t in self.keys + self.values + [self.valid]:
+            t[list(moves)] = t[list(moves.values())]
+        self.keys, self.values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
+        self.valid = self.valid[:n]
+        return [moves.get(r, r) for r in range(n)]
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     **kwargs):
+    """generate()'s attention: sdpa for a prompt; for one new token, the query heads that share a
+    key head (grouped-query attention) become query rows of that head, so the cache is read in place
+    instead of copied n_rep times by repeat_kv at every step. query [B, H, 1, D], key and value
+    [B, H_kv, T, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    batch, heads, length, dim = query.shape
+    if length > 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
+                                      **kwargs)
+    grouped = query.view(batch, key.shape[1], heads // key.shape[1], dim)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                         scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate",
+             temperature=0.0,
+             num_samples=1, seed=0):
+    """num_samples completions per prompt text, in order, as {text, stop, tokens}; stop is eos,
+    answer or length (STOP_RULE). Greedy, or plain sampling at temperature > 0 with a generator per
+    sequence (the model's generation defaults are not used). Continuous batching: each prompt is
+    prefilled alone, then decoded in a batch of batch_size rows; a row whose sequence ends takes the
+    next waiting one, or leaves. Under torchrun each rank takes every world-th prompt."""
+    from transformers import AttentionInterface
+    (rank, world), device = rank_and_world(), model.device
+    eos = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    longest_first = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))
+    mine = longest_first[rank::world]  # ranks take turns
+    # a stack: pop() takes the next
+    waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]
+    rows, cache, results = [], None, {}
+
+    def pick(logits, sequences):  # logits [S, V] -> next tokens [S]
+        if not temperature:
+            return logits.argmax(-1).tolist()
+        probs = (logits.float() / temperature).softmax(-1)
+        return [int(torch.multinomial(p, 1, generator=s["generator"])) for p, s in zip(probs,
+                                                                                       sequences)]
+
+    def push(sequence, token):  # append a token; True when the sequence has ended (and is recorded)
+        sequence["count"] += 1
+        sequence["tokens"] += [] if token in eos else [token]
+        text = tokenizer.decode(sequence["tokens"], skip_special_tokens=True)
+        if token in eos:
+            stop = "eos"
+        elif ANSWER_STATED.search(text):
+            stop = "answer"
+        elif sequence["count"] == max_new_tokens:
+            stop = "length"
+        else:
+            return False
+        results[sequence["index"]] = {"text": text, "stop": stop, "tokens": sequence["count"]}
+        bar.update(1)
+        return True
+    AttentionInterface.register("yfpo_decode", decode_attention)
+    bar = tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample",
+               disable=rank > 0)
+    # on exit: the attention put back, then the bar closed
+    with bar, contextlib.ExitStack() as restore:
+        restore.callback(setattr, model.config, "_attn_implementation",
+                         model.config._attn_implementation)
+        model.config._attn_implementation = "yfpo_decode"
+        while waiting or rows:
+            free = [r for r, s in enumerate(rows) if s is None] + list(range(len(rows), batch_size))
+            # refill: prefill the next prompt alone and take its first token
+            while free and waiting:
+                q, j = waiting.pop()
+                # a prompt's samples are popped one after another: prefill it once for all
+                if j == 0:
+                    out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True,
+                                logits_to_keep=1)
+                    kv, logits = [layer[:2] for layer in out.past_key_values], out.logits[0, -1]
+                index, generator = q * num_samples + j, None
+                if temperature:  # sampling only: a generator per sequence, freed with it
+                    generator = torch.Generator(device).manual_seed(sequence_seed(seed, index))
+                sequence = {"index": index, "tokens": [], "count": 0, "position": len(ids[q]) - 1,
+                            "generator": generator}
+                if not push(sequence, pick(logits[None], [sequence])[0]):
+                    cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1), max(map(len,
+                                                                                              ids)),
+                                               max_new_tokens)
+                    cache.place(row := free.pop(0), kv)
+                    rows[row:row + 1] = [sequence]
+            live = [r for r, s in enumerate(rows) if s is not None]
+            if not live:
+                break
+            if len(live) < len(rows):  # nothing waits: finished rows leave the batch
+                rows = [rows[r] for r in cache.keep(live)]
+            cache.trim()
+            cache.valid[:, cache.length] = True
+            out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
+                        position_ids=torch.tensor([[s["position"] + len(s["tokens"])]
+                                                   for s in rows],
+                                                  device=device),
+                        attention_mask=cache.valid[:, None, None, :cache.length + 1],
+                        past_key_values=cache,
+                        cache_position=torch.tensor([cache.length], device=device))
+            cache.length += 1
+            for r, token in enumerate(pick(out.logits[:, -1], rows)):
+                if push(rows[r], token):
+                    rows[r], cache.valid[r] = None, False
+    if world > 1:  # every rank's {index: completion}, merged
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, results)
+        results = {k: v for part in parts for k, v in part.items()}
+    return [results[i] for i in range(len(prompts) * num_samples)]
+
+
+def check_server(url, model_name):
+    """The base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp) that serves
+    model_name."""
+    base = url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
+            served = [m["id"] for m in json.load(response)["data"]]
+    # unreachable, not JSON, not a model list
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--server {url} is not an OpenAI-compatible server that answers "
+                        f"({type(e).__name__}); start one, e.g. `vllm serve MODEL`, and pass its "
+                        "URL (http://localhost:8000)") from None
+    if model_name not in served:
+        raise UserError(f"--server {url} serves {', '.join(served) or 'no model'}, not --model "
+                        f"{model_name}; name it so")
+    return base
+
+
+def stated_completion(tokenizer, text, finish_reason):
+    """A server's completion as generate() gives it: cut after the shortest token prefix that states
+    the answer."""
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for n in range(1, len(tokens) + 1) if ANSWER_STATED.search(text) else ():
+        prefix = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        if ANSWER_STATED.search(prefix):
+            return {"text": prefix, "stop": "answer", "tokens": n}
+    return {"text": text, "stop": "length" if finish_reason == "length" else "eos",
+            "tokens": len(tokens)}
+
+
+def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_tokens, desc="generate",
+                    temperature=0.0, num_samples=1, seed=0):
+    """generate() through an OpenAI-compatible /v1/completions endpoint: the same prompt token ids,
+    sampling settings and per-question seeds, in_flight requests at once; a returned text is cut at
+    the first token after which it states its answer (where generate() would have stopped). Same
+    return as generate()."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def complete(q):
+        body = {"model": model_name, "prompt": tokenizer(prompts[q],
+                                                         add_special_tokens=False)["input_ids"],
+                "max_tokens": max_new_tokens, "n": num_samples, "temperature": temperature,
+                "top_p": 1.0,
+                "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,  # no server-side defaults
+                "seed": sequence_seed(seed, q)}
+        request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=3600) as response:
+                choices = sorted(json.load(response)["choices"], key=lambda c: c["index"])
+        # an HTTP error's body: the server's say
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            detail = e.read().decode()[:200] if hasattr(e, "read") else f"{type(e).__name__}: {e}"
+            raise UserError(f"--server failed on prompt {q} ({detail})") from None
+        bar.update(1)
+        return [stated_completion(tokenizer, c["text"], c.get("finish_reason")) for c in choices]
+    with contextlib.ExitStack() as cleanup, tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+        pool = ThreadPoolExecutor(in_flight)
+        # after the bar; after an error, send no more
+        cleanup.callback(pool.shutdown, cancel_futures=True)
+        return [c for per_prompt in pool.map(complete, range(len(prompts))) for c in per_prompt]
+
+
+def sample_completions(model, tokenizer, rows, args, desc, temperature=0.0, num_samples=1):
+    """generate() in this process, or server_generate() with --server, on the rows' questions
+    (format_prompt)."""
+    prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
+    if args.server:
+        run = functools.partial(server_generate, args.server, args.model)
+    else:
+        run = functools.partial(generate, model)
+    return run(tokenizer, prompts, args.batch_size, args.max_new_tokens, desc, temperature,
+               num_samples,
+               args.seed)
+
+
+def generation_summary(completions, args, seconds):
+    """How completions were made and ended, and how fast (for summary.json and the screen)."""
+    tokens = sum(c["tokens"] for c in completions)
+    return {"stop_rule": STOP_RULE,
+            "stops": dict(collections.Counter(c["stop"] for c in completions)),
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "server": args.server,
+            "processes": rank_and_world()[1], "generated_tokens": tokens,
+            "wall_time_s": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+# --- Statistics: what a difference in accuracy can show
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval for a binomial proportion."""
+    p = correct / total
+    center = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar_exact(only_a, only_b):
+    """Two-sided exact McNemar p-value from the discordant counts (a right/b wrong, b right/a
+    wrong): p = min(1, 2 * P(Binomial(only_a + only_b, 1/2) <= min(only_a, only_b)))."""
+    n = only_a + only_b
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)
+
+
+def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
+    """The smallest accuracy difference the exact McNemar test detects with `power` at `alpha`,
+    given that `discordant` of `total` questions are discordant (conditioned on that count): with
+    only_a ~ Binomial( discordant, pi), the difference is (2 pi - 1) * discordant / total. None when
+    no split is significant."""
+    k = torch.arange(discordant + 1, dtype=torch.float64)
+    log_comb = math.lgamma(discordant + 1) - torch.lgamma(k + 1) - torch.lgamma(discordant - k + 1)
+
+    def pmf(pi):  # P(only_a = k) for every k
+        return (log_comb + k * math.log(pi) + (discordant - k) * math.log1p(-pi)).exp()
+    # mcnemar_exact(k, discordant - k), k <= half
+    p_values = 2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1]
+    significant = (p_values <= alpha).nonzero()
+    if not len(significant):
+        return None
+    edge = int(significant[-1])
+    region = (k <= edge) | (k >= discordant - edge)  # where it rejects
+    lo, hi = 0.5, 1 - 1e-12
+    if pmf(hi)[region].sum() < power:
+        return None
+    for _ in range(50):  # bisection: power rises with pi
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if pmf(mid)[region].sum() >= power else (mid, hi)
+    return (2 * hi - 1) * discordant / total
+
+
+def bootstrap_ci(values, seed=0, resamples=2000):
+    """95% percentile bootstrap interval of the mean of values [N] over its N pairs, resampled from
+    seed: the same resamples for any statistic of the same N, so a difference's interval is a paired
+    one."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(len(values), (resamples, len(values)),
+                                 generator=generator)].mean(1)
+    return means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
+def paired_difference(shared):
+    """Accuracy difference of two runs on the same questions, shared =
+    [(this correct, other correct)]; exact McNemar."""
+    only_this, only_other = sum(a and not b for a, b in shared), sum(b and not a for a, b in shared)
+    return {"shared": len(shared), "difference": (only_this - only_other) / len(shared),
+            "only_this_correct": only_this, "only_other_correct": only_other,
+            "mcnemar_p": mcnemar_exact(only_this, only_other)}
+
+
+# --- Evaluation: teacher-forced log-probs and NLL, greedy accuracy
+def completion_logps(logits, labels, mask):
+    """Summed log-probabilities of the completion tokens. logits: [B, T, V]; labels: [B, T],
+    labels[b, t] = the token position t predicts; mask: [B, T]. Returns [B] float32: sum_t
+    mask[b, t] * log softmax(logits[b, t])[labels[b, t]]. labels and mask may also be [B, T, S], S
+    label sets read off the same logits (returns [B, S]); the log-normalizer is computed once for
+    all of them and no [B, T, V] log-prob tensor is made."""
+    if labels.dim() == 2:
+        return completion_logps(logits, labels[..., None], mask[..., None])[:, 0]
+    logits = logits.float()
+    return ((logits.gather(-1, labels) - logits.logsumexp(-1, keepdim=True)) * mask).sum(1)
+
+
+def forward_logps(model, batch):
+    """Completion log-probs from one forward: [B] for a collate batch, [B, 2] for packed pairs
+    (collate_pairs). Logits start at the first position that predicts a completion token
+    (logits_to_keep): no lm_head on the prompt."""
+    attention, mask = batch["attention_mask"], batch["loss_mask"]
+    if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
+        attention = attention[:, None]
+        if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds it
+            attention = torch.zeros(attention.shape,
+                                    device=attention.device).masked_fill(~attention,
+                                                                                         -torch.inf)
+    predicts = mask.amax(-1) if mask.dim() == 3 else mask  # [B, T]: t predicts a completion token
+    first = int(predicts.argmax(1).min())
+    logits = model(input_ids=batch["input_ids"], attention_mask=attention,
+                   position_ids=batch.get("position_ids"), logits_to_keep=mask.shape[1] - first,
+                   use_cache=False).logits
+    return completion_logps(logits, batch["labels"][:, first:], mask[:, first:])
+
+
+@torch.no_grad()
+def gold_nll(model, batches):
+    """Mean NLL per completion token over batches (see collate); under torchrun each rank takes
+    every world-th."""
+    (rank, world), sums = rank_and_world(), torch.zeros(2, dtype=torch.float64, device=model.device)
+    for batch in batches[rank::world]:  # sums: -sum log p, and the tokens
+        sums += torch.stack([-forward_logps(model, batch).sum(), batch["loss_mask"].sum()]).double()
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
+
+
+def evaluate(model, tokenizer, rows, args):
+    """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
+    start = time.perf_counter()
+    completions = sample_completions(model, tokenizer, rows, args, "eval")
+    results = []
+    for i, (row, c) in enumerate(zip(rows, completions)):
+        answer, rule = extract_answer_rule(c["text"])
+        results.append({"index": i, "question": row["question"], "gold": row["gold"],
+                        "completion": c["text"], "extracted": answer, "rule": rule,
+                        "correct": is_correct(c["text"], row["gold"]), "stop": c["stop"],
+                        "tokens": c["tokens"]})
+    seconds, correct = time.perf_counter() - start, sum(r["correct"] for r in results)
+    low, high = wilson_interval(correct, len(results))
+    strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
+    summary = {"accuracy": correct / len(results), "accuracy_strict": strict / len(results),
+               "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
+               "prompt_format": "chat_template" if tokenizer.chat_template else "plain",
+               "system": args.system, **generation_summary(completions, args, seconds),
+               "questions_per_s": round(len(results) / seconds, 3)}
+    return summary, results
+
+
+def start_command(args, split, limit):
+    """A command's start: output folder checked, seed set, data rows, model (with --server: the
+    server checked, only the tokenizer). Returns (out, device, rows, model, tokenizer)."""
+    out, device = check_out_dir(args.out), pick_device(args.device)
+    torch.manual_seed(args.seed)
+    rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
+    # eval, pairs
+    args.server = getattr(args, "server", None) and check_server(args.server, args.model)
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
+                                  args.trust_remote_code, weights=not args.server)
+    if getattr(args, "batch_size", 0) is None:  # generation's default, measured (see the README)
+        args.batch_size = 64 if args.server else GENERATION_BATCH[device.type]
+    return out, device, rows, model, tokenizer
+
+
+# --- Neurons: AttnLRP relevance, selection, the saved set, the causal check (ablation)
 # A "neuron" is one coordinate of an MLP's hidden layer, i.e. of the input of down_proj:
 # a = act(gate_proj(x)) * up_proj(x), shape [B, T, intermediate_size], in every layer.
 @contextlib.contextmanager
 def attnlrp(model):
-    """Patch the model's transformers module with lxt's AttnLRP rules; undo the patch on exit. lxt's monkey_patch swaps
-    methods on classes (the MLP, the RMSNorm, torch's Dropout) and functions on the modeling module, which changes gradients
-    for the whole process. We record every attribute it can touch and put them all back, so training never runs patched."""
+    """Patch the model's transformers module with lxt's AttnLRP rules (Achtibat et al., 2024,
+    "AttnLRP: Attention-Aware Layer-wise Relevance Propagation for Transformers"); undo the patch on
+    exit. lxt's monkey_patch swaps methods on classes (the MLP, the RMSNorm, torch's Dropout) and
+    functions on the modeling module, which changes gradients for the whole process. We record every
+    attribute it can touch and put them all back, so training never runs patched."""
     if model.config.model_type not in LRP_ARCHITECTURES:
-        raise UserError(f"model type '{model.config.model_type}' is not supported; supported: {', '.join(LRP_ARCHITECTURES)}")
+        raise UserError(f"model type '{model.config.model_type}' is not supported; supported: "
+                        f"{', '.join(LRP_ARCHITECTURES)}")
     from lxt.efficient import monkey_patch
     from lxt.efficient.models import get_default_map
     patch_map = get_default_map(sys.modules[type(model).__module__])
@@ -279,85 +778,507 @@ def attnlrp(model):
 
 
 def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
-    """Relevance of every MLP neuron for the gold next-token logits, per sample. input_ids, attention_mask, labels,
-    loss_mask: [B, T] (see collate). The explained quantity is
+    """AttnLRP relevance (Achtibat et al., 2024) of every MLP neuron for the gold next-token logits,
+    per sample. input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). The explained
+    quantity is
         F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
-    and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i} over the solution's tokens, a_l the input of layer l's down_proj.
-    Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP relevance; outside it is gradient x input
-    (float32; the weights get no gradient). Returns (R, G), each [B, L, I], over the solution's tokens; G = sum_t dF/da."""
-    layers, found = decoder_layers(model), {}  # found: down_proj module -> its (relevance, gradient)
-    keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # the solution's own tokens: position t + 1 holds label t
+    and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i} over the solution's tokens, a_l the input of layer
+    l's down_proj. Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP
+    relevance; outside it is gradient x input (float32; the weights get no gradient). Returns (R,
+    G), each [B, L, I], over the solution's tokens; G = sum_t dF/da."""
+    # found: down_proj module -> its (relevance, gradient)
+    layers, found = decoder_layers(model), {}
+    keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # solution tokens: t + 1 holds label t
 
     def pre_hook(module, args):
-        a = args[0].detach()  # the hook must not hold args[0] itself: that cycle would never be freed
+        # the hook must not hold args[0] itself: that cycle would never be freed
+        a = args[0].detach()
 
         def on_grad(grad):  # called during backward with dF/da, shape [B, T, I]
             found[module] = ((a.float() * grad.float() * keep).sum(1), (grad.float() * keep).sum(1))
         args[0].register_hook(on_grad)
-    with torch.enable_grad(), contextlib.ExitStack() as undo:  # on exit: the hooks removed, every requires_grad restored
+    with torch.enable_grad(), contextlib.ExitStack() as undo:  # undoes the hooks and requires_grad
         for layer in layers:
             undo.enter_context(layer.mlp.down_proj.register_forward_pre_hook(pre_hook))
         for p in model.parameters():
             undo.callback(p.requires_grad_, p.requires_grad)
-        model.requires_grad_(False)  # activation gradients only: autograd keeps nothing for the weights'
+        # activation gradients only: autograd keeps nothing for the weights'
+        model.requires_grad_(False)
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-        hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary-wide matmul.
+        hidden = model.get_decoder()(inputs_embeds=embeds,
+                                     attention_mask=attention_mask).last_hidden_state
+        # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary matmul.
         head = model.get_output_embeddings()
-        logits = (hidden * head.weight[labels]).sum(-1) + (0 if head.bias is None else head.bias[labels])
+        logits = (hidden * head.weight[labels]).sum(-1)
+        if head.bias is not None:
+            logits = logits + head.bias[labels]
         torch.autograd.grad((logits * loss_mask).sum(), embeds)
-    return tuple(torch.stack([found[layer.mlp.down_proj][j] for layer in layers], dim=-2) for j in (0, 1))
+    return tuple(torch.stack([found[layer.mlp.down_proj][j] for layer in layers],
+                             dim=-2) for j in (0, 1))
 
 
 def score_neurons(model, batches, progress=None):
-    """(scores, directions), each [num_layers, intermediate_size] float32, over the samples of batches (see collate).
-    A sample's relevance is taken per solution token (its R over its token count), so long and short answers weigh alike;
-    the score is the mean over samples (with any solution token). The direction is +1 where the neuron's summed gradient
-    is >= 0 (raising it raises the explained logits, as the gradient R is made of sees it), else -1."""
+    """(scores, directions), each [num_layers, intermediate_size] float32: the AttnLRP relevance
+    (Achtibat et al., 2024) of neuron_relevance over the samples of batches (see collate). A
+    sample's relevance is taken per solution token (its R over its token count), so long and short
+    answers weigh alike; the score is the mean over samples (with any solution token). The direction
+    is +1 where the neuron's summed gradient is >= 0 (raising it raises the explained logits, as the
+    gradient R is made of sees it), else -1."""
     score, gradient, count = 0.0, 0.0, 0
     for batch in batches:
         relevance, grad = neuron_relevance(model, **batch)
-        score = score + (relevance / batch["loss_mask"].sum(1).clamp_min(1)[:, None, None]).double().sum(0)
-        gradient, count = gradient + grad.double().sum(0), count + int((batch["loss_mask"].sum(1) > 0).sum())
+        tokens = batch["loss_mask"].sum(1)
+        score = score + (relevance / tokens.clamp_min(1)[:, None, None]).double().sum(0)
+        gradient, count = gradient + grad.double().sum(0), count + int((tokens > 0).sum())
         if progress is not None:
             progress.update(len(relevance))
     return (score / count).float(), torch.where(gradient < 0, -1.0, 1.0)
 
 
 def select_neurons(scores, k, per_layer=False):
-    """The top-k neurons of scores [L, I], as [(layer, index, score)] sorted by score, highest first.
-    Globally across layers, or with per_layer the top k // L of each layer."""
+    """The top-k neurons of scores [L, I], as [(layer, index, score)] sorted by score, highest
+    first. Globally across layers, or with per_layer the top k // L of each layer."""
     (num_layers, width), k_max = scores.shape, scores.numel()
     if per_layer:
         if not 1 <= k // num_layers <= width:
-            raise UserError(f"--top-k {k} with --per-layer: k // layers must be 1 to {width}; use {num_layers} to {k_max}")
+            raise UserError(f"--top-k {k} with --per-layer: k // layers must be 1 to {width}; use "
+                            f"{num_layers} to {k_max}")
         top = scores.topk(k // num_layers, dim=1)
-        return sorted([(layer, int(i), float(v)) for layer in range(num_layers)
-                       for v, i in zip(top.values[layer], top.indices[layer])], key=lambda n: -n[2])
+        chosen = [(layer, int(i), float(v)) for layer in range(num_layers)
+                  for v, i in zip(top.values[layer], top.indices[layer])]
+        return sorted(chosen, key=lambda n: -n[2])
     if not 1 <= k <= k_max:
-        raise UserError(f"--top-k {k} is not between 1 and the model's {k_max} neurons; pick a smaller k")
+        raise UserError(f"--top-k {k} is not between 1 and the model's {k_max} neurons; pick a "
+                        "smaller k")
     top = scores.flatten().topk(k)
     return [(int(i) // width, int(i) % width, float(v)) for v, i in zip(top.values, top.indices)]
 
 
+@contextlib.contextmanager
+def ablate_neurons(model, neurons, scale=0.0):
+    """Multiply the given neurons [(layer, index, ...)] by scale inside the with-block (pre-hooks on
+    down_proj): scale 0 ablates them, 1.1 amplifies them by 10%; the model is untouched outside the
+    block."""
+    layers, masks = decoder_layers(model), {}
+    for n in neurons:
+        masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
+
+    def pre_hook(module, args, mask):
+        return (args[0] * mask.to(args[0]),) + args[1:]
+    with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
+        for layer, mask in masks.items():
+            hook = functools.partial(pre_hook, mask=mask)
+            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(hook))
+        yield model
+
+
+def load_neurons(path, model):
+    """The neuron set of a neurons.json, checked against the model's shape:
+    [(layer, index, score, act_mean, act_std, direction)]."""
+    if not Path(path).is_file():
+        raise UserError(f"neurons file missing: {path}; run `python yfpo.py identify` first")
+    try:
+        saved = json.loads(Path(path).read_text())
+        shape = (saved["num_layers"], saved["intermediate_size"])
+        fields = ("layer", "index", "score", "act_mean", "act_std", "direction")
+        neurons = [tuple(n[k] for k in fields) for n in saved["neurons"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a neurons file of this identify ({type(e).__name__}: {e}); "
+                        "rerun it") from None
+    if shape != model_shape(model):
+        layers, width = model_shape(model)
+        raise UserError(f"{path} was made for {shape[0]} layers x {shape[1]} neurons but the model "
+                        f"has {layers} x {width}; run identify with this model")
+    if not neurons:
+        raise UserError(f"{path} lists no neurons; run identify with --top-k of at least 1")
+    return neurons
+
+
+@torch.no_grad()
+def activation_moments(model, batches):
+    """Mean, std and mean |a| of every neuron over the solution's own tokens in batches (see
+    collate): 3 x [L, I]."""
+    layers, sums, keep = decoder_layers(model), {}, []
+
+    def pre_hook(module, args):  # sums of a, a^2 and |a| over this batch's solution positions
+        a = args[0].double()
+        moments = [(x * keep[-1]).sum((0, 1)) for x in (a, a * a, a.abs())]
+        sums[module] = sums.get(module, 0) + torch.stack(moments)
+    with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
+        for layer in layers:
+            hooks.enter_context(layer.mlp.down_proj.register_forward_pre_hook(pre_hook))
+        # the decoder alone: no logits. Position t + 1 holds the token label t names.
+        for batch in batches:
+            keep.append(F.pad(batch["loss_mask"], (1, 0))[:, :-1, None].double())
+            model.get_decoder()(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"])
+    sums = torch.stack([sums[layer.mlp.down_proj] for layer in layers],
+                       1) / sum(k.sum() for k in keep)
+    mean, mean_sq, mean_abs = sums
+    return mean.float(), (mean_sq - mean ** 2).clamp_min(0).sqrt().float(), mean_abs.float()
+
+
+def random_neurons(neurons, mean_abs, generator, bins=10):
+    """A random control for a neuron set: as many neurons in each layer as the set has there, none
+    of the set. With bins > 1 they also match on activation scale: a layer's other neurons are cut
+    into `bins` equal-count bins by mean |a| (mean_abs: [L, I]; fewer where the layer has under bins
+    x its selected count), and each selected neuron is matched by a draw, without replacement, from
+    its own bin. bins=1: matched on layer only. Returns [(layer, index)]."""
+    chosen, control = {(n[0], n[1]) for n in neurons}, []
+    for layer in sorted({n[0] for n in neurons}):
+        picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
+        others = [i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen]
+        pool = torch.tensor(others, dtype=torch.long)
+        if len(pool) < len(picked):
+            raise UserError(f"layer {layer}: {len(picked)} neurons selected, {len(pool)} others; "
+                            "select fewer (--top-k)")
+        chunks = pool[mean_abs[layer, pool].argsort()].tensor_split(
+            max(1, min(bins, len(pool) // len(picked))))
+        # the top of every bin but the last
+        edges = mean_abs[layer, [int(c[-1]) for c in chunks[:-1]]]
+        for b, need in zip(*torch.bucketize(mean_abs[layer, picked],
+                                            edges).unique(return_counts=True)):
+            draw = torch.randperm(len(chunks[b]), generator=generator)[:need]
+            control += [(layer, int(i)) for i in chunks[b][draw]]
+    return control
+
+
+def compare_with_random(nll_base, nll_selected, nll_random):
+    """The selected set's NLL against random controls' (one NLL per seed): their mean, std (n - 1),
+    rise = mean - nll_base, z = (nll_selected - mean) / std, and ratio = (nll_selected - nll_base) /
+    rise, given only when the random rise is over 3 standard errors (3 std / sqrt(n)) from zero;
+    else None and a note."""
+    mean, std = sum(nll_random) / len(nll_random), torch.tensor(nll_random,
+                                                                dtype=torch.float64).std().item()
+    rise, noise = mean - nll_base, 3 * std / math.sqrt(len(nll_random))
+    clear = abs(rise) > noise
+    note = None
+    if not clear:
+        note = (f"random rise {rise:+.3g} is within 3 standard errors ({noise:.3g}) of zero: no "
+                "ratio")
+    return {"nll": nll_random, "mean": mean, "std": std, "rise": rise,
+            "z": (nll_selected - mean) / std if std else None,
+            "ratio": (nll_selected - nll_base) / rise if clear else None, "note": note}
+
+
+def solution_batches(tokenizer, rows, args, device, batch_size):
+    """The rows' (prompt, gold solution) examples (solution_examples) as collate batches on
+    device."""
+    examples = solution_examples(tokenizer, rows, args.max_length, args.system)
+    return [to_device(collate(chunk, tokenizer.pad_token_id), device)
+            for chunk in batches_of(examples, batch_size)]
+
+
+def cmd_identify(args):
+    """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k. The
+    solutions are the last --num-samples of the train split (pairs samples from its start); beside
+    the set, a random control set matched to it per layer and activation scale, with statistics from
+    the same pass."""
+    control = load_gsm8k(args.control, "train",
+                         require_gold=False)[:args.num_samples] if args.control else []
+    out, device, rows, model, tokenizer = start_command(args, "train", slice(-args.num_samples,
+                                                                             None))
+    with attnlrp(model):
+        # k checked first
+        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)
+        math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
+        start = time.perf_counter()
+        with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
+            scores, directions = score_neurons(model, math_batches, bar)
+            if control:  # keep what is specific to math, not what any text uses
+                control_batches = solution_batches(tokenizer, control, args, device,
+                                                   args.batch_size)
+                scores -= score_neurons(model, control_batches, bar)[0]
+        seconds = time.perf_counter() - start
+    neurons = select_neurons(scores, args.top_k, args.per_layer)
+    mean, std, mean_abs = activation_moments(model, math_batches)
+    generator = torch.Generator().manual_seed(args.seed)
+    matched = [(l, i, float(scores[l, i])) for l, i in random_neurons(neurons, mean_abs, generator)]
+    num_layers, width = model_shape(model)
+    counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
+    disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
+    minus_control = " minus the same over the control samples" if control else ""
+    selection = {"rule": "per_layer_top_k" if args.per_layer else "global_top_k",
+                 "top_k": args.top_k,
+                 "num_selected": len(neurons),
+                 "score": "AttnLRP relevance at the down_proj input" + minus_control,
+                 "normalization": "per solution token (a sample's relevance / its solution "
+                                  "tokens), then the mean over samples",
+                 "direction": "sign of the summed AttnLRP gradient on solution tokens",
+                 "data": args.data, "split": "train", "num_samples": len(rows),
+                 "question_indices": [r["index"] for r in rows], "control": args.control,
+                 "num_control_samples": len(control), "max_length": args.max_length}
+
+    def neuron_file(chosen, **extra):
+        return {"model": args.model, "num_layers": num_layers, "intermediate_size": width, **extra,
+                "scoring_seconds": round(seconds, 2), "neurons": [
+                    {"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
+                     "act_mean": float(mean[l, i]), "act_std": float(std[l, i])} for l, i,
+                     s in chosen]}
+    random_rule = ("random control: as many per layer as neurons.json, matched on mean |a| (10 "
+                   "bins), none of its neurons")
+    write_json(out / "random_neurons.json", neuron_file(
+        matched, selection={**selection, "rule": random_rule, "seed": args.seed}))
+    write_json(out / "neurons.json", neuron_file(neurons, selection=selection,
+                                                 counts_per_layer=counts,
+                                                 direction_disagrees_with_mean_sign=disagree))
+    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per "
+          "layer:",
+          *(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
+            for layer, count in enumerate(counts)),
+          f"the saved direction differs from the sign of the mean activation for {disagree} of "
+          f"{len(neurons)}", f"train questions {rows[0]['index']}-{rows[-1]['index']}; wrote "
+          f"{out / 'neurons.json'} and {out / 'random_neurons.json'} (the matched random control)",
+          sep="\n")
+
+
+def cmd_ablate(args):
+    """ablate: does scaling the neurons (0: ablating them) raise the gold NLL more than scaling
+    random, matched ones? With --control also on non-math text (its last rows: identify reads its
+    first), so that "math-specific" is measured: the selected set should raise the math NLL more
+    than the control text's."""
+    if args.random_seeds < 2:
+        raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 "
+                        "seeds (default 10)")
+    control = load_gsm8k(args.control, "train",
+                         require_gold=False)[-args.num_samples:] if args.control else []
+    out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
+    neurons = load_neurons(args.neurons, model)
+    texts = {"math": rows, "control": control} if control else {"math": rows}
+    # The control rows are formatted as identify formats them: the question alone, the answer whole.
+    texts = {text: solution_batches(tokenizer, r, args, device, args.nll_batch_size)
+             for text, r in texts.items()}
+    mean_abs = activation_moments(model, texts["math"])[2]  # per neuron, for the matched control
+
+    def scale_of(selection):  # mean |a| of a selection
+        return float(sum(mean_abs[n[0], n[1]] for n in selection)) / len(selection)
+
+    def scaled(selection):  # the gold NLL of each text with the selection scaled
+        with ablate_neurons(model, selection, args.scale):
+            nll = {text: gold_nll(model, batches) for text, batches in texts.items()}
+        bar.update(1)
+        return nll
+    controls = {name: [random_neurons(neurons, mean_abs,
+                                      torch.Generator().manual_seed(args.seed + s),
+                                      bins) for s in range(args.random_seeds)]
+                # layer and scale; layer only
+                for name, bins in (("matched", 10), ("unmatched", 1))}
+    with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
+        base, ablated = scaled([]), scaled(neurons)
+        random = {name: [scaled(c) for c in sets] for name, sets in controls.items()}
+    result = {"neurons": args.neurons, "data": args.data, "split": args.split,
+              "num_samples": len(rows),
+              "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds}
+    for text in texts:
+        part = {"nll_base": base[text], "nll_ablated": ablated[text],
+                "rise": ablated[text] - base[text]}
+        for name, sets in controls.items():
+            nlls = [r[text] for r in random[name]]
+            scale = sum(map(scale_of, sets)) / len(sets) / scale_of(neurons)
+            part["random_" + name] = {**compare_with_random(base[text], ablated[text], nlls),
+                                      "mean_abs_ratio": scale}
+        if text == "math":
+            result.update(part)
+        else:
+            result["control"] = {"data": args.control, "num_samples": len(control),
+                                 "rows": [r["index"] for r in control], **part}
+        print(f"{text} NLL per solution token: base {part['nll_base']:.4f}, neurons x "
+              f"{args.scale:g} {part['nll_ablated']:.4f} (rise {part['rise']:+.4f})")
+        for name in controls:
+            c = part["random_" + name]
+            print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
+                  f"mean |a| x {c['mean_abs_ratio']:.2f}), z {c['z'] and round(c['z'], 2)}, "
+                  + (c["note"] or f"ratio {c['ratio']:.2f}"))
+    if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
+        base = evaluate(model, tokenizer, rows, args)
+        with ablate_neurons(model, neurons, args.scale):
+            ablated = evaluate(model, tokenizer, rows, args)
+        p = paired_difference([(a["correct"], b["correct"]) for a, b in zip(ablated[1], base[1])])
+        result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"],
+                      accuracy_paired=p)
+        print(f"accuracy: base {base[0]['accuracy']:.4f}, neurons x {args.scale:g} "
+              f"{ablated[0]['accuracy']:.4f}; right only with: {p['only_this_correct']}, without: "
+              f"{p['only_other_correct']}; McNemar p {p['mcnemar_p']:.2g}")
+    write_json(out / "ablation.json", result)
+    print(f"wrote {out / 'ablation.json'}")
+
+
+# --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers
+def text_pair(tokenizer, question, chosen, rejected, question_index, chosen_is_gold, system=None):
+    """One pair in TRL's format, {prompt, chosen, rejected}, with where it comes from."""
+    return {"prompt": make_prompt(tokenizer, question, system),
+            "chosen": make_completion(tokenizer, chosen), "rejected": make_completion(tokenizer,
+                                                                                      rejected),
+            "question_index": question_index, "chosen_is_gold": chosen_is_gold}
+
+
+def make_pairs(tokenizer, rows, samples, system=None):
+    """Pairs from graded samples (samples[q]: the completions of rows[q]): chosen = a correct
+    sample, else the gold solution (chosen_is_gold); rejected = an incorrect one; none when all are
+    correct. Returns (TRL-format pairs, counts)."""
+    pairs, counts = [], collections.Counter(questions=len(rows))
+    for q, (row, texts) in enumerate(zip(rows, samples)):
+        right = [t for t in texts if is_correct(t, row["gold"])]
+        wrong = [t for t in texts if t not in right]
+        counts.update(samples=len(texts), correct_samples=len(right), all_correct_skipped=not wrong,
+                      chosen_is_gold=bool(wrong and not right))
+        if wrong:
+            chosen = right[0] if right else gold_solution(row["answer"])
+            pairs.append(text_pair(tokenizer, row["question"], chosen, wrong[0], q, not right,
+                                   system))
+    return pairs, dict(counts, pairs=len(pairs))
+
+
+def heldout_pairs(tokenizer, rows, evaluated, system=None):
+    """Held-out endpoints, for teacher-forced scoring: for every question an evaluated model got
+    wrong, chosen = the gold solution and rejected = that model's own greedy answer (no new
+    generation). rows: the split's GSM8K rows; evaluated: eval.jsonl rows (index, question,
+    completion, correct)."""
+    pairs = []
+    for e in evaluated:
+        if e["index"] >= len(rows) or rows[e["index"]]["question"] != e["question"]:
+            raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; pass "
+                            "the --data the eval ran on")
+        if not e["correct"]:
+            gold = gold_solution(rows[e["index"]]["answer"])
+            pairs.append(text_pair(tokenizer, e["question"], gold, e["completion"], e["index"],
+                                   True,
+                                   system))
+    return pairs
+
+
+def load_pairs(path):
+    """Rows of a pairs JSONL in TRL's format: prompt, chosen, rejected (all strings, or message
+    lists)."""
+    if not Path(path).is_file():
+        raise UserError(f"pairs file missing: {path}; make one with `python yfpo.py pairs` or pass "
+                        "a JSONL path")
+    rows = read_jsonl(path, numbered=True)
+    if not rows:
+        raise UserError(f"{path} holds no pairs; it needs one JSON row per line with prompt, "
+                        "chosen and rejected")
+    for lineno, row in rows:
+        for field in ("prompt", "chosen", "rejected"):
+            if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
+                raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs "
+                                "prompt, chosen and rejected")
+        # the completions' first tokens are predicted from the prompt's last position
+        if not row["prompt"]:
+            raise UserError(f"{path}:{lineno}: empty prompt; every pair needs the prompt its "
+                            "completions answer")
+        if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
+            raise UserError(f"{path}:{lineno}: mixes text and message lists; use one kind for all "
+                            "three fields")
+    return [row for _, row in rows]
+
+
+def cmd_pairs(args):
+    """pairs: sample the model on the start of GSM8K train, grade with is_correct, pair a right and
+    a wrong answer. With --from-eval: held-out pairs from an eval's wrong answers
+    (heldout_pairs)."""
+    if args.from_eval:
+        summary = Path(args.from_eval).with_name("summary.json")
+        if not (Path(args.from_eval).is_file() and summary.is_file()):
+            raise UserError(f"--from-eval {args.from_eval}: no eval.jsonl with its summary.json "
+                            "there; run `python yfpo.py eval` first")
+        split, out = json.loads(summary.read_text())["split"], check_out_dir(args.out)
+        tokenizer = load_model(args.model, torch.device("cpu"), torch.float32,
+                               args.trust_remote_code,
+                               weights=False)[1]
+        pairs = heldout_pairs(tokenizer, load_gsm8k(args.data, split), read_jsonl(args.from_eval),
+                              args.system)
+        write_jsonl(out / "pairs.jsonl", pairs)
+        print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split} "
+              f"split); wrote {out / 'pairs.jsonl'}")
+        return
+    out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
+    n, start = args.samples_per_question, time.perf_counter()
+    samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
+    seconds = time.perf_counter() - start  # unrounded: a fast server can answer in under 5 ms
+    speed = generation_summary(samples, args, seconds)
+    pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n),
+                               args.system)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
+          f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
+          f"stops {speed['stops']}")
+    print(f"wrote {out / 'pairs.jsonl'}")
+
+
+# --- Losses: DPO, the neuron score and margin, YFPO
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Sigmoid DPO loss (Rafailov et al., 2023, "Direct Preference Optimization"). All inputs [B]
+    summed log-probs.
+        h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+        L = -log sigmoid(beta * h)
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are beta *
+    log(pi/pi_ref), detached."""
+    chosen_logratio, rejected_logratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def neuron_scores(activations, mask, mean, std, direction):
+    """The YFPO neuron score s(x, y) (arXiv 2605.11906) of each sequence: how strongly its
+    completion fires the math neurons. activations: [B, T, K] of the K selected neurons; mask:
+    [B, T], 1 at the completion's own tokens; mean, std, direction: [K] from neurons.json (direction
+    d_k = +1 or -1: the way neuron k raises the logits).
+        z_k = d_k * (a_k - mean_k) / std_k   ("more than usual, the helpful way" is positive)
+        s   = mean over masked t and over k of z
+    Returns [B] float32."""
+    z = (activations.float() - mean) / std.clamp_min(1e-6) * direction
+    return (z.mean(-1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_margin=None,
+              beta=0.1,
+              lam=0.3, gamma=1.0, yoke="loss"):
+    """The YFPO loss (arXiv 2605.11906): DPO yoked to the neuron margin. Log-probs and the margin
+    are [B]: m = s(x, y_w) - s(x, y_l) (--neuron-margin policy), or m - m_ref, anchored to the
+    reference model's margin as h anchors the log-ratios (relative); h as in dpo_loss.
+        yoke "loss":    L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
+        yoke "reward":  L = -log sigmoid(beta * h + lam * gamma * m)
+    lam is the neuron term's whole weight: train passes lam * c, c the calibration that makes lam a
+    share. lam = 0 returns the DPO loss itself (the margin may then be None). Returns (losses [B],
+    dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B])."""
+    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected,
+                                                            ref_chosen,
+                                                            ref_rejected, beta)
+    neuron_losses = None if neuron_margin is None else -F.logsigmoid(gamma * neuron_margin)
+    if lam == 0:
+        losses = dpo_losses
+    elif yoke == "loss":
+        losses = dpo_losses + lam * neuron_losses
+    else:  # "reward"
+        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+        losses = -F.logsigmoid(beta * h + lam * gamma * neuron_margin)
+    return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
+
+
 class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs). Inside
-    `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations() [B, T, K] (K = len(neurons), in
-    the order given), still attached to the autograd graph, and capture.scores(mask) the neuron scores [B] (needs the neurons'
-    activation mean, std and direction). Keep it open through backward: gradient checkpointing runs the hooks again there."""
+    `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
+    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
+    capture.scores(mask) the neuron scores [B] (needs the neurons' activation mean, std and
+    direction: neuron_stats). Keep it open through backward: gradient checkpointing runs the hooks
+    again there."""
 
     def __init__(self, model, neurons, mean=None, std=None, direction=None):
         self.layers, self.captured, self.stats = decoder_layers(model), {}, (mean, std, direction)
-        self.index = {l: torch.tensor([n[1] for n in neurons if n[0] == l]) for l in sorted({n[0] for n in neurons})}
+        layers = sorted({n[0] for n in neurons})
+        self.index = {l: torch.tensor([n[1] for n in neurons if n[0] == l]) for l in layers}
         # Hooks fill the columns layer by layer; this permutation restores the order given.
-        self.order = torch.tensor(sorted(range(len(neurons)), key=lambda k: neurons[k][0])).argsort()
+        self.order = torch.tensor(sorted(range(len(neurons)),
+                                         key=lambda k: neurons[k][0])).argsort()
 
     def __enter__(self):
-        self.hooks = contextlib.ExitStack()  # a hook's handle removes the hook when the stack closes
+        # a hook's handle removes the hook when the stack closes
+        self.hooks = contextlib.ExitStack()
         for layer, index in self.index.items():
             def pre_hook(module, args, layer=layer, index=index):
                 self.captured[layer] = args[0][..., index.to(args[0].device)]
-            self.hooks.enter_context(self.layers[layer].mlp.down_proj.register_forward_pre_hook(pre_hook))
+            down_proj = self.layers[layer].mlp.down_proj
+            self.hooks.enter_context(down_proj.register_forward_pre_hook(pre_hook))
         return self
 
     def __exit__(self, *exc):
@@ -372,402 +1293,46 @@ class NeuronCapture:
         return neuron_scores(self.activations(), mask, *self.stats)
 
 
-@contextlib.contextmanager
-def ablate_neurons(model, neurons, scale=0.0):
-    """Multiply the given neurons [(layer, index, ...)] by scale inside the with-block (pre-hooks on down_proj):
-    scale 0 ablates them, 1.1 amplifies them by 10%; the model is untouched outside the block."""
-    layers, masks = decoder_layers(model), {}
-    for n in neurons:
-        masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
-
-    def pre_hook(module, args, mask):
-        return (args[0] * mask.to(args[0]),) + args[1:]
-    with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
-        for layer, mask in masks.items():
-            hook = functools.partial(pre_hook, mask=mask)
-            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(hook))
-        yield model
+def neuron_stats(neurons, device=None):
+    """The saved activation mean, std and direction of a neuron set (load_neurons), each [K]
+    float32, by name: NeuronCapture(model, neurons, **neuron_stats(neurons))."""
+    columns = zip(*[n[3:6] for n in neurons])  # (act_mean, act_std, direction) of every neuron
+    return {name: torch.tensor(column, dtype=torch.float32, device=device)
+            for name, column in zip(("mean", "std", "direction"), columns)}
 
 
-def model_shape(model):
-    return len(decoder_layers(model)), decoder_layers(model)[0].mlp.down_proj.in_features
-
-
-def load_neurons(path, model):
-    """The neuron set of a neurons.json, checked against the model's shape:
-    [(layer, index, score, act_mean, act_std, direction)]."""
-    if not Path(path).is_file():
-        raise UserError(f"neurons file missing: {path}; run `python yfpo.py identify` first")
-    try:
-        saved = json.loads(Path(path).read_text())
-        shape = (saved["num_layers"], saved["intermediate_size"])
-        neurons = [tuple(n[k] for k in ("layer", "index", "score", "act_mean", "act_std", "direction"))
-                   for n in saved["neurons"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a neurons file of this identify ({type(e).__name__}: {e}); rerun it") from None
-    if shape != model_shape(model):
-        raise UserError(f"{path} was made for {shape[0]} layers x {shape[1]} neurons but the model has "
-                        f"{model_shape(model)[0]} x {model_shape(model)[1]}; run identify with this model")
-    if not neurons:
-        raise UserError(f"{path} lists no neurons; run identify with --top-k of at least 1")
-    return neurons
-
-
-@torch.no_grad()
-def activation_moments(model, batches):
-    """Mean, std and mean |a| of every neuron over the solution's own tokens in batches (see collate): 3 x [L, I]."""
-    layers, sums, keep = decoder_layers(model), {}, []
-
-    def pre_hook(module, args):  # sums of a, a^2 and |a| over this batch's solution positions
-        a = args[0].double()
-        sums[module] = sums.get(module, 0) + torch.stack([(x * keep[-1]).sum((0, 1)) for x in (a, a * a, a.abs())])
-    with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
-        for layer in layers:
-            hooks.enter_context(layer.mlp.down_proj.register_forward_pre_hook(pre_hook))
-        for batch in batches:  # the decoder alone: no logits needed. Position t + 1 holds the token label t names.
-            keep.append(F.pad(batch["loss_mask"], (1, 0))[:, :-1, None].double())
-            model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    mean, mean_sq, mean_abs = torch.stack([sums[layer.mlp.down_proj] for layer in layers], 1) / sum(k.sum() for k in keep)
-    return mean.float(), (mean_sq - mean ** 2).clamp_min(0).sqrt().float(), mean_abs.float()
-
-
-def random_neurons(neurons, mean_abs, generator, bins=10):
-    """A random control for a neuron set: as many neurons in each layer as the set has there, none of the set. With
-    bins > 1 they also match on activation scale: a layer's other neurons are cut into `bins` equal-count bins by mean
-    |a| (mean_abs: [L, I]; fewer where the layer has under bins x its selected count), and each selected neuron is
-    matched by a draw, without replacement, from its own bin. bins=1: matched on layer only. Returns [(layer, index)]."""
-    chosen, control = {(n[0], n[1]) for n in neurons}, []
-    for layer in sorted({n[0] for n in neurons}):
-        picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
-        pool = torch.tensor([i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen], dtype=torch.long)
-        if len(pool) < len(picked):
-            raise UserError(f"layer {layer}: {len(picked)} neurons selected, {len(pool)} others; select fewer (--top-k)")
-        chunks = pool[mean_abs[layer, pool].argsort()].tensor_split(max(1, min(bins, len(pool) // len(picked))))
-        edges = mean_abs[layer, [int(c[-1]) for c in chunks[:-1]]]  # the top of every bin but the last
-        for b, need in zip(*torch.bucketize(mean_abs[layer, picked], edges).unique(return_counts=True)):
-            control += [(layer, int(i)) for i in chunks[b][torch.randperm(len(chunks[b]), generator=generator)[:need]]]
-    return control
-
-
-def compare_with_random(nll_base, nll_selected, nll_random):
-    """The selected set's NLL against random controls' (one NLL per seed): their mean, std (n - 1),
-    rise = mean - nll_base, z = (nll_selected - mean) / std, and ratio = (nll_selected - nll_base) / rise,
-    given only when the random rise is over 3 standard errors (3 std / sqrt(n)) from zero; else None and a note."""
-    mean, std = sum(nll_random) / len(nll_random), torch.tensor(nll_random, dtype=torch.float64).std().item()
-    rise, noise = mean - nll_base, 3 * std / math.sqrt(len(nll_random))
-    clear = abs(rise) > noise
-    return {"nll": nll_random, "mean": mean, "std": std, "rise": rise, "z": (nll_selected - mean) / std if std else None,
-            "ratio": (nll_selected - nll_base) / rise if clear else None, "note": None if clear else
-            f"random rise {rise:+.3g} is within 3 standard errors ({noise:.3g}) of zero: no ratio"}
-
-
-def solution_batches(tokenizer, rows, args, device, batch_size):
-    examples = solution_examples(tokenizer, rows, args.max_length, args.system)
-    return [{k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
-            for chunk in batches_of(examples, batch_size)]
-
-
-def cmd_identify(args):
-    """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k. The solutions
-    are the last --num-samples of the train split (pairs samples from its start); beside the set, a random
-    control set matched to it per layer and activation scale, with statistics from the same pass."""
-    control = load_gsm8k(args.control, "train", require_gold=False)[:args.num_samples] if args.control else []
-    out, device, rows, model, tokenizer = start_command(args, "train", slice(-args.num_samples, None))
-    with attnlrp(model):
-        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # k checked before the pass
-        math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
-        start = time.perf_counter()
-        with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
-            scores, directions = score_neurons(model, math_batches, bar)
-            if control:  # keep what is specific to math, not what any text uses
-                control_batches = solution_batches(tokenizer, control, args, device, args.batch_size)
-                scores -= score_neurons(model, control_batches, bar)[0]
-        seconds = time.perf_counter() - start
-    neurons = select_neurons(scores, args.top_k, args.per_layer)
-    mean, std, mean_abs = activation_moments(model, math_batches)
-    generator = torch.Generator().manual_seed(args.seed)
-    matched = [(l, i, float(scores[l, i])) for l, i in random_neurons(neurons, mean_abs, generator)]
-    num_layers, width = model_shape(model)
-    counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
-    disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
-    selection = {"rule": "per_layer_top_k" if args.per_layer else "global_top_k", "top_k": args.top_k,
-                 "num_selected": len(neurons), "score": "AttnLRP relevance at the down_proj input" +
-                 (" minus the same over the control samples" if control else ""),
-                 "normalization": "per solution token (a sample's relevance / its solution tokens), then the "
-                 "mean over samples", "direction": "sign of the summed AttnLRP gradient on solution tokens",
-                 "data": args.data, "split": "train", "num_samples": len(rows),
-                 "question_indices": [r["index"] for r in rows], "control": args.control,
-                 "num_control_samples": len(control), "max_length": args.max_length}
-
-    def neuron_file(chosen, **extra):
-        return {"model": args.model, "num_layers": num_layers, "intermediate_size": width, **extra,
-                "scoring_seconds": round(seconds, 2), "neurons": [
-                    {"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
-                     "act_mean": float(mean[l, i]), "act_std": float(std[l, i])} for l, i, s in chosen]}
-    write_json(out / "random_neurons.json", neuron_file(matched, selection={
-        **selection, "rule": "random control: as many per layer as neurons.json, matched on mean |a| "
-        "(10 bins), none of its neurons", "seed": args.seed}))
-    write_json(out / "neurons.json", neuron_file(neurons, selection=selection, counts_per_layer=counts,
-                                                 direction_disagrees_with_mean_sign=disagree))
-    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per layer:",
-          *(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
-            for layer, count in enumerate(counts)),
-          f"the saved direction differs from the sign of the mean activation for {disagree} of {len(neurons)}",
-          f"train questions {rows[0]['index']}-{rows[-1]['index']}; wrote {out / 'neurons.json'} and "
-          f"{out / 'random_neurons.json'} (the matched random control)", sep="\n")
-
-
-def cmd_ablate(args):
-    """ablate: does scaling the neurons (0: ablating them) raise the gold NLL more than scaling random,
-    matched ones? With --control also on non-math text (its last rows: identify reads its first), so that
-    "math-specific" is measured: the selected set should raise the math NLL more than the control text's."""
-    if args.random_seeds < 2:
-        raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 seeds "
-                        "(default 10)")
-    control = load_gsm8k(args.control, "train", require_gold=False)[-args.num_samples:] if args.control else []
-    out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
-    neurons = load_neurons(args.neurons, model)
-    texts = {"math": solution_batches(tokenizer, rows, args, device, args.nll_batch_size)}
-    if control:  # formatted as identify formats it: the question alone, the answer whole
-        texts["control"] = solution_batches(tokenizer, control, args, device, args.nll_batch_size)
-    mean_abs = activation_moments(model, texts["math"])[2]  # per neuron, for the matched control
-
-    def scale_of(selection):  # mean |a| of a selection
-        return float(sum(mean_abs[n[0], n[1]] for n in selection)) / len(selection)
-
-    def scaled(selection):  # the gold NLL of each text with the selection scaled
-        with ablate_neurons(model, selection, args.scale):
-            nll = {text: gold_nll(model, batches) for text, batches in texts.items()}
-        bar.update(1)
-        return nll
-    controls = {name: [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed + s), bins)
-                       for s in range(args.random_seeds)]  # per layer and scale bin; per layer only
-                for name, bins in (("matched", 10), ("unmatched", 1))}
-    with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
-        base, ablated = scaled([]), scaled(neurons)
-        random = {name: [scaled(c) for c in sets] for name, sets in controls.items()}
-    result = {"neurons": args.neurons, "data": args.data, "split": args.split, "num_samples": len(rows),
-              "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds}
-    for text in texts:
-        part = {"nll_base": base[text], "nll_ablated": ablated[text], "rise": ablated[text] - base[text]}
-        for name, sets in controls.items():
-            nlls = [r[text] for r in random[name]]
-            scale = sum(map(scale_of, sets)) / len(sets) / scale_of(neurons)
-            part["random_" + name] = {**compare_with_random(base[text], ablated[text], nlls),
-                                      "mean_abs_ratio": scale}
-        if text == "math":
-            result.update(part)
-        else:
-            result["control"] = {"data": args.control, "num_samples": len(control),
-                                 "rows": [r["index"] for r in control], **part}
-    for text, r in [("math", result), ("control", result.get("control"))][:len(texts)]:
-        print(f"{text} NLL per solution token: base {r['nll_base']:.4f}, neurons x {args.scale:g} "
-              f"{r['nll_ablated']:.4f} (rise {r['rise']:+.4f})")
-        for name in ("matched", "unmatched"):
-            c = r["random_" + name]
-            print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, mean |a| x "
-                  f"{c['mean_abs_ratio']:.2f}), z {c['z'] and round(c['z'], 2)}, " +
-                  (c["note"] or f"ratio {c['ratio']:.2f}"))
-    if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
-        base = evaluate(model, tokenizer, rows, args)
-        with ablate_neurons(model, neurons, args.scale):
-            ablated = evaluate(model, tokenizer, rows, args)
-        p = paired_difference([(a["correct"], b["correct"]) for a, b in zip(ablated[1], base[1])])
-        result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"], accuracy_paired=p)
-        print(f"accuracy: base {base[0]['accuracy']:.4f}, neurons x {args.scale:g} {ablated[0]['accuracy']:.4f}; right only "
-              f"with: {p['only_this_correct']}, without: {p['only_other_correct']}; McNemar p {p['mcnemar_p']:.2g}")
-    write_json(out / "ablation.json", result)
-    print(f"wrote {out / 'ablation.json'}")
-
-
-# --- Losses --------------------------------------------------------------------------------------
-def completion_logps(logits, labels, mask):
-    """Summed log-probabilities of the completion tokens.
-    logits: [B, T, V]; labels: [B, T], labels[b, t] = the token position t predicts; mask: [B, T].
-    Returns [B] float32: sum_t mask[b, t] * log softmax(logits[b, t])[labels[b, t]].
-    labels and mask may also be [B, T, S], S label sets read off the same logits (returns [B, S]);
-    the log-normalizer is computed once for all of them and no [B, T, V] log-prob tensor is made."""
-    if labels.dim() == 2:
-        return completion_logps(logits, labels[..., None], mask[..., None])[:, 0]
-    logits = logits.float()
-    return ((logits.gather(-1, labels) - logits.logsumexp(-1, keepdim=True)) * mask).sum(1)
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    """Sigmoid DPO loss (Rafailov et al., 2023). All inputs [B] summed log-probs.
-        h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
-        L = -log sigmoid(beta * h)
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are beta * log(pi/pi_ref), detached."""
-    chosen_logratio, rejected_logratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
-    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
-
-
-def neuron_scores(activations, mask, mean, std, direction):
-    """Neuron score s(x, y) of each sequence: how strongly its completion fires the math neurons.
-    activations: [B, T, K] of the K selected neurons; mask: [B, T], 1 at the completion's own tokens;
-    mean, std, direction: [K] from neurons.json (direction d_k = +1 or -1: the way neuron k raises the logits).
-        z_k = d_k * (a_k - mean_k) / std_k       (so "more than usual, in the helpful direction" is positive)
-        s   = mean over masked t and over k of z
-    Returns [B] float32."""
-    z = (activations.float() - mean) / std.clamp_min(1e-6) * direction
-    return (z.mean(-1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-
-
-def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_margin=None, beta=0.1,
-              lam=0.3, gamma=1.0, yoke="loss"):
-    """The YFPO loss. Log-probs and the neuron margin are [B]: m = s(x, y_w) - s(x, y_l) (--neuron-margin
-    policy), or m - m_ref, anchored to the reference model's margin as h anchors the log-ratios (relative).
-    lam is the neuron term's whole weight: train passes lam * c, c the calibration that makes lam a share.
-    lam = 0 returns the DPO loss itself (the margin may then be None).
-    Returns (losses [B], dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B])."""
-    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
-                                                            ref_rejected, beta)
-    neuron_losses = None if neuron_margin is None else -F.logsigmoid(gamma * neuron_margin)
-    if lam == 0:
-        losses = dpo_losses
-    elif yoke == "loss":  # L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
-        losses = dpo_losses + lam * neuron_losses
-    else:  # yoke == "reward": L = -log sigmoid(beta * h + lam * gamma * m)
-        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-        losses = -F.logsigmoid(beta * h + lam * gamma * neuron_margin)
-    return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
-
-
-def forward_logps(model, batch):
-    """Completion log-probs from one forward: [B] for a collate batch, [B, 2] for packed pairs (collate_pairs).
-    Logits start at the first position that predicts a completion token (logits_to_keep): no lm_head on the prompt."""
-    attention, mask = batch["attention_mask"], batch["loss_mask"]
-    if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
-        attention = attention[:, None]
-        if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask
-            attention = torch.zeros(attention.shape, device=attention.device).masked_fill(~attention, -torch.inf)
-    predicts = mask.amax(-1) if mask.dim() == 3 else mask  # [B, T]: position t predicts a completion token
-    first = int(predicts.argmax(1).min())
-    logits = model(input_ids=batch["input_ids"], attention_mask=attention, position_ids=batch.get("position_ids"),
-                   logits_to_keep=mask.shape[1] - first, use_cache=False).logits
-    return completion_logps(logits, batch["labels"][:, first:], mask[:, first:])
-
-
-@torch.no_grad()
-def gold_nll(model, batches):
-    """Mean NLL per completion token over batches (see collate); under torchrun each rank takes every world-th."""
-    (rank, world), sums = rank_and_world(), torch.zeros(2, dtype=torch.float64, device=model.device)  # -sum log p, tokens
-    for batch in batches[rank::world]:
-        sums += torch.stack([-forward_logps(model, batch).sum(), batch["loss_mask"].sum()]).double()
-    if world > 1:
-        torch.distributed.all_reduce(sums)
-    return (sums[0] / sums[1]).item()
-
-
-# --- Preference pairs ----------------------------------------------------------------------------
-def make_pairs(tokenizer, rows, samples, system=None):
-    """Pairs from graded samples (samples[q]: the completions of rows[q]): chosen = a correct sample, else the gold
-    solution (chosen_is_gold); rejected = an incorrect one; none when all are correct. Returns (TRL-format pairs, counts)."""
-    pairs, counts = [], collections.Counter(questions=len(rows))
-    for q, (row, texts) in enumerate(zip(rows, samples)):
-        right = [t for t in texts if is_correct(t, row["gold"])]
-        wrong = [t for t in texts if t not in right]
-        counts.update(samples=len(texts), correct_samples=len(right), all_correct_skipped=not wrong,
-                      chosen_is_gold=bool(wrong and not right))
-        if wrong:
-            pairs.append({"prompt": make_prompt(tokenizer, row["question"], system), "chosen": make_completion(
-                tokenizer, right[0] if right else gold_solution(row["answer"])), "rejected": make_completion(
-                tokenizer, wrong[0]), "question_index": q, "chosen_is_gold": not right})
-    return pairs, dict(counts, pairs=len(pairs))
-
-
-def heldout_pairs(tokenizer, rows, evaluated, system=None):
-    """Held-out endpoints, for teacher-forced scoring: for every question an evaluated model got wrong,
-    chosen = the gold solution and rejected = that model's own greedy answer (no new generation).
-    rows: the split's GSM8K rows; evaluated: eval.jsonl rows (index, question, completion, correct)."""
-    pairs = []
-    for e in evaluated:
-        if e["index"] >= len(rows) or rows[e["index"]]["question"] != e["question"]:
-            raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; pass the "
-                            "--data the eval ran on")
-        if not e["correct"]:
-            pairs.append({"prompt": make_prompt(tokenizer, e["question"], system), "chosen": make_completion(
-                tokenizer, gold_solution(rows[e["index"]]["answer"])), "rejected": make_completion(
-                tokenizer, e["completion"]), "question_index": e["index"], "chosen_is_gold": True})
-    return pairs
-
-
-def cmd_pairs(args):
-    """pairs: sample the model on the start of GSM8K train, grade with is_correct, pair a right and a
-    wrong answer. With --from-eval: held-out pairs from an eval's wrong answers (heldout_pairs)."""
-    if args.from_eval:
-        summary = Path(args.from_eval).with_name("summary.json")
-        if not (Path(args.from_eval).is_file() and summary.is_file()):
-            raise UserError(f"--from-eval {args.from_eval}: no eval.jsonl with its summary.json there; "
-                            "run `python yfpo.py eval` first")
-        split, out = json.loads(summary.read_text())["split"], check_out_dir(args.out)
-        tokenizer = load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
-                               weights=False)[1]
-        pairs = heldout_pairs(tokenizer, load_gsm8k(args.data, split), read_jsonl(args.from_eval), args.system)
-        write_jsonl(out / "pairs.jsonl", pairs)
-        print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split} split); "
-              f"wrote {out / 'pairs.jsonl'}")
-        return
-    out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
-    n, start = args.samples_per_question, time.perf_counter()
-    samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
-    seconds = time.perf_counter() - start  # unrounded: a fast server can answer in under 5 ms
-    speed = generation_summary(samples, args, seconds)
-    pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n), args.system)
-    write_jsonl(out / "pairs.jsonl", pairs)
-    print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
-          f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
-          f"stops {speed['stops']}")
-    print(f"wrote {out / 'pairs.jsonl'}")
-
-
-def load_pairs(path):
-    """Rows of a pairs JSONL in TRL's format: prompt, chosen, rejected (all strings, or message lists)."""
-    if not Path(path).is_file():
-        raise UserError(f"pairs file missing: {path}; make one with `python yfpo.py pairs` or pass a JSONL path")
-    rows = read_jsonl(path)
-    if not rows:
-        raise UserError(f"{path} holds no pairs; it needs one JSON row per line with prompt, chosen and rejected")
-    for lineno, row in zip([i for i, line in enumerate(Path(path).read_text().split("\n"), 1) if line.strip()], rows):
-        for field in ("prompt", "chosen", "rejected"):
-            if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
-                raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs prompt, chosen and rejected")
-        if not row["prompt"]:  # the completions' first tokens are predicted from the prompt's last position
-            raise UserError(f"{path}:{lineno}: empty prompt; every pair needs the prompt its completions answer")
-        if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
-            raise UserError(f"{path}:{lineno}: mixes text and message lists; use one kind for all three fields")
-    return rows
-
-
-# --- Training ------------------------------------------------------------------------------------
+# --- Training: packed pairs, the reference pass, lambda as a share, the loop
 # Logged per optimizer step (TRL's names first), averaged over the step's pairs on all ranks.
-PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "rewards/margins", "logps/chosen", "logps/rejected", "neuron/chosen", "neuron/rejected",
-                "neuron/margin", "neuron/margin_gain")
+PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/rejected",
+                "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+                "neuron/chosen",
+                "neuron/rejected", "neuron/margin", "neuron/margin_gain")
 
 
 def tokenize_pairs(tokenizer, rows, max_length):
     """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
-        raise UserError("the pairs hold chat messages but this tokenizer has no chat template; write the pairs as text")
+        raise UserError("the pairs hold chat messages but this tokenizer has no chat template; "
+                        "write the pairs as text")
     pairs = [(*tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
               tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]) for r in rows]
     return [(p, c, r) for p, c, r in pairs if c and r]
 
 
 def collate_pairs(pairs, pad_id):
-    """B preference pairs, one per row: [prompt | chosen | rejected | padding]. The shared prompt is computed once
-    (TRL: once per completion): rejected tokens attend to the prompt and earlier rejected tokens, not chosen ones, and
-    their positions continue the prompt's, so each completion sees its own context. Returns input_ids, position_ids
-    [B, T]; attention_mask [B, T, T] (True: query t may see key s); labels, loss_mask [B, T, 2] for (chosen, rejected):
-    t predicts labels[b, t, j] where loss_mask[b, t, j] = 1; the last prompt position predicts both first tokens;
-    neuron_mask [B, T, 2]: the completions' own tokens, where their neuron scores are read (not the shared prompt)."""
-    width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros(len(pairs), width, dtype=torch.long)
-    segment = torch.full((len(pairs), width), -1)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
-    labels, loss_mask = torch.zeros(len(pairs), width, 2, dtype=torch.long), torch.zeros(len(pairs), width, 2)
+    """B preference pairs, one per row: [prompt | chosen | rejected | padding]. The shared prompt is
+    computed once (TRL: once per completion): rejected tokens attend to the prompt and earlier
+    rejected tokens, not chosen ones, and their positions continue the prompt's, so each completion
+    sees its own context. Returns input_ids, position_ids [B, T]; attention_mask [B, T, T] (True:
+    query t may see key s); labels, loss_mask [B, T, 2] for (chosen, rejected): t predicts
+    labels[b, t, j] where loss_mask[b, t, j] = 1; the last prompt position predicts both first
+    tokens; neuron_mask [B, T, 2]: the completions' own tokens, where their neuron scores are read
+    (not the shared prompt)."""
+    size = (len(pairs), max(len(p) + len(c) + len(r) for p, c, r in pairs))
+    input_ids = torch.full(size, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(size, dtype=torch.long)
+    segment = torch.full(size, -1)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    labels, loss_mask = torch.zeros(*size, 2, dtype=torch.long), torch.zeros(*size, 2)
     for b, (p, c, r) in enumerate(pairs):
         P, C, R = len(p), len(c), len(r)
         input_ids[b, :P + C + R] = torch.tensor(p + c + r)
@@ -778,158 +1343,117 @@ def collate_pairs(pairs, pad_id):
         labels[b, chosen_at, 0], labels[b, rejected_at, 1] = torch.tensor(c), torch.tensor(r)
         loss_mask[b, chosen_at, 0], loss_mask[b, rejected_at, 1] = 1, 1
     query, key = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    causal = torch.ones(size[1], size[1], dtype=torch.bool).tril()
     # Every position sees itself, so padding rows are never all-masked (that would make NaNs).
-    attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | torch.eye(width, dtype=torch.bool)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention, "labels": labels,
-            "loss_mask": loss_mask, "neuron_mask": torch.stack([segment == 1, segment == 2], dim=-1).float()}
+    attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | torch.eye(size[1],
+                                                                                  dtype=torch.bool)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention,
+            "labels": labels, "loss_mask": loss_mask,
+            "neuron_mask": torch.stack([segment == 1, segment == 2], dim=-1).float()}
 
 
 def pair_forward(model, batch, capture=None):
-    """One forward of packed pairs (see collate_pairs): (log-probs [B, 2], neuron scores [B, 2] or None)
-    as (chosen, rejected). capture: an open NeuronCapture whose hooks read the neurons in this same forward."""
+    """One forward of packed pairs (see collate_pairs): (log-probs [B, 2], neuron scores [B, 2] or
+    None) as (chosen, rejected). capture: an open NeuronCapture whose hooks read the neurons in this
+    same forward."""
     logps, mask = forward_logps(model, batch), batch["neuron_mask"]
-    return logps, None if capture is None else torch.stack([capture.scores(mask[..., j]) for j in (0, 1)], dim=-1)
-
-
-def peak_flops(device):
-    """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU a measured float32 matmul rate."""
-    if device.type == "cuda":
-        peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12, "L4": 121e12}
-        return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
-    from torch.utils.benchmark import Timer
-    matmul = Timer("a @ a", globals={"a": torch.randn(1024, 1024)}, num_threads=torch.get_num_threads())
-    return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
-
-
-def save_checkpoint(out, model, tokenizer, optimizer, scheduler, state, step):
-    """OUT/model: save_pretrained weights and tokenizer plus trainer_state.pt, swapped in whole."""
-    final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    getattr(model, "module", model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({**state, "step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def term_gradients(params, loss_of, chunks):
-    """How each term of the loss pulls, measured without touching .grad. loss_of(indices, path) is the loss
-    of the pairs `indices` with its gradient through one path: "dpo" (the log-probs alone) or "neuron" (the
-    neuron scores alone); chunks: micro-batches of pair indices. Returns grad_norm/dpo, grad_norm/neuron,
-    neuron/share = ||g_neuron|| / ||g_dpo||, and grad_cosine = cos(g_dpo, g_neuron): a neuron gradient
-    parallel to DPO's only re-weights DPO."""
-    grads = {}
-    for path in ("dpo", "neuron"):
-        grads[path] = [torch.zeros_like(p) for p in params]
-        for indices in chunks:
-            pulls = torch.autograd.grad(loss_of(indices, path), params, allow_unused=True)
-            for g, d in zip(grads[path], pulls):
-                if d is not None:
-                    g += d
-
-    def dot(x, y):
-        return sum(float((a.double() * b).sum()) for a, b in zip(grads[x], grads[y]))
-    dpo, neuron = math.sqrt(dot("dpo", "dpo")), math.sqrt(dot("neuron", "neuron"))
-    return {"grad_norm/dpo": dpo, "grad_norm/neuron": neuron, "neuron/share": neuron / (dpo or math.nan),
-            "grad_cosine": dot("dpo", "neuron") / (dpo * neuron or math.nan)}
-
-
-def calibrate(lam, share_at, linear):
-    """The constant c that makes lam a share (--balance share): with the neuron term weighted lam * c, its
-    gradient at step 1 is |lam| times the DPO term's, c = ||grad L_dpo|| / ||grad L_neuron||, measured on the
-    reference model (the policy before step 1). share_at(c) measures the share with weight lam * c. Where the
-    share is linear in c (--yoke loss; at step 1 also the relative margin, m - m_ref = 0) one measurement is
-    exact; --yoke reward with the policy margin moves the sigmoid with c, so it repeats to 1e-4."""
-    c = 1.0
-    for _ in range(8):
-        share = share_at(c)
-        if not share > 0:
-            raise UserError("the neuron term has no gradient on the calibration pairs; check --neurons, "
-                            "or pass --balance none")
-        if abs(share / abs(lam) - 1) < 1e-4:
-            break
-        c *= abs(lam) / share
-        if linear:
-            break
-    return c
+    if capture is None:
+        return logps, None
+    return logps, torch.stack([capture.scores(mask[..., j]) for j in (0, 1)], dim=-1)
 
 
 def train_setup(args):
     """Everything the training loop reads, checked before any long work: the run as a namespace."""
     job = types.SimpleNamespace(args=args, out=check_out_dir(args.out))
-    job.rank, job.world = rank_and_world()  # under torchrun each rank takes every world-th micro-batch
+    # under torchrun each rank takes every world-th micro-batch
+    job.rank, job.world = rank_and_world()
     job.master, job.ddp = job.rank == 0, job.world > 1
     device = pick_device(args.device)  # this rank's GPU under torchrun
-    job.device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+    job.device = torch.device("cuda",
+                              torch.cuda.current_device()) if device.type == "cuda" else device
     dtype = pick_dtype(args.dtype, job.device)
     if dtype == torch.float16:
-        raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss scaling)")
-    job.autocast = torch.autocast(job.device.type, dtype=dtype) if dtype != torch.float32 else \
-        contextlib.nullcontext()
-    rows = load_pairs(args.pairs or job.out / "pairs.jsonl")  # the pairs first: without them nothing matters
+        raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss "
+                        "scaling)")
+    job.autocast = contextlib.nullcontext()
+    if dtype != torch.float32:
+        job.autocast = torch.autocast(job.device.type, dtype=dtype)
+    pairs_path = args.pairs or job.out / "pairs.jsonl"
+    rows = load_pairs(pairs_path)  # the pairs first: without them nothing matters
     if not args.neurons and (job.out / "neurons.json").is_file():
         args.neurons = str(job.out / "neurons.json")
     if args.lam != 0 and not args.neurons:
-        raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 trains "
-                        "plain DPO")
+        raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 "
+                        "trains plain DPO")
     job.checkpoint, job.cache = job.out / "model", job.out / "reference.pt"
-    if args.resume and not ((job.checkpoint / "trainer_state.pt").is_file() and job.cache.is_file()):
-        raise UserError(f"--resume: no checkpoint in {job.checkpoint} (or no {job.cache}); start without --resume")
+    resumable = (job.checkpoint / "trainer_state.pt").is_file() and job.cache.is_file()
+    if args.resume and not resumable:
+        raise UserError(f"--resume: no checkpoint in {job.checkpoint} (or no {job.cache}); start "
+                        "without --resume")
     torch.manual_seed(args.seed)
-    job.model, job.tokenizer = load_model(str(job.checkpoint) if args.resume else args.model, job.device,
+    job.model, job.tokenizer = load_model(str(job.checkpoint) if args.resume else args.model,
+                                          job.device,
                                           torch.float32, args.trust_remote_code)
-    if job.model.config._attn_implementation not in ("eager", "sdpa"):  # what the packed pairs' masks need
-        raise UserError(f"{job.model.config._attn_implementation} attention cannot take packed pairs; use "
-                        "eager or sdpa")
+    # what packed pairs' masks need
+    if job.model.config._attn_implementation not in ("eager", "sdpa"):
+        raise UserError(f"{job.model.config._attn_implementation} attention cannot take packed "
+                        "pairs; use eager or sdpa")
     job.neurons = load_neurons(args.neurons, job.model) if args.neurons else []
     if job.neurons and not args.allow_overlap:
-        check_disjoint(args.neurons, args.pairs or job.out / "pairs.jsonl", rows)
+        check_disjoint(args.neurons, pairs_path, rows)
     job.pairs = tokenize_pairs(job.tokenizer, rows, args.max_length)
-    if not job.pairs:
-        raise UserError(f"every pair was truncated away: each prompt alone fills --max-length {args.max_length}; "
-                        "raise it")
-    if args.gamma == "auto" and job.neurons and args.lam and len(job.pairs) < 2:
-        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs; pass "
-                        "--gamma 1")
-    job.pairs_per_step = args.batch_size * args.grad_accum * job.world
-    job.steps_per_epoch = len(job.pairs) // job.pairs_per_step
-    if job.steps_per_epoch == 0:
-        raise UserError(f"{len(job.pairs)} pairs are fewer than one optimizer step takes ({job.pairs_per_step} "
-                        "= batch x accum x processes); lower --batch-size or --grad-accum")
-    job.total_steps = min(args.epochs * job.steps_per_epoch, args.max_steps or math.inf)
-    # What a checkpoint must share with the run that resumes it: the data order, the reference and the loss.
-    job.run_id = hashlib.sha256(json.dumps([job.pairs, job.neurons, job.pairs_per_step, args.seed, args.lam,
-                                            args.beta, args.gamma, args.yoke, args.neuron_margin, args.balance,
-                                            args.calibration_pairs]).encode()).hexdigest()
+    check_steps(job)
+    # What a checkpoint must share with the run that resumes it: data order, reference and loss.
+    run = [job.pairs, job.neurons, job.pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
+           args.yoke, args.neuron_margin, args.balance, args.calibration_pairs]
+    job.run_id = hashlib.sha256(json.dumps(run).encode()).hexdigest()
     return job
 
 
 def check_disjoint(neurons_path, pairs_path, rows):
-    """Refuse pairs on the questions the neuron set was selected on (the margin would measure the fit)."""
-    selected = set(json.loads(Path(neurons_path).read_text()).get("selection", {}).get("question_indices", []))
+    """Refuse pairs on the questions the neuron set was selected on (the margin would measure the
+    fit)."""
+    selection = json.loads(Path(neurons_path).read_text()).get("selection", {})
+    selected = set(selection.get("question_indices", []))
     shared = sorted(selected & {r["question_index"] for r in rows if "question_index" in r})
     if shared:
-        raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that {neurons_path} "
-                        "was selected on; pair other questions, or pass --allow-overlap")
+        raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
+                        f"{neurons_path} was selected on; pair other questions, or pass "
+                        "--allow-overlap")
+
+
+def check_steps(job):
+    """The pairs per optimizer step, steps per epoch and total steps, checked: at least one step."""
+    args = job.args
+    if not job.pairs:
+        raise UserError(f"every pair was truncated away: each prompt alone fills --max-length "
+                        f"{args.max_length}; raise it")
+    if args.gamma == "auto" and job.neurons and args.lam and len(job.pairs) < 2:
+        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 "
+                        "pairs; pass --gamma 1")
+    job.pairs_per_step = args.batch_size * args.grad_accum * job.world
+    job.steps_per_epoch = len(job.pairs) // job.pairs_per_step
+    if job.steps_per_epoch == 0:
+        raise UserError(f"{len(job.pairs)} pairs are fewer than one optimizer step takes "
+                        f"({job.pairs_per_step} = batch x accum x processes); lower --batch-size "
+                        "or --grad-accum")
+    job.total_steps = min(args.epochs * job.steps_per_epoch, args.max_steps or math.inf)
 
 
 def epoch_order(job, epoch):
-    return torch.randperm(len(job.pairs), generator=torch.Generator().manual_seed(job.args.seed + epoch))
+    return torch.randperm(len(job.pairs),
+                          generator=torch.Generator().manual_seed(job.args.seed + epoch))
 
 
 def batch_of(job, indices):
-    pairs = collate_pairs([job.pairs[i] for i in indices], job.tokenizer.pad_token_id)
-    return {k: v.to(job.device) for k, v in pairs.items()}
+    return to_device(collate_pairs([job.pairs[i] for i in indices], job.tokenizer.pad_token_id),
+                     job.device)
 
 
 def pair_losses(job, net, indices, weight, path=None):
-    """(log-probs [b, 2], neuron scores [b, 2] or None, yfpo_loss(...)) of pairs[indices] through net, the
-    neuron term weighted `weight` (lam * c). path "dpo" or "neuron": the gradient flows through the
-    log-probs alone, or through the neuron scores alone (for term_gradients)."""
+    """(log-probs [b, 2], neuron scores [b, 2] or None, yfpo_loss(...)) of pairs[indices] through
+    net, the neuron term weighted `weight` (lam * c). path "dpo" or "neuron": the gradient flows
+    through the log-probs alone, or through the neuron scores alone (for term_gradients)."""
     with job.autocast:
         logps, scores = pair_forward(net, batch_of(job, indices), job.capture)
     margin = None
@@ -947,42 +1471,93 @@ def pair_losses(job, net, indices, weight, path=None):
     return logps, scores, losses
 
 
+def term_gradients(params, loss_of, chunks):
+    """How each term of the loss pulls, measured without touching .grad. loss_of(indices, path) is
+    the loss of the pairs `indices` with its gradient through one path: "dpo" (the log-probs alone)
+    or "neuron" (the neuron scores alone); chunks: micro-batches of pair indices. Returns
+    grad_norm/dpo, grad_norm/neuron, neuron/share = ||g_neuron|| / ||g_dpo||, and grad_cosine =
+    cos(g_dpo, g_neuron): a neuron gradient parallel to DPO's only re-weights DPO."""
+    grads = {}
+    for path in ("dpo", "neuron"):
+        grads[path] = [torch.zeros_like(p) for p in params]
+        for indices in chunks:
+            pulls = torch.autograd.grad(loss_of(indices, path), params, allow_unused=True)
+            for g, d in zip(grads[path], pulls):
+                if d is not None:
+                    g += d
+
+    def dot(x, y):
+        return sum(float((a.double() * b).sum()) for a, b in zip(grads[x], grads[y]))
+    dpo, neuron = math.sqrt(dot("dpo", "dpo")), math.sqrt(dot("neuron", "neuron"))
+    return {"grad_norm/dpo": dpo, "grad_norm/neuron": neuron,
+            "neuron/share": neuron / (dpo or math.nan),
+            "grad_cosine": dot("dpo", "neuron") / (dpo * neuron or math.nan)}
+
+
 def measure_terms(job, chunk, weight):
-    """term_gradients on the pairs `chunk` (rank 0's unwrapped model), normalized as a step's loss is."""
+    """term_gradients on the pairs `chunk` (rank 0's unwrapped model), normalized as a step's loss
+    is."""
     def loss_of(indices, path):
         return pair_losses(job, job.model, indices, weight, path)[2][0].sum() / len(chunk)
     params = [p for p in job.model.parameters() if p.requires_grad]
     return term_gradients(params, loss_of, batches_of(chunk, job.args.batch_size))
 
 
+def calibrate(lam, share_at, linear):
+    """The constant c that makes lam a share (--balance share): with the neuron term weighted lam *
+    c, its gradient at step 1 is |lam| times the DPO term's, c = ||grad L_dpo|| / ||grad L_neuron||,
+    measured on the reference model (the policy before step 1). share_at(c) measures the share with
+    weight lam * c. Where the share is linear in c (--yoke loss; at step 1 also the relative margin,
+    m - m_ref = 0) one measurement is exact; --yoke reward with the policy margin moves the sigmoid
+    with c, so it repeats to 1e-4."""
+    c = 1.0
+    for _ in range(8):
+        share = share_at(c)
+        if not share > 0:
+            raise UserError("the neuron term has no gradient on the calibration pairs; check "
+                            "--neurons, or pass --balance none")
+        if abs(share / abs(lam) - 1) < 1e-4:
+            break
+        c *= abs(lam) / share
+        if linear:
+            break
+    return c
+
+
 def reference_pass(job):
-    """Before step 1, on rank 0: the reference log-probs and neuron scores of every pair (no second model in
-    memory), gamma, and the calibration c; saved in OUT/reference.pt, which --resume and the other ranks read."""
+    """Before step 1, on rank 0: the reference log-probs and neuron scores of every pair (no second
+    model in memory), gamma, and the calibration c; saved in OUT/reference.pt, which --resume and
+    the other ranks read."""
     args = job.args
     job.ref_logps = job.ref_margins = None
     if job.master and not args.resume:  # (load_model returns the model in eval mode)
+        chunks = batches_of(range(len(job.pairs)), args.batch_size)
         with torch.no_grad(), job.autocast:
-            ref = [pair_forward(job.model, batch_of(job, chunk), job.capture) for chunk in
-                   tqdm(batches_of(range(len(job.pairs)), args.batch_size), desc="reference", unit="batch")]
+            ref = [pair_forward(job.model, batch_of(job, chunk), job.capture)
+                   for chunk in tqdm(chunks, desc="reference", unit="batch")]
         logps = torch.cat([lp for lp, _ in ref])
         neuron = torch.cat([lp * 0 if s is None else s for lp, s in ref])
         job.ref_logps, job.ref_margins = logps, neuron[:, 0] - neuron[:, 1]
-        # gamma auto: gamma * m is O(1), as beta * h is (1 where the margins do not vary, or without neurons).
-        spread = job.ref_margins.std().item() if job.neurons else 0.0
-        gamma = args.gamma if args.gamma != "auto" else 1 / spread if spread > 0 else 1.0
+        # gamma auto: gamma * m is O(1), as beta * h is (1 where the margins do not vary, or without
+        # neurons).
+        gamma = args.gamma
+        if gamma == "auto":
+            spread = job.ref_margins.std().item() if job.neurons else 0.0
+            gamma = 1 / spread if spread > 0 else 1.0
         job.gamma, c = gamma, 1.0
         if job.neurons and args.lam and args.balance == "share":
             job.model.train()
             chunk = epoch_order(job, 0)[:args.calibration_pairs]
-            linear = args.yoke == "loss" or args.neuron_margin == "relative"
 
             def share_at(c):  # the neuron term's measured share with weight lam * c
                 return measure_terms(job, chunk, args.lam * c)["neuron/share"]
-            c = calibrate(args.lam, share_at, linear)
-            print(f"calibration on {len(chunk)} pairs: c = {c:.4g}, so that at step 1 the neuron term's "
-                  f"gradient is {abs(args.lam):g} x the DPO term's")
+            c = calibrate(args.lam, share_at,
+                          linear=args.yoke == "loss" or args.neuron_margin == "relative")
+            print(f"calibration on {len(chunk)} pairs: c = {c:.4g}, so that at step 1 the neuron "
+                  f"term's gradient is {abs(args.lam):g} x the DPO term's")
         job.out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logps": logps.cpu(), "neuron": neuron.cpu(), "gamma": gamma, "c": c}, job.cache)
+        torch.save({"logps": logps.cpu(), "neuron": neuron.cpu(), "gamma": gamma, "c": c},
+                   job.cache)
     if job.ddp:
         torch.distributed.barrier()
     ref = torch.load(job.cache)
@@ -991,7 +1566,17 @@ def reference_pass(job):
     job.gamma, job.c = ref["gamma"], ref["c"]
     if job.master and job.neurons:
         how = "1 / std of the reference neuron margins" if args.gamma == "auto" else "--gamma"
-        print(f"gamma {job.gamma:.4g} ({how}); the neuron term's weight lam x c = {args.lam:g} x {job.c:.4g}")
+        print(f"gamma {job.gamma:.4g} ({how}); the neuron term's weight lam x c = {args.lam:g} x "
+              f"{job.c:.4g}")
+
+
+def disable_dropout(model):
+    """No dropout, as TRL's disable_dropout: policy and reference are one network."""
+    for module in model.modules():  # nn.Dropout's p, and rates such as attention_dropout
+        for name, value in list(vars(module).items()):
+            is_p = name == "p" and isinstance(module, torch.nn.Dropout)
+            if isinstance(value, float) and ("dropout" in name or is_p):
+                setattr(module, name, 0.0)
 
 
 def lr_factor(step, warmup, total_steps):
@@ -1002,50 +1587,43 @@ def lr_factor(step, warmup, total_steps):
     return 0.5 * (1 + math.cos(math.pi * progress))  # 2) cosine decay to 0
 
 
-def disable_dropout(model):
-    """No dropout, as TRL's disable_dropout: policy and reference are one network."""
-    for module in model.modules():  # nn.Dropout's p, and rates such as attention_dropout
-        for name, value in list(vars(module).items()):
-            if isinstance(value, float) and ("dropout" in name or name == "p" and
-                                             isinstance(module, torch.nn.Dropout)):
-                setattr(module, name, 0.0)
-
-
 def probe_steps(total_steps, every):
-    """The steps (from 0) whose terms' gradients are measured: every `every`th, or first, middle and last."""
+    """The steps (from 0) whose terms' gradients are measured: every `every`th, or first, middle and
+    last."""
     return set(range(0, total_steps, every) if every else (0, total_steps // 2)) | {total_steps - 1}
 
 
-def neuron_stats(neurons, device=None):
-    """The saved activation mean, std and direction of a neuron set (load_neurons), each [K] float32, by
-    name: NeuronCapture(model, neurons, **neuron_stats(neurons))."""
-    columns = zip(*[n[3:6] for n in neurons])  # (act_mean, act_std, direction) of every neuron
-    return {name: torch.tensor(column, dtype=torch.float32, device=device)
-            for name, column in zip(("mean", "std", "direction"), columns)}
+def peak_flops(device):
+    """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU a measured float32 matmul
+    rate."""
+    if device.type == "cuda":
+        peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12,
+                 "A10": 125e12, "L4": 121e12}
+        return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
+    from torch.utils.benchmark import Timer
+    matmul = Timer("a @ a", globals={"a": torch.randn(1024, 1024)},
+                   num_threads=torch.get_num_threads())
+    return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
 
 
-def cmd_train(args):
-    """train: DPO + lam * c * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
-    job = train_setup(args)
-    disable_dropout(job.model)
-    if args.gradient_checkpointing:  # non-reentrant, so the hooked activations keep their gradient path
-        job.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    with contextlib.ExitStack() as hooks:  # the capture stays on (checkpointing re-runs it in backward)
-        job.capture = None
-        if job.neurons:
-            stats = neuron_stats(job.neurons, job.device)
-            job.capture = hooks.enter_context(NeuronCapture(job.model, job.neurons, **stats))
-        reference_pass(job)
-        train_loop(job)
-    if job.master:
-        print(f"trained {job.total_steps - job.start_step} steps ({len(job.pairs)} pairs, "
-              f"{job.pairs_per_step} per step); wrote {job.out / 'metrics.jsonl'} and {job.checkpoint}")
+def save_checkpoint(out, model, tokenizer, optimizer, scheduler, state, step):
+    """OUT/model: save_pretrained weights and tokenizer plus trainer_state.pt, swapped in whole."""
+    final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    getattr(model, "module", model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({**state, "step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def optimizer_and_schedule(job):
-    """AdamW with the lr_factor schedule, restored from the checkpoint with --resume, and the metrics log
-    started (or cut back to the checkpoint's step). Returns (optimizer, scheduler, first step)."""
+    """AdamW with the lr_factor schedule, restored from the checkpoint with --resume, and the
+    metrics log started (or cut back to the checkpoint's step). Returns (optimizer, scheduler, first
+    step)."""
     args = job.args
     optimizer = torch.optim.AdamW(job.model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = math.ceil(args.warmup_ratio * job.total_steps)
@@ -1053,33 +1631,39 @@ def optimizer_and_schedule(job):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     start_step = 0
     if args.resume:
-        state = torch.load(job.checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(job.checkpoint / "trainer_state.pt", map_location="cpu",
+                           weights_only=False)
         if state["run"] != job.run_id:
-            raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, batch x "
-                            "accum x processes, seed or loss settings; resume with the same ones, or a "
-                            "new --out")
-        optimizer.load_state_dict(state["optimizer"])  # no RNG state: with dropout off nothing draws
+            raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, "
+                            "batch x "
+                            "accum x processes, seed or loss settings; resume with the same ones, "
+                            "or a new --out")
+        # no RNG state: with dropout off nothing draws
+        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
-    if job.master:  # a new log, or the old one without the steps after the checkpoint (they are redone)
+    # a new log, or the old one without the steps after the checkpoint (they are redone)
+    if job.master:
         kept = read_jsonl(job.out / "metrics.jsonl") if args.resume else []
         write_jsonl(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= start_step])
     return optimizer, scheduler, start_step
 
 
 def accumulate(job, model, chunk, weight):
-    """Forward and backward of one optimizer step's pairs `chunk` (this rank's micro-batches, gradients
-    accumulated). Returns the sums of PAIR_METRICS over the step's pairs on all ranks, then its tokens."""
+    """Forward and backward of one optimizer step's pairs `chunk` (this rank's micro-batches,
+    gradients accumulated). Returns the sums of PAIR_METRICS over the step's pairs on all ranks,
+    then its tokens."""
     args = job.args
     sums = torch.zeros(len(PAIR_METRICS) + 1, device=job.device)
     for micro in range(args.grad_accum):
-        m = micro * job.world + job.rank  # this rank's micro-batch; the same pairs for any world size
+        # this rank's micro-batch; the same pairs for any world size
+        m = micro * job.world + job.rank
         indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
         sync = not job.ddp or micro == args.grad_accum - 1
         with contextlib.nullcontext() if sync else model.no_sync():
             logps, scores, terms = pair_losses(job, model, indices, weight)
             losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = terms
-            # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP's rank mean
+            # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP: rank mean
             (losses.sum() / (args.batch_size * args.grad_accum)).backward()
         with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without neurons
             if scores is None:
@@ -1087,7 +1671,8 @@ def accumulate(job, model, chunk, weight):
             margin = scores[:, 0] - scores[:, 1]
             tokens = sum(len(ids) for i in indices for ids in job.pairs[i])
             values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
-                      (chosen_rewards > rejected_rewards).float(), chosen_rewards - rejected_rewards,
+                      (chosen_rewards > rejected_rewards).float(),
+                      chosen_rewards - rejected_rewards,
                       *logps.T, *scores.T, margin, margin - job.ref_margins[indices],
                       torch.tensor(float(tokens), device=job.device)]
             sums += torch.stack([v.float().sum() for v in values])
@@ -1097,7 +1682,8 @@ def accumulate(job, model, chunk, weight):
 
 
 def train_loop(job):
-    """The optimizer steps from the reference to total_steps (or from a checkpoint with --resume)."""
+    """The optimizer steps from the reference to total_steps (or from a checkpoint with
+    --resume)."""
     args, out, master = job.args, job.out, job.master
     weight = args.lam * job.c  # the neuron term's whole weight
     optimizer, scheduler, job.start_step = optimizer_and_schedule(job)
@@ -1107,17 +1693,20 @@ def train_loop(job):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
     raw = model.module if job.ddp else model  # what is saved, counted and probed
     num_params = sum(p.numel() for p in raw.parameters())
-    peak, probes = peak_flops(job.device) if master else None, probe_steps(job.total_steps, args.probe_every)
+    peak, probes = peak_flops(job.device) if master else None, probe_steps(job.total_steps,
+                                                                           args.probe_every)
     last_saved = job.start_step
     with tqdm(total=job.total_steps, initial=job.start_step, desc="train", unit="step",
               disable=not master) as bar:
         for step in range(job.start_step, job.total_steps):
             epoch, k = divmod(step, job.steps_per_epoch)
             chunk = epoch_order(job, epoch)[k * job.pairs_per_step:(k + 1) * job.pairs_per_step]
-            probe = {}  # the gradient each term contributes, before this step's update (extra passes)
+            # the gradient each term contributes, before this step's update (extra passes)
+            probe = {}
             if master and job.neurons and args.lam and step in probes:
                 probe = measure_terms(job, chunk, weight)
-                tqdm.write(f"step {step + 1}: gradient norm of the DPO term {probe['grad_norm/dpo']:.4g}, "
+                tqdm.write(f"step {step + 1}: gradient norm of the DPO term "
+                           f"{probe['grad_norm/dpo']:.4g}, "
                            f"of the weighted neuron term {probe['grad_norm/neuron']:.4g} "
                            f"({probe['neuron/share']:.2%} of the DPO term's, cosine "
                            f"{probe['grad_cosine']:+.3f})")
@@ -1125,9 +1714,10 @@ def train_loop(job):
             sums = accumulate(job, model, chunk, weight)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
-                raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The last good "
-                                f"checkpoint is {job.checkpoint} (step {last_saved}); lower --lr or "
-                                "inspect this step's pairs")
+                raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The "
+                                "last good "
+                                f"checkpoint is {job.checkpoint} (step {last_saved}); lower --lr "
+                                "or inspect this step's pairs")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -1138,355 +1728,77 @@ def train_loop(job):
                            "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
                            "learning_rate": learning_rate, "step_time_s": seconds,
                            "tokens_per_s": tokens / seconds,
-                           # MFU: 6 N FLOPs per trained token (forward + backward), over all devices' peak.
-                           "mfu": 6 * num_params * tokens / seconds / (peak * job.world) if peak else None}
+                           # MFU: 6 N FLOPs per trained token (forward + backward), over all peaks.
+                           "mfu": peak and 6 * num_params * tokens / seconds / (peak * job.world)}
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                acc=f"{metrics['rewards/accuracies']:.2f}",
                                 neuron_margin=f"{metrics['neuron/margin']:.3f}")
             bar.update(1)
-            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == job.total_steps:
+            due = args.save_every and (step + 1) % args.save_every == 0
+            if due or step + 1 == job.total_steps:
                 if master:
                     save_checkpoint(out, raw, job.tokenizer, optimizer, scheduler,
                                     {"run": job.run_id, "c": job.c}, step + 1)
                 last_saved = step + 1
 
 
-# --- Evaluation: answer extraction, grading, batched greedy generation, statistics ---------------
-# A number: optional sign, digits with or without thousands commas, optional decimals.
-NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-FLEXIBLE = re.compile(r"(?<![\w.])" + NUMBER)
-# The number right after "The answer is", "####" or "\boxed{" (allowing ':', '*', '$' in between).
-STRICT = re.compile(r"(?:answer is|####|\\boxed\{)[\s:*]*(?:\\?\$\s*)?(" + NUMBER + ")", re.IGNORECASE)
+def cmd_train(args):
+    """train: DPO + lam * c * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
+    job = train_setup(args)
+    disable_dropout(job.model)
+    # non-reentrant, so the hooked activations keep their gradient path
+    if args.gradient_checkpointing:
+        job.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the capture stays on (checkpointing re-runs it in backward)
+    with contextlib.ExitStack() as hooks:
+        job.capture = None
+        if job.neurons:
+            stats = neuron_stats(job.neurons, job.device)
+            job.capture = hooks.enter_context(NeuronCapture(job.model, job.neurons, **stats))
+        reference_pass(job)
+        train_loop(job)
+    if job.master:
+        print(f"trained {job.total_steps - job.start_step} steps ({len(job.pairs)} pairs, "
+              f"{job.pairs_per_step} per step); wrote {job.out / 'metrics.jsonl'} and "
+              f"{job.checkpoint}")
 
 
-def normalize_number(text):
-    return text.replace(",", "").replace("$", "").replace("%", "").rstrip(".")
-
-
-def extract_answer_rule(text):
-    """(answer, rule): 'strict' for the number right after the last "The answer is", "####" or
-    "\\boxed{"; else 'flexible' for the last number in the text; (None, None) when there is none."""
-    strict = STRICT.findall(text)
-    numbers = strict or FLEXIBLE.findall(text)
-    return (normalize_number(numbers[-1]), "strict" if strict else "flexible") if numbers else (None, None)
-
-
-def extract_answer(text):
-    """The final numeric answer of a completion as a string ('1234', '-3.5'), or None."""
-    return extract_answer_rule(text)[0]
-
-
-def is_correct(text, gold):
-    """True when the extracted answer equals the gold number numerically ('18.00' == '18')."""
-    try:
-        answer, gold = float(extract_answer(text)), float(normalize_number(gold))
-    except (TypeError, ValueError):  # no answer, or not a number
-        return False
-    return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
-
-
-# Stated: the strict pattern, then a character that cannot continue the number ("is 1" does not stop "is 12").
-ANSWER_STATED = re.compile(STRICT.pattern + r"(?=[^\d.,]|[.,]\D)", re.IGNORECASE)
-STOP_RULE = 'EOS, max_new_tokens, or the strict answer ("The answer is N", "#### N", "\\boxed{N") once N is complete'
-
-
-def sequence_seed(seed, index):
-    """The seed of sequence `index` (question q, sample j: q * num_samples + j): the same on any rank and batch size."""
-    return (seed * 1_000_003 + index) % 2 ** 31
-
-
-class SlotCache:
-    """The KV cache of continuous batching: keys and values [S, H, W, D] per layer, row s one live sequence whose tokens end
-    at the shared column `length`, valid [S, W] the columns it owns; each step writes one column in place (no torch.cat)."""
-
-    def __init__(self, prefill, rows, prompt_width, max_new_tokens):
-        k, width = prefill[0][0], prompt_width + max_new_tokens + 64  # k: [1, H, P, D]
-        self.keys, self.values = ([k.new_zeros(rows, k.shape[1], width, k.shape[3]) for _ in prefill] for _ in "kv")
-        self.valid = torch.zeros(rows, width, dtype=torch.bool, device=k.device)
-        self.length = self.prompt_width = prompt_width  # always room to the left for any prompt
-
-    def update(self, keys, values, layer, cache_kwargs=None):  # the model's attention layers call this
-        end = self.length + keys.shape[2]
-        self.keys[layer][:, :, self.length:end], self.values[layer][:, :, self.length:end] = keys, values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def trim(self):
-        """Drop the leading columns no row owns, 64 or more at a time (a row spans at most W - 64 columns)."""
-        start = min(int(self.valid.any(0).int().argmax()), self.length - self.prompt_width)
-        if start >= 64:
-            n = self.length - start
-            for t in self.keys + self.values:
-                t[:, :, :n] = t[:, :, start:self.length].clone()
-            self.valid[:, :n], self.valid[:, n:] = self.valid[:, start:self.length].clone(), False
-            self.length = n
-
-    def place(self, row, prefill):
-        """Row `row` takes a prompt's prefilled [(keys, values) [1, H, P, D] per layer]."""
-        span = slice(self.length - prefill[0][0].shape[2], self.length)
-        self.valid[row], self.valid[row, span] = False, True
-        for layer, (k, v) in enumerate(prefill):
-            self.keys[layer][row, :, span], self.values[layer][row, :, span] = k[0], v[0]
-
-    def keep(self, live):
-        """Rows `live` (ascending) become rows 0..n-1 in place: only rows beyond n move, into the holes (no copy of
-        the whole cache each time a sequence ends). Returns the old row of each new row."""
-        n = len(live)
-        moves = dict(zip((r for r in range(n) if r not in live), (r for r in live if r >= n)))  # hole -> mover
-        for t in self.keys + self.values + [self.valid]:
-            t[list(moves)] = t[list(moves.values())]
-        self.keys, self.values, self.valid = [k[:n] for k in self.keys], [v[:n] for v in self.values], self.valid[:n]
-        return [moves.get(r, r) for r in range(n)]
-
-
-def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """generate()'s attention: sdpa for a prompt; for one new token, the query heads that share a key head
-    (grouped-query attention) become query rows of that head, so the cache is read in place instead of
-    copied n_rep times by repeat_kv at every step. query [B, H, 1, D], key and value [B, H_kv, T, D]."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    batch, heads, length, dim = query.shape
-    if length > 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    grouped = query.view(batch, key.shape[1], heads // key.shape[1], dim)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate", temperature=0.0, num_samples=1,
-             seed=0):
-    """num_samples completions per prompt text, in order, as {text, stop, tokens}; stop is eos, answer or length (STOP_RULE).
-    Greedy, or plain sampling at temperature > 0 with a generator per sequence (the model's generation defaults are not
-    used). Continuous batching: each prompt is prefilled alone, then decoded in a batch of batch_size rows; a row whose
-    sequence ends takes the next waiting one, or leaves. Under torchrun each rank takes every world-th prompt."""
-    from transformers import AttentionInterface
-    (rank, world), device, eos = rank_and_world(), model.device, model.generation_config.eos_token_id
-    eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # ranks take turns, longest first
-    waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]  # a stack: pop() takes the next
-    rows, cache, results = [], None, {}
-
-    def pick(logits, sequences):  # logits [S, V] -> next tokens [S]
-        if not temperature:
-            return logits.argmax(-1).tolist()
-        probs = (logits.float() / temperature).softmax(-1)
-        return [int(torch.multinomial(p, 1, generator=s["generator"])) for p, s in zip(probs, sequences)]
-
-    def push(sequence, token):  # append a token; True when the sequence has ended (and is recorded)
-        sequence["count"] += 1
-        sequence["tokens"] += [] if token in eos else [token]
-        text = tokenizer.decode(sequence["tokens"], skip_special_tokens=True)
-        stop = "eos" if token in eos else "answer" if ANSWER_STATED.search(text) else \
-            "length" if sequence["count"] == max_new_tokens else None
-        if stop:
-            results[sequence["index"]] = {"text": text, "stop": stop, "tokens": sequence["count"]}
-            bar.update(1)
-        return stop is not None
-    AttentionInterface.register("yfpo_decode", decode_attention)
-    bar = tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample", disable=rank > 0)
-    with bar, contextlib.ExitStack() as restore:  # on exit: the model's attention put back, then the bar closed
-        restore.callback(setattr, model.config, "_attn_implementation", model.config._attn_implementation)
-        model.config._attn_implementation = "yfpo_decode"
-        while waiting or rows:
-            free = [r for r, s in enumerate(rows) if s is None] + list(range(len(rows), batch_size))
-            while free and waiting:  # refill: prefill the next prompt alone and take its first token
-                q, j = waiting.pop()
-                if j == 0:  # a prompt's samples are popped one after another: prefill it once, for all of them
-                    out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True, logits_to_keep=1)
-                    kv, logits = [layer[:2] for layer in out.past_key_values], out.logits[0, -1]
-                index = q * num_samples + j  # sampling only: a generator per sequence, freed with it
-                sequence = {"index": index, "tokens": [], "count": 0, "position": len(ids[q]) - 1, "generator":
-                            temperature and torch.Generator(device).manual_seed(sequence_seed(seed, index))}
-                if not push(sequence, pick(logits[None], [sequence])[0]):
-                    cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1), max(map(len, ids)), max_new_tokens)
-                    cache.place(row := free.pop(0), kv)
-                    rows[row:row + 1] = [sequence]
-            live = [r for r, s in enumerate(rows) if s is not None]
-            if not live:
-                break
-            if len(live) < len(rows):  # nothing waits: finished rows leave the batch
-                rows = [rows[r] for r in cache.keep(live)]
-            cache.trim()
-            cache.valid[:, cache.length] = True
-            out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
-                        position_ids=torch.tensor([[s["position"] + len(s["tokens"])] for s in rows], device=device),
-                        attention_mask=cache.valid[:, None, None, :cache.length + 1], past_key_values=cache,
-                        cache_position=torch.tensor([cache.length], device=device))
-            cache.length += 1
-            for r, token in enumerate(pick(out.logits[:, -1], rows)):
-                if push(rows[r], token):
-                    rows[r], cache.valid[r] = None, False
-    if world > 1:  # every rank's {index: completion}, merged
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, results)
-        results = {k: v for part in parts for k, v in part.items()}
-    return [results[i] for i in range(len(prompts) * num_samples)]
-
-
-def check_server(url, model_name):
-    """The base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp) that serves model_name."""
-    base = url.rstrip("/").removesuffix("/v1")
-    try:
-        with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
-            served = [m["id"] for m in json.load(response)["data"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:  # unreachable, not JSON, not a model list
-        raise UserError(f"--server {url} is not an OpenAI-compatible server that answers ({type(e).__name__}); "
-                        "start one, e.g. `vllm serve MODEL`, and pass its URL (http://localhost:8000)") from None
-    if model_name not in served:
-        raise UserError(f"--server {url} serves {', '.join(served) or 'no model'}, not --model {model_name}; name it so")
-    return base
-
-
-def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_tokens, desc="generate", temperature=0.0,
-                    num_samples=1, seed=0):
-    """generate() through an OpenAI-compatible /v1/completions endpoint: the same prompt token ids, sampling
-    settings and per-question seeds, in_flight requests at once; a returned text is cut at the first token
-    after which it states its answer (where generate() would have stopped). Same return as generate()."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def complete(q):
-        body = {"model": model_name, "prompt": tokenizer(prompts[q], add_special_tokens=False)["input_ids"],
-                "max_tokens": max_new_tokens, "n": num_samples, "temperature": temperature, "top_p": 1.0, "top_k": -1,
-                "min_p": 0.0, "repetition_penalty": 1.0, "seed": sequence_seed(seed, q)}  # no server-side defaults
-        request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=3600) as response:
-                choices = sorted(json.load(response)["choices"], key=lambda c: c["index"])
-        except (OSError, ValueError, KeyError, TypeError) as e:  # the server's own message is in an HTTP error's body
-            detail = e.read().decode()[:200] if hasattr(e, "read") else f"{type(e).__name__}: {e}"
-            raise UserError(f"--server failed on prompt {q} ({detail})") from None
-        bar.update(1)
-        return [stated_completion(tokenizer, c["text"], c.get("finish_reason")) for c in choices]
-    with contextlib.ExitStack() as cleanup, tqdm(total=len(prompts), desc=desc, unit="q") as bar:
-        pool = ThreadPoolExecutor(in_flight)
-        cleanup.callback(pool.shutdown, cancel_futures=True)  # after the bar closes; after an error, send nothing more
-        return [c for per_prompt in pool.map(complete, range(len(prompts))) for c in per_prompt]
-
-
-def stated_completion(tokenizer, text, finish_reason):
-    """A server's completion as generate() gives it: cut after the shortest token prefix that states the answer."""
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    for n in range(1, len(tokens) + 1) if ANSWER_STATED.search(text) else ():
-        if ANSWER_STATED.search(tokenizer.decode(tokens[:n], skip_special_tokens=True)):
-            return {"text": tokenizer.decode(tokens[:n], skip_special_tokens=True), "stop": "answer", "tokens": n}
-    return {"text": text, "stop": "length" if finish_reason == "length" else "eos", "tokens": len(tokens)}
-
-
-def sample_completions(model, tokenizer, rows, args, desc, temperature=0.0, num_samples=1):
-    """generate() in this process, or server_generate() with --server, on the rows' questions (format_prompt)."""
-    prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
-    run = functools.partial(server_generate, args.server, args.model) if args.server else functools.partial(generate, model)
-    return run(tokenizer, prompts, args.batch_size, args.max_new_tokens, desc, temperature, num_samples, args.seed)
-
-
-def wilson_interval(correct, total, z=1.96):
-    """95% Wilson score interval for a binomial proportion."""
-    p = correct / total
-    center = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def mcnemar_exact(only_a, only_b):
-    """Two-sided exact McNemar p-value from the discordant counts (a right/b wrong, b right/a wrong)."""
-    return min(1.0, 2 * sum(math.comb(only_a + only_b, i) for i in range(min(only_a, only_b) + 1)) / 2 ** (only_a + only_b))
-
-
-def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
-    """The smallest accuracy difference the exact McNemar test detects with `power` at `alpha`, given that
-    `discordant` of `total` questions are discordant (conditioned on that count): with only_a ~ Binomial(
-    discordant, pi), the difference is (2 pi - 1) * discordant / total. None when no split is significant."""
-    k = torch.arange(discordant + 1, dtype=torch.float64)
-    log_comb = math.lgamma(discordant + 1) - torch.lgamma(k + 1) - torch.lgamma(discordant - k + 1)
-
-    def pmf(pi):  # P(only_a = k) for every k
-        return (log_comb + k * math.log(pi) + (discordant - k) * math.log1p(-pi)).exp()
-    p_values = 2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1]  # mcnemar_exact(k, discordant - k), k <= half
-    significant = (p_values <= alpha).nonzero()
-    if not len(significant):
-        return None
-    region = (k <= int(significant[-1])) | (k >= discordant - int(significant[-1]))  # where it rejects
-    lo, hi = 0.5, 1 - 1e-12
-    if pmf(hi)[region].sum() < power:
-        return None
-    for _ in range(50):  # bisection: power rises with pi
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if pmf(mid)[region].sum() >= power else (mid, hi)
-    return (2 * hi - 1) * discordant / total
-
-
-def bootstrap_ci(values, seed=0, resamples=2000):
-    """95% percentile bootstrap interval of the mean of values [N] over its N pairs, resampled from seed:
-    the same resamples for any statistic of the same N, so a difference's interval is a paired one."""
-    values = torch.as_tensor(values, dtype=torch.float64)
-    picks = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
-    means = values[picks].mean(1)
-    return means.quantile(0.025).item(), means.quantile(0.975).item()
-
-
-def evaluate(model, tokenizer, rows, args):
-    """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
-    start = time.perf_counter()
-    completions = sample_completions(model, tokenizer, rows, args, "eval")
-    results = [{"index": i, "question": row["question"], "gold": row["gold"], "completion": c["text"],
-                "extracted": (found := extract_answer_rule(c["text"]))[0], "rule": found[1],
-                "correct": is_correct(c["text"], row["gold"]), "stop": c["stop"], "tokens": c["tokens"]}
-               for i, (row, c) in enumerate(zip(rows, completions))]
-    seconds, correct = time.perf_counter() - start, sum(r["correct"] for r in results)
-    low, high = wilson_interval(correct, len(results))
-    strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
-    summary = {"accuracy": correct / len(results), "accuracy_strict": strict / len(results), "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
-               "prompt_format": "chat_template" if tokenizer.chat_template else "plain", "system": args.system,
-               **generation_summary(completions, args, seconds), "questions_per_s": round(len(results) / seconds, 3)}
-    return summary, results
-
-
-def generation_summary(completions, args, seconds):
-    """How completions were made and ended, and how fast (for summary.json and the screen)."""
-    tokens = sum(c["tokens"] for c in completions)
-    return {"stop_rule": STOP_RULE, "stops": dict(collections.Counter(c["stop"] for c in completions)),
-            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "server": args.server,
-            "processes": rank_and_world()[1], "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
-
-
-def paired_difference(shared):
-    """Accuracy difference of two runs on the same questions, shared = [(this correct, other correct)]; exact McNemar."""
-    only_this, only_other = sum(a and not b for a, b in shared), sum(b and not a for a, b in shared)
-    return {"shared": len(shared), "difference": (only_this - only_other) / len(shared), "only_this_correct": only_this,
-            "only_other_correct": only_other, "mcnemar_p": mcnemar_exact(only_this, only_other)}
-
-
+# --- Eval and score: greedy accuracy, and teacher-forced endpoints of pairs
 def cmd_eval(args):
     """eval: GSM8K exact match with batched greedy decoding."""
     out, device, rows, model, tokenizer = start_command(args, args.split, args.limit)
     summary, results = evaluate(model, tokenizer, rows, args)
-    summary.update(model=args.model, data=args.data, split=args.split, limit=args.limit, seed=args.seed)
+    summary.update(model=args.model, data=args.data, split=args.split, limit=args.limit,
+                   seed=args.seed)
     write_jsonl(out / "eval.jsonl", results)
     write_json(out / "summary.json", summary)
     print(f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}), 95% CI "
-          f"[{summary['ci_low']:.4f}, {summary['ci_high']:.4f}], {summary['questions_per_s']} questions/s")
+          f"[{summary['ci_low']:.4f}, {summary['ci_high']:.4f}], {summary['questions_per_s']} "
+          "questions/s")
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
 
 
 def cmd_score(args):
-    """score: teacher-forced endpoints of pairs (held-out ones from `pairs --from-eval`): per pair the
-    log-probs of chosen and rejected, the chosen token count, and both neuron scores under every --neurons
-    set, all read off one forward per batch."""
+    """score: teacher-forced endpoints of pairs (held-out ones from `pairs --from-eval`): per pair
+    the log-probs of chosen and rejected, the chosen token count, and both neuron scores under every
+    --neurons set, all read off one forward per batch."""
     out, device = check_out_dir(args.out), pick_device(args.device)
     rows = load_pairs(args.pairs)
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
+                                  args.trust_remote_code)
     sets = {Path(path).stem: load_neurons(path, model) for path in args.neurons}
-    kept = [(row, pair) for row in rows for pair in tokenize_pairs(tokenizer, [row], args.max_length)]
+    kept = [(row, pair) for row in rows for pair in tokenize_pairs(tokenizer, [row],
+                                                                   args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
         captures = {name: hooks.enter_context(NeuronCapture(model, n, **neuron_stats(n, device)))
                     for name, n in sets.items()}
         for chunk in tqdm(batches_of(kept, args.batch_size), desc="score", unit="batch"):
-            batch = {k: v.to(device) for k, v in
-                     collate_pairs([pair for _, pair in chunk], tokenizer.pad_token_id).items()}
+            batch = to_device(collate_pairs([pair for _, pair in chunk], tokenizer.pad_token_id),
+                              device)
             logps, mask = forward_logps(model, batch), batch["neuron_mask"]
             scores = {name: torch.stack([c.scores(mask[..., j]) for j in (0, 1)], -1)
                       for name, c in captures.items()}
@@ -1498,192 +1810,193 @@ def cmd_score(args):
     print(f"scored {len(results)} of {len(rows)} pairs; wrote {out / 'scores.jsonl'}")
 
 
-# --- Reproduce: the paper's experiment in one restartable command ---------------------------------
-
+# --- Reproduce: the paper's experiment in one restartable command, its report and figure
 def reproduce_runs(args):
-    """The training runs [(name, seed, lam, neuron file stem)]: DPO, YFPO and YFPO on the matched random
-    neurons (its own c: the same dose), for every seed."""
+    """The training runs [(name, seed, lam, neuron file stem)]: DPO, YFPO and YFPO on the matched
+    random neurons (its own c: the same dose), for every seed."""
+    arms = (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
+            ("yfpo_random", args.lam, "random_neurons"))
     return [(name + (f"_seed{seed}" if args.seeds > 1 else ""), seed, lam, stem)
-            for seed in range(args.seed, args.seed + args.seeds)
-            for name, lam, stem in (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
-                                    ("yfpo_random", args.lam, "random_neurons"))]
+            for seed in range(args.seed, args.seed + args.seeds) for name, lam, stem in arms]
 
 
 def reproduce_stages(args, out):
-    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S as its command would."""
+    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S as its command
+    would."""
     def flags(**values):  # --name value for every value given
-        return [x for k, v in values.items() if v is not None for x in ("--" + k.replace("_", "-"), str(v))]
-    common = flags(model=args.model, data=args.data, seed=args.seed, device=args.device, dtype=args.dtype,
-                   system=args.system) + ["--trust-remote-code"] * args.trust_remote_code  # a stage's flags win
+        return [x for k, v in values.items() if v is not None for x in ("--" + k.replace("_", "-"),
+                                                                        str(v))]
+    common = flags(model=args.model, data=args.data, seed=args.seed, device=args.device,
+                   dtype=args.dtype,
+                   system=args.system) + ["--trust-remote-code"] * args.trust_remote_code
+    # A stage's own flags come after these, and win.
     generation = common + flags(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     sets = {stem: str(out / "identify" / f"{stem}.json") for stem in ("neurons", "random_neurons")}
     pairs, heldout = str(out / "pairs" / "pairs.jsonl"), str(out / "heldout" / "pairs.jsonl")
-    stages = [("identify", ["identify", *common, *flags(num_samples=args.num_samples, top_k=args.top_k,
-                                                          max_length=args.max_length, control=args.control)], []),
-              ("ablate", ["ablate", *generation, *flags(
-                  neurons=sets["neurons"], num_samples=args.ablate_samples, max_length=args.max_length,
-                  random_seeds=args.random_seeds, control=args.control)], ["identify"]),
-              ("pairs", ["pairs", *generation, *flags(num_questions=args.num_questions,
-                                                      temperature=args.temperature,
-                                                      samples_per_question=args.samples_per_question)], [])]
+    identify = flags(num_samples=args.num_samples, top_k=args.top_k, max_length=args.max_length,
+                     control=args.control)
+    ablate = flags(neurons=sets["neurons"], num_samples=args.ablate_samples,
+                   max_length=args.max_length,
+                   random_seeds=args.random_seeds, control=args.control)
+    sample = flags(num_questions=args.num_questions, temperature=args.temperature,
+                   samples_per_question=args.samples_per_question)
+    stages = [("identify", ["identify", *common, *identify], []),
+              ("ablate", ["ablate", *generation, *ablate], ["identify"]),
+              ("pairs", ["pairs", *generation, *sample], [])]
     runs = reproduce_runs(args)
     for run, seed, lam, stem in runs:
-        stages.append(("train_" + run, ["train", *common, *flags(
-            seed=seed, pairs=pairs, neurons=sets[stem], lam=lam, lr=args.lr, beta=args.beta, gamma=args.gamma,
-            yoke=args.yoke, neuron_margin=args.neuron_margin, balance=args.balance,
-            calibration_pairs=args.calibration_pairs, epochs=args.epochs, grad_accum=args.grad_accum,
-            batch_size=args.train_batch_size, max_length=args.max_length, save_every=args.save_every)],
-            ["identify", "pairs"]))
+        train = flags(seed=seed, pairs=pairs, neurons=sets[stem], lam=lam, lr=args.lr,
+                      beta=args.beta,
+                      gamma=args.gamma, yoke=args.yoke, neuron_margin=args.neuron_margin,
+                      balance=args.balance, calibration_pairs=args.calibration_pairs,
+                      epochs=args.epochs,
+                      grad_accum=args.grad_accum, batch_size=args.train_batch_size,
+                      max_length=args.max_length, save_every=args.save_every)
+        stages.append(("train_" + run, ["train", *common, *train], ["identify", "pairs"]))
     models = [("base", None, [])] + [(run, out / f"train_{run}" / "model", [f"train_{run}"])
                                      for run, _, _, _ in runs]
     for run, model, reads in models:  # a trained model's --model comes last, and the last one wins
-        stages.append(("eval_" + run, ["eval", *generation, *flags(limit=args.eval_limit, model=model)], reads))
-    # Held-out endpoints: test questions the base model got wrong, gold as chosen, its answer as rejected
-    stages.append(("heldout", ["pairs", *common, "--from-eval", str(out / "eval_base" / "eval.jsonl")],
-                   ["eval_base"]))
+        stages.append(("eval_" + run, ["eval", *generation, *flags(limit=args.eval_limit,
+                                                                   model=model)],
+                       reads))
+    # Held-out endpoints: test questions the base model got wrong, gold chosen, its answer rejected
+    base_eval = str(out / "eval_base" / "eval.jsonl")
+    stages.append(("heldout", ["pairs", *common, "--from-eval", base_eval], ["eval_base"]))
     for run, model, reads in models:
-        stages.append(("score_" + run, ["score", *common, *flags(
-            pairs=heldout, max_length=args.max_length, model=model), "--neurons", *sets.values()],
-            ["identify", "heldout", *reads]))
+        score = flags(pairs=heldout, max_length=args.max_length, model=model)
+        stages.append(("score_" + run, ["score", *common, *score, "--neurons", *sets.values()],
+                       ["identify", "heldout", *reads]))
     return stages
 
 
-def cmd_reproduce(args):
-    """reproduce: identify -> ablate -> pairs -> train DPO, YFPO and YFPO-random on the same pairs -> eval
-    all four -> held-out endpoints -> report."""
-    out = check_out_dir(args.out)
-    inputs = [(args.data, "train", True), (args.data, "test", True)]
-    inputs += [(args.control, "train", False)] if args.control else []
-    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs][0]  # bad input fails here
-    if args.num_samples + args.num_questions > len(train_rows):
-        raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} exceed the "
-                        f"{len(train_rows)} train questions: identify reads the last, pairs the first; lower one")
-    load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code, weights=False)
-    stages, keys, seconds = reproduce_stages(args, out), {}, {}
-    for stale in {p.parent for p in out.glob("*/stage.json")} - {out / stage for stage, _, _ in stages}:
-        shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
-    for stage, argv, reads in stages:
-        # Skipped if OUT/stage/stage.json shows it finished under this key (its command line, OUT aside, and the keys of
-        # what it reads); a training cut short under it resumes from its checkpoint; anything else is redone from scratch.
-        line = ["OUT" + a[len(str(out)):] if a.startswith(str(out) + os.sep) else a for a in argv]
-        key = keys[stage] = hashlib.sha256(json.dumps([line, [keys[r] for r in reads]]).encode()).hexdigest()[:16]
-        stamp = json.loads((out / stage / "stage.json").read_text()) if (out / stage / "stage.json").is_file() else {}
-        if stamp.get("key") == key and "seconds" in stamp:
-            print(f"[reproduce] {stage}: done with these settings, skipped")
-            seconds[stage] = stamp["seconds"]
-            continue
-        resume = stamp.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
-        if not resume:
-            shutil.rmtree(out / stage, ignore_errors=True)
-        write_json(out / stage / "stage.json", {"key": key, "argv": argv})
-        print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' if resume else ''} -> {out / stage}")
-        start = time.perf_counter()
-        main([*argv, "--out", str(out / stage), *["--resume"] * resume], strict=True)
-        seconds[stage] = round(time.perf_counter() - start, 1)
-        write_json(out / stage / "stage.json", {"key": key, "argv": argv, "seconds": seconds[stage]})
-    write_report(out, args, seconds)
-    cmd_plot(argparse.Namespace(dirs=[str(out)], out=out / "report.png"))
-    print(f"wrote {out / 'report.md'}")
-
-
 def heldout_rows(scores, seed):
-    """The held-out table's rows from score stages' scores.jsonl ({model: rows}, base among them), against
-    the base model as the reference: implicit-reward accuracy (h > 0) and margin h, gold NLL per token, and
-    per neuron set the margin m = s(chosen) - s(rejected) (base) or its gain over the base model's (the
-    others); each a mean over pairs with a paired bootstrap 95% CI (the same resamples for every cell)."""
+    """The held-out table's rows from score stages' scores.jsonl ({model: rows}, base among them),
+    against the base model as the reference: implicit-reward accuracy (h > 0) and margin h, gold NLL
+    per token, and per neuron set the margin m = s(chosen) - s(rejected) (base) or its gain over the
+    base model's (the others); each a mean over pairs with a paired bootstrap 95% CI (the same
+    resamples for every cell)."""
     def tensors(rows):
-        return {"logps": torch.tensor([r["logps"] for r in rows], dtype=torch.float64),
-                "tokens": torch.tensor([r["chosen_tokens"] for r in rows], dtype=torch.float64),
-                **{name: torch.tensor([r["neurons"][name] for r in rows], dtype=torch.float64)
-                   for name in rows[0]["neurons"]}}
+        columns = {"logps": [r["logps"] for r in rows],
+                   "tokens": [r["chosen_tokens"] for r in rows],
+                   **{name: [r["neurons"][name] for r in rows] for name in rows[0]["neurons"]}}
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in columns.items()}
 
     def cell(values):
         low, high = bootstrap_ci(values, seed)
         return f"{values.mean():.4f} [{low:.4f}, {high:.4f}]"
+    chosen_minus_rejected = torch.tensor([1.0, -1.0], dtype=torch.float64)
     base, lines = tensors(scores["base"]), []
     for name, rows in scores.items():
         t = tensors(rows)
-        h = (t["logps"] - base["logps"]) @ torch.tensor([1.0, -1.0], dtype=torch.float64)
+        h = (t["logps"] - base["logps"]) @ chosen_minus_rejected
         reward = "— | —" if name == "base" else f"{cell((h > 0).double())} | {cell(h)}"
-        margins = [(t[s] - (0 if name == "base" else base[s])) @ torch.tensor([1.0, -1.0], dtype=torch.float64)
+        margins = [(t[s] - (0 if name == "base" else base[s])) @ chosen_minus_rejected
                    for s in ("neurons", "random_neurons")]
-        lines.append(f"| {name} | {reward} | "
-                     f"{cell(-t['logps'][:, 0] / t['tokens'])} | {cell(margins[0])} | {cell(margins[1])} |")
+        lines.append(f"| {name} | {reward} | {cell(-t['logps'][:, 0] / t['tokens'])} | "
+                     f"{cell(margins[0])} | {cell(margins[1])} |")
     return lines
 
 
 def write_report(out, args, seconds):
     """OUT/report.md: the settings, accuracies with 95% CIs, paired tests and what they can detect,
-    training dynamics with the neuron term's measured share, held-out endpoints, ablation, wall times."""
-    evals = {s[5:]: (json.loads((out / s / "summary.json").read_text()), read_jsonl(out / s / "eval.jsonl"))
+    training dynamics with the neuron term's measured share, held-out endpoints, ablation, wall
+    times."""
+    evals = {s[5:]: (json.loads((out / s / "summary.json").read_text()),
+                     read_jsonl(out / s / "eval.jsonl"))
              for s in seconds if s.startswith("eval_")}
-    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):] for run, _, lam, _ in reproduce_runs(args) if lam}
+    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):] for run, _, lam,
+              _ in reproduce_runs(args) if lam}
 
-    def versus(name, other):  # name's accuracy minus other's on the same questions: McNemar, and its reach
-        d = paired_difference([(a["correct"], b["correct"]) for a, b in zip(evals[name][1], evals[other][1])])
+    # name's accuracy minus other's on the same questions: McNemar, its reach
+    def versus(name, other):
+        d = paired_difference([(a["correct"], b["correct"]) for a, b in zip(evals[name][1],
+                                                                            evals[other][1])])
         a, b = d["only_this_correct"], d["only_other_correct"]
         reach = mcnemar_detectable(a + b, d["shared"])
-        return (f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}; {a} vs {b}; detectable " +
-                ("none" if reach is None else f"{reach:.3f}") + ")")
-    lines = ["# YFPO reproduction", "", "Settings: " + ", ".join(
-        f"`{k}={v}`" for k, v in vars(args).items() if k not in ("run", "command", "out")), "",
-        "Paired tests: exact McNemar p; the questions only this / only the other model got right; the "
-        "smallest difference detectable at 80% power (alpha 0.05) given that discordance.", "",
-        "| model | accuracy | 95% CI | strict | correct / total | vs base | vs DPO |", "| --- " * 7 + "|"]
+        reach = "none" if reach is None else f"{reach:.3f}"
+        return f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}; {a} vs {b}; detectable {reach})"
+    settings = ", ".join(f"`{k}={v}`" for k, v in vars(args).items() if k not in ("run", "command",
+                                                                                  "out"))
+    lines = ["# YFPO reproduction", "", "Settings: " + settings, "",
+             "Paired tests: exact McNemar p; the questions only this / only the other model got "
+             "right; "
+             "the smallest difference detectable at 80% power (alpha 0.05) given that discordance.",
+             "",
+             "| model | accuracy | 95% CI | strict | correct / total | vs base | vs DPO |",
+             "| --- " * 7 + "|"]
     for name, (s, _) in evals.items():
+        vs_base = "—" if name == "base" else versus(name, "base")
+        vs_dpo = versus(name, dpo_of[name]) if name in dpo_of else "—"
         lines.append(f"| {name} | {s['accuracy']:.4f} | [{s['ci_low']:.4f}, {s['ci_high']:.4f}] | "
-                     f"{s['accuracy_strict']:.4f} | {s['correct']} / {s['total']} | "
-                     f"{'—' if name == 'base' else versus(name, 'base')} | "
-                     f"{versus(name, dpo_of[name]) if name in dpo_of else '—'} |")
+                     f"{s['accuracy_strict']:.4f} | {s['correct']} / {s['total']} | {vs_base} | "
+                     f"{vs_dpo} |")
     for name in ("dpo", "yfpo", "yfpo_random") if args.seeds > 1 else ():
         acc = torch.tensor([s["accuracy"] for run, (s, _) in evals.items()
                             if run.rsplit("_seed", 1)[0] == name], dtype=torch.float64)
-        lines.append(f"\n{name} over {args.seeds} seeds: accuracy {acc.mean():.4f} ± {acc.std():.4f} (std)")
-    lines += ["", "| training run | steps | c | share first / middle / last | cosine first / middle / last | "
-              "reward accuracy | reward margin | neuron margin | its gain over the reference | "
+        lines.append(f"\n{name} over {args.seeds} seeds: accuracy {acc.mean():.4f} ± "
+                     f"{acc.std():.4f} (std)")
+    lines += ["", "| training run | steps | c | share first / middle / last | cosine first / "
+                  "middle / "
+              "last | reward accuracy | reward margin | neuron margin | its gain over the "
+              "reference | "
               "grad norm DPO first / last | grad norm neuron first / last |", "| --- " * 11 + "|"]
     for stage in (s for s in seconds if s.startswith("train_")):
-        last = (steps := read_jsonl(out / stage / "metrics.jsonl"))[-1]
-        probes = [m for m in steps if "neuron/share" in m]
+        steps = read_jsonl(out / stage / "metrics.jsonl")
+        last, probes = steps[-1], [m for m in steps if "neuron/share" in m]
         probes = [probes[0], probes[len(probes) // 2], probes[-1]] if probes else []
-        dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"  # lam 0: all of it is DPO's
-        norms = [f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—" for k in (dpo, "grad_norm/neuron")]
-        share, cosine = (" / ".join(f"{p[k]:.3g}" for p in probes) or "—" for k in ("neuron/share",
-                                                                                    "grad_cosine"))
+        # lam 0: all of it is DPO's
+        dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"
+        norms = [f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—"
+                 for k in (dpo, "grad_norm/neuron")]
+        share, cosine = (" / ".join(f"{p[k]:.3g}" for p in probes) or "—"
+                         for k in ("neuron/share", "grad_cosine"))
         lines.append(f"| {stage[6:]} | {last['step']} | {last['c']:.4g} | {share} | {cosine} | "
                      f"{last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | "
-                     f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | {norms[0]} | {norms[1]} |")
-    scores = {s[6:]: read_jsonl(out / s / "scores.jsonl") for s in seconds if s.startswith("score_")}
+                     f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | "
+                     f"{norms[0]} | {norms[1]} |")
+    scores = {s[6:]: read_jsonl(out / s / "scores.jsonl")
+              for s in seconds if s.startswith("score_")}
     if scores and scores["base"]:
-        lines += ["", f"Held-out endpoints: {len(scores['base'])} test questions the base model got wrong, "
-                  "gold solution as chosen, its own answer as rejected, teacher-forced, the base model as "
-                  "the reference; mean [paired bootstrap 95% CI] over pairs. The neuron-margin columns are "
-                  "the specificity test: the base row is the margin itself, the others its gain over base.",
-                  "", "| model | reward accuracy | reward margin h | gold NLL per token | neuron margin: "
-                  "selected set | neuron margin: random set |", "| --- " * 6 + "|", *heldout_rows(
-                      scores, args.seed)]
+        lines += ["", f"Held-out endpoints: {len(scores['base'])} test questions the base model "
+                      "got wrong, "
+                  "gold solution as chosen, its own answer as rejected, teacher-forced, the base "
+                  "model as "
+                  "the reference; mean [paired bootstrap 95% CI] over pairs. The neuron-margin "
+                  "columns are "
+                  "the specificity test: the base row is the margin itself, the others its gain "
+                  "over base.",
+                  "", "| model | reward accuracy | reward margin h | gold NLL per token | neuron "
+                      "margin: "
+                  "selected set | neuron margin: random set |", "| --- " * 6 + "|",
+                  *heldout_rows(scores, args.seed)]
     ab = json.loads((out / "ablate" / "ablation.json").read_text())
     for text, r in [("math", ab), ("control", ab.get("control"))][:1 + ("control" in ab)]:
         m = r["random_matched"]
         lines += ["", f"Ablation on {text} text ({ab['num_neurons']} neurons x {ab['scale']:g}, "
-                  f"{r.get('num_samples', ab['num_samples'])} solutions): NLL {r['nll_base']:.4f} -> "
+                  f"{r.get('num_samples', ab['num_samples'])} solutions): NLL {r['nll_base']:.4f} "
+                  "-> "
                   f"{r['nll_ablated']:.4f} (rise {r['rise']:+.4f}); matched random neurons: rise "
                   f"{m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}"]
-    lines += ["", "| stage | wall time (s) |", "| --- | --- |", *(f"| {s} | {t} |" for s, t in seconds.items()),
+    lines += ["", "| stage | wall time (s) |", "| --- | --- |", *(f"| {s} | {t} |" for s,
+                                                                  t in seconds.items()),
               f"| all | {sum(seconds.values()):.1f} |"]
     write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 def cmd_plot(args):
-    """plot: the paper's figure 2 for train or reproduce folders: DPO loss, reward and neuron margins per step; accuracies."""
+    """plot: the paper's figure 2 for train or reproduce folders: DPO loss, reward and neuron
+    margins per step; accuracies."""
     def named(folder, name):  # a run's label: its folder too when there are several
         return f"{folder}/{name}" if len(args.dirs) > 1 else name
-    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): p for d in map(Path, args.dirs)
+    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): p for d in map(Path,
+                                                                                     args.dirs)
             for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
-    accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text()) for d in map(Path, args.dirs)
+    accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text()) for d in map(Path,
+                                                                                      args.dirs)
                   for p in sorted(d.glob("eval_*/summary.json"))}
     if not runs or not all(map(read_jsonl, runs.values())):
-        raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of train or reproduce runs")
+        raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of "
+                        "train or reproduce runs")
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
     fig = Figure(figsize=(12 if accuracies else 7, 8), layout="tight")
     grid = fig.add_gridspec(3, 2 if accuracies else 1)
@@ -1694,36 +2007,96 @@ def cmd_plot(args):
         ax.legend()
     if accuracies:
         ax = fig.add_subplot(grid[:, 1], title="GSM8K accuracy, 95% Wilson CI", ylabel="accuracy")
-        ci = torch.tensor([[s["ci_low"], s["accuracy"], s["ci_high"]] for s in accuracies.values()], dtype=torch.float64)
-        ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=ci.diff(dim=1).T.tolist(), capsize=8)  # yerr: below, above
+        ci = torch.tensor([[s["ci_low"], s["accuracy"], s["ci_high"]] for s in accuracies.values()],
+                          dtype=torch.float64)
+        ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=ci.diff(dim=1).T.tolist(),  # below, above
+               capsize=8)
     out = Path(args.out or Path(args.dirs[0]) / "training.png")
     fig.savefig(tmp := out.with_name(f"{out.stem}.tmp{out.suffix}"), dpi=120)
     os.replace(tmp, out)
     print(f"wrote {out}")
 
 
-# --- Demo: every stage on a tiny random model, offline. It checks the install; its accuracy means nothing. ---
+def cmd_reproduce(args):
+    """reproduce: identify -> ablate -> pairs -> train DPO, YFPO and YFPO-random on the same pairs
+    -> eval all four -> held-out endpoints -> report. Each stage runs as its command line would
+    (main)."""
+    out = check_out_dir(args.out)
+    inputs = [(args.data, "train", True), (args.data, "test", True)]
+    inputs += [(args.control, "train", False)] if args.control else []
+    # bad input fails here
+    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs][0]
+    if args.num_samples + args.num_questions > len(train_rows):
+        raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} "
+                        "exceed "
+                        f"the {len(train_rows)} train questions: identify reads the last, pairs "
+                        "the first; lower one")
+    load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
+               weights=False)
+    stages, keys, seconds = reproduce_stages(args, out), {}, {}
+    for stale in {p.parent for p in out.glob("*/stage.json")} - {out / stage for stage, _,
+                                                                 _ in stages}:
+        shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
+    for stage, argv, reads in stages:
+        # Skipped if OUT/stage/stage.json shows it finished under this key (its command line, OUT
+        # aside, and the keys of what it reads); a training cut short under it resumes from its
+        # checkpoint; anything else is redone from scratch.
+        line = ["OUT" + a[len(str(out)):] if a.startswith(str(out) + os.sep) else a for a in argv]
+        stamp_of = json.dumps([line, [keys[r] for r in reads]]).encode()
+        key = keys[stage] = hashlib.sha256(stamp_of).hexdigest()[:16]
+        stamp_path = out / stage / "stage.json"
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+        if stamp.get("key") == key and "seconds" in stamp:
+            print(f"[reproduce] {stage}: done with these settings, skipped")
+            seconds[stage] = stamp["seconds"]
+            continue
+        resume = stamp.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
+        if not resume:
+            shutil.rmtree(out / stage, ignore_errors=True)
+        write_json(stamp_path, {"key": key, "argv": argv})
+        print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' if resume else ''} -> "
+              f"{out / stage}")
+        start = time.perf_counter()
+        main([*argv, "--out", str(out / stage), *["--resume"] * resume], strict=True)
+        seconds[stage] = round(time.perf_counter() - start, 1)
+        write_json(stamp_path, {"key": key, "argv": argv, "seconds": seconds[stage]})
+    write_report(out, args, seconds)
+    cmd_plot(argparse.Namespace(dirs=[str(out)], out=out / "report.png"))
+    print(f"wrote {out / 'report.md'}")
+
+
+# --- Demo: every stage on a tiny random model, offline (it checks the install; its accuracy means
+# nothing)
 DEMO_PROBLEMS = [
-    ("Tom has 3 apples and buys 5 more. How many apples does he have?", "Tom has 3+5=<<3+5=8>>8 apples.\n#### 8"),
-    ("A box holds 12 eggs. How many eggs are in 4 boxes?", "4 boxes hold 4*12=<<4*12=48>>48 eggs.\n#### 48"),
+    ("Tom has 3 apples and buys 5 more. How many apples does he have?",
+     "Tom has 3+5=<<3+5=8>>8 apples.\n#### 8"),
+    ("A box holds 12 eggs. How many eggs are in 4 boxes?", "4 boxes hold 4*12=<<4*12=48>>48 "
+                                                           "eggs.\n#### 48"),
     ("Sara reads 15 pages a day. How many pages does she read in a week?",
      "A week has 7 days, so she reads 15*7=<<15*7=105>>105 pages.\n#### 105"),
     ("A shirt costs $20 and is 25% off. What does it cost now?",
-     "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n#### 15"),
-    ("Ben had 50 marbles and gave away 18. How many are left?", "He has 50-18=<<50-18=32>>32 marbles left.\n#### 32"),
-    ("A train travels 60 miles per hour for 3 hours. How far does it go?", "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
-    ("Lily splits 36 candies among 4 friends. How many does each get?", "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
+     "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n#### "
+     "15"),
+    ("Ben had 50 marbles and gave away 18. How many are left?",
+     "He has 50-18=<<50-18=32>>32 marbles left.\n#### 32"),
+    ("A train travels 60 miles per hour for 3 hours. How far does it go?",
+     "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
+    ("Lily splits 36 candies among 4 friends. How many does each get?",
+     "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
     ("A farm has 7 cows and 3 times as many hens. How many animals are there?",
      "There are 7*3=<<7*3=21>>21 hens.\nIn all 7+21=<<7+21=28>>28 animals.\n#### 28"),
     ("Max saves $1,200 a month. How much does he save in a year?",
      "He saves 1200*12=<<1200*12=14400>>14,400 dollars.\n#### 14,400"),
     ("A rope is 9 meters long. It is cut into 3 equal parts. How long is each part?",
      "Each part is 9/3=<<9/3=3>>3 meters.\n#### 3"),
-    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?", "Her mother is 8*4=<<8*4=32>>32.\n#### 32"),
-    ("A class has 14 girls and 16 boys. How many students are there?", "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
+    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?",
+     "Her mother is 8*4=<<8*4=32>>32.\n#### 32"),
+    ("A class has 14 girls and 16 boys. How many students are there?",
+     "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
 ]
-CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                   "<|im_end|>\n"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def build_tiny_model(path, seed=0, model_type="qwen2"):
@@ -1732,20 +2105,32 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator([*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is 0123456789."], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        chat_template=CHATML_TEMPLATE, model_input_names=["input_ids", "attention_mask"])
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
-                                  initializer_range=0.2,  # larger than usual, so greedy outputs differ by prompt
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                  "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator([*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is "
+                                                                          "0123456789."], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>",
+                                        chat_template=CHATML_TEMPLATE,
+                                        model_input_names=["input_ids", "attention_mask"])
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64,
+                                  intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16,
+                                  max_position_embeddings=2048, tie_word_embeddings=True,
+                                  bos_token_id=None,
+                                  # larger than usual, so greedy outputs differ by prompt
+                                  initializer_range=0.2,
+                                  eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config.update(eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -1757,14 +2142,16 @@ def cmd_demo(args):
     model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
     write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
     write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
-    small = (f"--device cpu --seed {args.seed} --num-samples 3 --top-k 16 --ablate-samples 4 --random-seeds 2 --lr 1e-4 "
-             "--num-questions 5 --samples-per-question 2 --max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 "
-             "--save-every 2")
-    main(["reproduce", "--model", model, "--data", str(data), *small.split(), "--out", str(out)], strict=True)
-    print(f"[demo] done in {time.perf_counter() - start:.1f}s in {out}; a random model: its accuracy means nothing.")
+    small = (f"--device cpu --seed {args.seed} --num-samples 3 --top-k 16 --ablate-samples 4 "
+             "--random-seeds 2 --lr 1e-4 --num-questions 5 --samples-per-question 2 "
+             "--max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 --save-every 2")
+    main(["reproduce", "--model", model, "--data", str(data), *small.split(), "--out", str(out)],
+         strict=True)
+    print(f"[demo] done in {time.perf_counter() - start:.1f}s in {out}; a random model: its "
+          "accuracy means nothing.")
 
 
-# --- Command line --------------------------------------------------------------------------------
+# --- Command line
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -1791,9 +2178,13 @@ def gamma_value(text):
 def build_parser():
     def group(**flags):  # a parent parser: flags several commands share, declared once
         parser = argparse.ArgumentParser(add_help=False)
-        for flag, default in flags.items():  # int or None: positive whole number; float: positive; str: text
-            kind = str if isinstance(default, str) else positive_float if isinstance(default, float) \
-                else positive_int
+        # int or None: positive whole number; float: positive; str: text
+        for flag, default in flags.items():
+            kind = positive_int
+            if isinstance(default, str):
+                kind = str
+            elif isinstance(default, float):
+                kind = positive_float
             parser.add_argument("--" + flag.replace("_", "-"), type=kind, default=default)
         return parser
     common = argparse.ArgumentParser(add_help=False)
@@ -1803,27 +2194,32 @@ def build_parser():
                         help="hub dataset, or a local .jsonl/.json/.parquet file or folder")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16",
+                                                            "float16"],
                         help="auto: bfloat16 where the GPU supports it, else float32")
     common.add_argument("--out", default="out", help="folder for this command's files")
     common.add_argument("--system", default=None, help="system prompt (default: none)")
     common.add_argument("--trust-remote-code", action="store_true")
     generation = group(max_new_tokens=512)
-    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once (default: "
-                            "64 on CPU, 128 on GPU); with --server (eval, pairs), requests in flight "
-                            "(default 64)")
+    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once "
+                                                                    "(default: "
+                            "64 on CPU, 128 on GPU); with --server (eval, pairs), requests in "
+                            "flight (default 64)")
     loss = group(calibration_pairs=16)  # pairs c is measured on
-    loss.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO")
-    loss.add_argument("--gamma", type=gamma_value, default="auto", help="scale of the neuron margin; "
+    loss.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is "
+                                                             "plain DPO")
+    loss.add_argument("--gamma", type=gamma_value, default="auto", help="scale of the neuron "
+                                                                        "margin; "
                       "auto: 1 / std of the reference margins over the pairs")
     loss.add_argument("--neuron-margin", choices=["policy", "relative"], default="relative",
                       help="relative (default, measured: see the README): m - m_ref; policy: m")
     loss.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
     loss.add_argument("--yoke", choices=["loss", "reward"], default="reward",
                       help="reward (default, measured): inside DPO's sigmoid; loss: a second term")
-    loss.add_argument("--balance", choices=["share", "none"], default="share", help="share: the neuron "
-                      "term weighs lam * c, c calibrated so that its step-1 gradient is lam x DPO's; "
-                      "none: c = 1")
+    loss.add_argument("--balance", choices=["share", "none"], default="share", help="share: the "
+                                                                                    "neuron "
+                      "term weighs lam * c, c calibrated so that its step-1 gradient is lam x "
+                      "DPO's; none: c = 1")
     # The defaults reproduce passes on to identify, pairs and train; max_length is every stage's.
     length, selection = group(max_length=512), group(num_samples=256, top_k=1000)
     sampling = group(num_questions=2000, samples_per_question=4, temperature=0.8)
@@ -1839,40 +2235,51 @@ def build_parser():
                 selection, length, batch_size=4)
     p.add_argument("--per-layer", action="store_true",
                    help="top k/L neurons of every layer instead of the global top k")
-    p.add_argument("--control", help="non-math question/answer data; its mean relevance is subtracted")
+    p.add_argument("--control", help="non-math question/answer data; its mean relevance is "
+                                     "subtracted")
     p = command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
-                generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test")
+                generation, length, num_samples=200, random_seeds=10, nll_batch_size=8,
+                split="test")
     p.add_argument("--scale", type=float, default=0.0,
                    help="factor on the neurons' activations: 0 ablates them")
     p.add_argument("--neurons", required=True)
     p.add_argument("--eval-accuracy", action="store_true",
                    help="also run the evaluator with and without ablation")
-    p.add_argument("--control", help="non-math question/answer data: the NLL rise there too (its last rows)")
-    p = command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
+    p.add_argument("--control", help="non-math question/answer data: the NLL rise there too (its "
+                                     "last rows)")
+    p = command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common,
+                generation,
                 sampling)
     p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to sample from")
-    p.add_argument("--from-eval", help="an eval.jsonl: held-out pairs from its wrong answers, no sampling")
+    p.add_argument("--from-eval", help="an eval.jsonl: held-out pairs from its wrong answers, no "
+                                       "sampling")
     # save_every: a checkpoint every N steps (always one at the end)
-    p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, training, length,
+    p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, training,
+                length,
                 max_steps=None, save_every=None)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--pairs", help="pairs JSONL (default: OUT/pairs.jsonl)")
     p.add_argument("--neurons", help="neurons.json (default: OUT/neurons.json when it exists)")
-    p.add_argument("--batch-size", type=positive_int, default=2, help="pairs per micro-batch per process")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="pairs per micro-batch per "
+                                                                      "process")
     p.add_argument("--resume", action="store_true", help="continue from OUT/model")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--probe-every", type=positive_int, help="measure the terms' gradients every N steps "
+    p.add_argument("--probe-every", type=positive_int, help="measure the terms' gradients every N "
+                                                            "steps "
                    "(default: the first, middle and last step)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="train on questions the neurons were selected on")
     p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None,
                 split="test")  # limit: the first N questions
-    p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to generate with")
-    p = command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common, length,
+    p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to generate "
+                                    "with")
+    p = command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common,
+                length,
                 batch_size=8)
     p.add_argument("--pairs", required=True, help="pairs JSONL, e.g. from `pairs --from-eval`")
     p.add_argument("--neurons", nargs="+", required=True, help="one or more neurons.json files")
-    p = command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md",
+    p = command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into "
+                                            "OUT/report.md",
                 common, generation, loss, selection, sampling, training, length, ablate_samples=200,
                 random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None)
     p.add_argument("--control", help="identify's non-math question/answer data, subtracted")
@@ -1886,22 +2293,28 @@ def build_parser():
 
 
 def main(argv=None, strict=False):
-    """Run a command; a UserError becomes one line on stderr and exit code 2 (raised again if strict)."""
+    """Run a command; a UserError becomes one line on stderr and exit code 2 (raised again if
+    strict)."""
     args = build_parser().parse_args(argv)
     from huggingface_hub.utils import logging as hub_logging
-    hub_logging.set_verbosity_error()  # an unreachable hub ends in one UserError line, not a retry log
+    # an unreachable hub ends in one UserError line, not a retry log
+    hub_logging.set_verbosity_error()
     distributed = "RANK" in os.environ and hasattr(args, "device")
     if distributed:  # torchrun: one process per device; rank 0 prints and writes
         import datetime
         on_gpu = torch.cuda.is_available() and args.device != "cpu"
         if on_gpu:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # Rank 0 alone makes train's reference pass while the others wait: allow it hours, not NCCL's 10 minutes.
-        torch.distributed.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
+        # Rank 0 alone makes train's reference pass while the others wait: allow it hours, not
+        # NCCL's 10 minutes.
+        torch.distributed.init_process_group("nccl" if on_gpu else "gloo",
+                                             timeout=datetime.timedelta(hours=6))
         sys.stdout = sys.stdout if torch.distributed.get_rank() == 0 else open(os.devnull, "w")
     try:
-        if distributed and (getattr(args, "server", None) or args.command == "reproduce"):  # every rank would do it all
-            raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} runs in one process: no torchrun")
+        # every rank would do it all
+        if distributed and (getattr(args, "server", None) or args.command == "reproduce"):
+            raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} runs in "
+                            "one process: no torchrun")
         args.run(args)
     except (UserError, OSError) as e:  # OSError: a path that cannot be written or read
         if strict:
