@@ -42,7 +42,7 @@ class UserError(Exception):
     """A mistake in the user's input. main() prints it as one line and exits with code 2."""
 
 
-# --- Files: every output is written whole (a temporary name, then a rename) ---------------------
+# --- Files: every output is written whole (a temporary name, then a rename) -----------------------
 def rank_and_world():
     """(rank, number of processes): (0, 1) unless launched by torchrun."""
     import torch.distributed as dist
@@ -90,7 +90,7 @@ def looks_like_path(name):
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in suffixes
 
 
-# --- Model and device
+# --- Model and device -----------------------------------------------------------------------------
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,7 +147,7 @@ def model_shape(model):
     return len(layers), layers[0].mlp.down_proj.in_features
 
 
-# --- Data: GSM8K rows, gold answers, prompts, tokenized batches
+# --- Data: GSM8K rows, gold answers, prompts, tokenized batches -----------------------------------
 def load_rows(data, split, config=None):
     """Rows of a local .jsonl/.json/.parquet file (or a folder holding SPLIT.*), or a hub
     dataset."""
@@ -303,7 +303,7 @@ def solution_examples(tokenizer, rows, max_length, system=None):
     return examples
 
 
-# --- Grading: answer extraction and exact match
+# --- Grading: answer extraction and exact match ---------------------------------------------------
 # A number: optional sign, digits with or without thousands commas, optional decimals.
 NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 FLEXIBLE = re.compile(r"(?<![\w.])" + NUMBER)
@@ -340,7 +340,7 @@ def is_correct(text, gold):
     return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
 
 
-# --- Generation: batched greedy (or sampled) decoding, in this process or through a server
+# --- Generation: batched greedy (or sampled) decoding, in this process or through a server --------
 # Stated: the strict pattern, then a character that cannot continue the number ("is 1" does not stop
 # "is 12").
 ANSWER_STATED = re.compile(STRICT.pattern + r"(?=[^\d.,]|[.,]\D)", re.IGNORECASE)
@@ -605,7 +605,7 @@ def generation_summary(completions, args, seconds):
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
-# --- Statistics: what a difference in accuracy can show
+# --- Statistics: what a difference in accuracy can show -------------------------------------------
 def wilson_interval(correct, total, z=1.96):
     """95% Wilson score interval for a binomial proportion."""
     p = correct / total
@@ -667,7 +667,7 @@ def paired_difference(shared):
             "mcnemar_p": mcnemar_exact(only_this, only_other)}
 
 
-# --- Evaluation: teacher-forced log-probs and NLL, greedy accuracy
+# --- Evaluation: teacher-forced log-probs and NLL, greedy accuracy --------------------------------
 def completion_logps(logits, labels, mask):
     """Summed log-probabilities of the completion tokens. logits: [B, T, V]; labels: [B, T],
     labels[b, t] = the token position t predicts; mask: [B, T]. Returns [B] float32: sum_t
@@ -748,7 +748,7 @@ def start_command(args, split, limit):
     return out, device, rows, model, tokenizer
 
 
-# --- Neurons: AttnLRP relevance, selection, the saved set, the causal check (ablation)
+# --- Neurons: AttnLRP relevance, selection, the saved set, the causal check (ablation) ------------
 # A "neuron" is one coordinate of an MLP's hidden layer, i.e. of the input of down_proj:
 # a = act(gate_proj(x)) * up_proj(x), shape [B, T, intermediate_size], in every layer.
 @contextlib.contextmanager
@@ -1103,7 +1103,7 @@ def cmd_ablate(args):
     print(f"wrote {out / 'ablation.json'}")
 
 
-# --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers
+# --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers ---------------
 def text_pair(tokenizer, question, chosen, rejected, question_index, chosen_is_gold, system=None):
     """One pair in TRL's format, {prompt, chosen, rejected}, with where it comes from."""
     return {"prompt": make_prompt(tokenizer, question, system),
@@ -1205,7 +1205,7 @@ def cmd_pairs(args):
     print(f"wrote {out / 'pairs.jsonl'}")
 
 
-# --- Losses: DPO, the neuron score and margin, YFPO
+# --- Losses: DPO, the neuron score and margin, YFPO -----------------------------------------------
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """Sigmoid DPO loss (Rafailov et al., 2023, "Direct Preference Optimization"). All inputs [B]
     summed log-probs.
@@ -1301,7 +1301,7 @@ def neuron_stats(neurons, device=None):
             for name, column in zip(("mean", "std", "direction"), columns)}
 
 
-# --- Training: packed pairs, the reference pass, lambda as a share, the loop
+# --- Training: packed pairs, the reference pass, lambda as a share, the loop ----------------------
 # Logged per optimizer step (TRL's names first), averaged over the step's pairs on all ranks.
 PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/rejected",
                 "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -1682,8 +1682,7 @@ def accumulate(job, model, chunk, weight):
 
 
 def train_loop(job):
-    """The optimizer steps from the reference to total_steps (or from a checkpoint with
-    --resume)."""
+    """The optimizer steps from the reference (or a checkpoint, --resume) to total_steps."""
     args, out, master = job.args, job.out, job.master
     weight = args.lam * job.c  # the neuron term's whole weight
     optimizer, scheduler, job.start_step = optimizer_and_schedule(job)
@@ -1693,21 +1692,20 @@ def train_loop(job):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
     raw = model.module if job.ddp else model  # what is saved, counted and probed
     num_params = sum(p.numel() for p in raw.parameters())
-    peak, probes = peak_flops(job.device) if master else None, probe_steps(job.total_steps,
-                                                                           args.probe_every)
+    peak = peak_flops(job.device) if master else None
+    probes = probe_steps(job.total_steps, args.probe_every)
     last_saved = job.start_step
     with tqdm(total=job.total_steps, initial=job.start_step, desc="train", unit="step",
               disable=not master) as bar:
         for step in range(job.start_step, job.total_steps):
             epoch, k = divmod(step, job.steps_per_epoch)
             chunk = epoch_order(job, epoch)[k * job.pairs_per_step:(k + 1) * job.pairs_per_step]
-            # the gradient each term contributes, before this step's update (extra passes)
-            probe = {}
+            probe = {}  # the gradient each term contributes, before this step's update
             if master and job.neurons and args.lam and step in probes:
                 probe = measure_terms(job, chunk, weight)
                 tqdm.write(f"step {step + 1}: gradient norm of the DPO term "
-                           f"{probe['grad_norm/dpo']:.4g}, "
-                           f"of the weighted neuron term {probe['grad_norm/neuron']:.4g} "
+                           f"{probe['grad_norm/dpo']:.4g}, of the weighted neuron term "
+                           f"{probe['grad_norm/neuron']:.4g} "
                            f"({probe['neuron/share']:.2%} of the DPO term's, cosine "
                            f"{probe['grad_cosine']:+.3f})")
             t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
@@ -1715,9 +1713,8 @@ def train_loop(job):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             if not (torch.isfinite(sums[0]) and torch.isfinite(grad_norm)):
                 raise UserError(f"non-finite loss or gradient at step {step + 1}; stopped. The "
-                                "last good "
-                                f"checkpoint is {job.checkpoint} (step {last_saved}); lower --lr "
-                                "or inspect this step's pairs")
+                                f"last good checkpoint is {job.checkpoint} (step {last_saved}); "
+                                "lower --lr or inspect this step's pairs")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -1766,7 +1763,7 @@ def cmd_train(args):
               f"{job.checkpoint}")
 
 
-# --- Eval and score: greedy accuracy, and teacher-forced endpoints of pairs
+# --- Eval and score: greedy accuracy, and teacher-forced endpoints of pairs -----------------------
 def cmd_eval(args):
     """eval: GSM8K exact match with batched greedy decoding."""
     out, device, rows, model, tokenizer = start_command(args, args.split, args.limit)
@@ -1810,7 +1807,7 @@ def cmd_score(args):
     print(f"scored {len(results)} of {len(rows)} pairs; wrote {out / 'scores.jsonl'}")
 
 
-# --- Reproduce: the paper's experiment in one restartable command, its report and figure
+# --- Reproduce: the paper's experiment in one restartable command, its report and figure ----------
 def reproduce_runs(args):
     """The training runs [(name, seed, lam, neuron file stem)]: DPO, YFPO and YFPO on the matched
     random neurons (its own c: the same dose), for every seed."""
@@ -2065,8 +2062,7 @@ def cmd_reproduce(args):
     print(f"wrote {out / 'report.md'}")
 
 
-# --- Demo: every stage on a tiny random model, offline (it checks the install; its accuracy means
-# nothing)
+# --- Demo: every stage on a tiny random model, offline; it checks the install, not accuracy -------
 DEMO_PROBLEMS = [
     ("Tom has 3 apples and buys 5 more. How many apples does he have?",
      "Tom has 3+5=<<3+5=8>>8 apples.\n#### 8"),
@@ -2151,7 +2147,7 @@ def cmd_demo(args):
           "accuracy means nothing.")
 
 
-# --- Command line
+# --- Command line ---------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
