@@ -34,8 +34,7 @@ DEFAULT_MODEL, DEFAULT_DATA = "Qwen/Qwen2.5-0.5B-Instruct", "openai/gsm8k"
 INSTRUCTION = ('Solve the problem step by step, then finish with "The answer is N." where N is the '
                'final number.')
 LRP_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # the ones lxt's AttnLRP patches and we test
-# default rows decoded at once (measured: see the README)
-GENERATION_BATCH = {"cpu": 64, "cuda": 128}
+GENERATION_BATCH = {"cpu": 64, "cuda": 128}  # default rows decoded at once (see the README)
 
 
 class UserError(Exception):
@@ -84,8 +83,7 @@ def read_jsonl(path, numbered=False):
 
 
 def looks_like_path(name):
-    """A name that can only mean a local file (hub ids are 'name' or 'org/name', without
-    extension)."""
+    """A name that can only mean a local file (hub ids are 'name' or 'org/name', no extension)."""
     suffixes = (".json", ".jsonl", ".parquet", ".gguf", ".pt")
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in suffixes
 
@@ -111,23 +109,22 @@ def pick_dtype(name, device):
 
 
 def load_model(name, device, dtype, trust_remote_code=False, weights=True):
-    """(model, tokenizer) from a hub id, a local Hugging Face folder, or a .gguf file (model None
-    without weights)."""
+    """(model, tokenizer) from a hub id, a Hugging Face folder or a .gguf file (model None: no
+    weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(name).exists() and looks_like_path(name):
         raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder, a .gguf "
                         "file or a hub id")
-    # read by transformers with gguf and accelerate
-    if Path(name).is_file() and name.endswith(".gguf"):
+    if Path(name).is_file() and name.endswith(".gguf"):  # transformers reads it with these two
         if not all(map(importlib.util.find_spec, ("gguf", "accelerate"))):
             raise UserError("loading a .gguf file needs the optional packages: pip install gguf "
                             "accelerate")
         name, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
-                                                     **kwargs) if weights else None
+        model = (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+                 if weights else None)
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local "
@@ -149,8 +146,7 @@ def model_shape(model):
 
 # --- Data: GSM8K rows, gold answers, prompts, tokenized batches -----------------------------------
 def load_rows(data, split, config=None):
-    """Rows of a local .jsonl/.json/.parquet file (or a folder holding SPLIT.*), or a hub
-    dataset."""
+    """Rows of a local .jsonl/.json/.parquet file, a folder holding SPLIT.*, or a hub dataset."""
     path = Path(data)
     if path.is_dir():  # SPLIT.jsonl, or shards such as SPLIT-00000-of-00002.parquet
         found = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")
@@ -171,8 +167,7 @@ def load_rows(data, split, config=None):
         if path.is_file():
             return list(datasets.load_dataset(path.suffix[1:], data_files=data, split="train"))
         return list(datasets.load_dataset(data, config, split=split))
-    # datasets raises many types for "unreachable", "unknown" and "malformed"
-    except Exception as e:
+    except Exception as e:  # datasets raises many types for "unreachable", "unknown", "malformed"
         fix = f"offline, pass a local file: --data /path/to/{split}.jsonl"
         if path.is_file():
             fix = "fix the file"
@@ -184,8 +179,8 @@ def load_gsm8k(data, split, require_gold=True):
     require_gold=False (control text for identify) answers need no '####' and gold is None."""
     rows = load_rows(data, split, config="main" if data == DEFAULT_DATA else None)
     for i, row in enumerate(rows, 1):
-        if missing := [k for k in ("question", "answer") if not isinstance(row,
-                                                                           dict) or k not in row]:
+        missing = [k for k in ("question", "answer") if not isinstance(row, dict) or k not in row]
+        if missing:
             raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need "
                             "'question' and 'answer'")
         question, answer = row["question"], row["answer"]
@@ -207,8 +202,7 @@ def parse_gold(answer):
 
 
 def gold_solution(answer):
-    """A GSM8K solution as a model should write it: no <<...>> calculator marks, ending "The answer
-    is N."."""
+    """A GSM8K solution as a model should write it: no <<...>> marks, ending "The answer is N."."""
     reasoning = re.sub(r"<<[^>]*>>", "", answer.rsplit("####", 1)[0]).strip()
     return f"{reasoning}\nThe answer is {parse_gold(answer)}."
 
@@ -220,8 +214,7 @@ def prompt_messages(question, system=None, instruction=True):
 
 
 def format_prompt(tokenizer, question, system=None, instruction=True):
-    """The prompt text: the chat template with the generation prompt, or 'Question:
-    ...\\nAnswer:'."""
+    """The prompt text: the chat template with the generation prompt, or 'Question: ...Answer:'."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(prompt_messages(question, system, instruction),
                                              tokenize=False, add_generation_prompt=True)
@@ -231,18 +224,17 @@ def format_prompt(tokenizer, question, system=None, instruction=True):
 
 
 def make_prompt(tokenizer, question, system=None, instruction=True):
-    """A prompt in TRL's preference format: messages when the tokenizer has a chat template, else
-    text."""
+    """A prompt in TRL's preference format: messages with a chat template, else text."""
     if tokenizer.chat_template:
         return prompt_messages(question, system, instruction)
     return format_prompt(tokenizer, question, system, instruction)
 
 
 def make_completion(tokenizer, text):
-    """A completion in TRL's format; as text it starts with exactly one space (sampled text may
-    bring its own)."""
-    return [{"role": "assistant",
-             "content": text}] if tokenizer.chat_template else " " + text.lstrip()
+    """A completion in TRL's format; as text, exactly one leading space (a sample may bring one)."""
+    if tokenizer.chat_template:
+        return [{"role": "assistant", "content": text}]
+    return " " + text.lstrip()
 
 
 def tokenize_example(tokenizer, prompt, completion, max_length):
@@ -260,9 +252,8 @@ def tokenize_example(tokenizer, prompt, completion, max_length):
         full_ids += [tokenizer.eos_token_id]
     if full_ids[:len(prompt_ids)] != prompt_ids:
         raise UserError("the tokenized prompt is not a prefix of prompt + completion; this "
-                        "tokenizer or "
-                        "chat template cannot be split into prompt and completion (TRL would fail "
-                        "the same way)")
+                        "tokenizer or chat template cannot be split into prompt and completion "
+                        "(TRL would fail the same way)")
     return prompt_ids, full_ids[len(prompt_ids):max(max_length, len(prompt_ids))]
 
 
@@ -297,8 +288,8 @@ def solution_examples(tokenizer, rows, max_length, system=None):
     for r in rows:
         math_row = r["gold"] is not None
         prompt = make_prompt(tokenizer, r["question"], system, instruction=math_row)
-        completion = make_completion(tokenizer,
-                                     gold_solution(r["answer"]) if math_row else r["answer"])
+        answer = gold_solution(r["answer"]) if math_row else r["answer"]
+        completion = make_completion(tokenizer, answer)
         examples.append(tokenize_example(tokenizer, prompt, completion, max_length))
     return examples
 
@@ -341,16 +332,14 @@ def is_correct(text, gold):
 
 
 # --- Generation: batched greedy (or sampled) decoding, in this process or through a server --------
-# Stated: the strict pattern, then a character that cannot continue the number ("is 1" does not stop
-# "is 12").
+# The strict pattern, then a character that cannot continue the number ("is 1" stops not "is 12")
 ANSWER_STATED = re.compile(STRICT.pattern + r"(?=[^\d.,]|[.,]\D)", re.IGNORECASE)
 STOP_RULE = ('EOS, max_new_tokens, or the strict answer ("The answer is N", "#### N", "\\boxed{N") '
              'once N is complete')
 
 
 def sequence_seed(seed, index):
-    """The seed of sequence `index` (question q, sample j: q * num_samples + j): the same on any
-    rank and batch size."""
+    """The seed of sequence `index` (q * num_samples + j): the same on any rank and batch size."""
     return (seed * 1_000_003 + index) % 2 ** 31
 
 
@@ -373,8 +362,7 @@ class SlotCache:
         return self.keys[layer][:, :, :new.stop], self.values[layer][:, :, :new.stop]
 
     def trim(self):
-        """Drop the leading columns no row owns, 64 or more at a time (a row spans at most W - 64
-        columns)."""
+        """Drop the leading columns no row owns, 64 or more at a time (a row spans <= W - 64)."""
         start = min(int(self.valid.any(0).int().argmax()), self.length - self.prompt_width)
         if start >= 64:
             n = self.length - start
@@ -423,8 +411,7 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate",
-             temperature=0.0,
-             num_samples=1, seed=0):
+             temperature=0.0, num_samples=1, seed=0):
     """num_samples completions per prompt text, in order, as {text, stop, tokens}; stop is eos,
     answer or length (STOP_RULE). Greedy, or plain sampling at temperature > 0 with a generator per
     sequence (the model's generation defaults are not used). Continuous batching: each prompt is
@@ -437,28 +424,24 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     longest_first = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))
     mine = longest_first[rank::world]  # ranks take turns
-    # a stack: pop() takes the next
-    waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]
+    waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]  # pop() takes the next
     rows, cache, results = [], None, {}
 
     def pick(logits, sequences):  # logits [S, V] -> next tokens [S]
         if not temperature:
             return logits.argmax(-1).tolist()
         probs = (logits.float() / temperature).softmax(-1)
-        return [int(torch.multinomial(p, 1, generator=s["generator"])) for p, s in zip(probs,
-                                                                                       sequences)]
+        return [int(torch.multinomial(p, 1, generator=s["generator"]))
+                for p, s in zip(probs, sequences)]
 
     def push(sequence, token):  # append a token; True when the sequence has ended (and is recorded)
         sequence["count"] += 1
         sequence["tokens"] += [] if token in eos else [token]
         text = tokenizer.decode(sequence["tokens"], skip_special_tokens=True)
-        if token in eos:
-            stop = "eos"
-        elif ANSWER_STATED.search(text):
-            stop = "answer"
-        elif sequence["count"] == max_new_tokens:
-            stop = "length"
-        else:
+        ended = {"eos": token in eos, "answer": ANSWER_STATED.search(text),
+                 "length": sequence["count"] == max_new_tokens}
+        stop = next((name for name, hit in ended.items() if hit), None)
+        if stop is None:
             return False
         results[sequence["index"]] = {"text": text, "stop": stop, "tokens": sequence["count"]}
         bar.update(1)
@@ -466,18 +449,15 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
     AttentionInterface.register("yfpo_decode", decode_attention)
     bar = tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample",
                disable=rank > 0)
-    # on exit: the attention put back, then the bar closed
-    with bar, contextlib.ExitStack() as restore:
+    with bar, contextlib.ExitStack() as restore:  # on exit: attention restored, then bar closed
         restore.callback(setattr, model.config, "_attn_implementation",
                          model.config._attn_implementation)
         model.config._attn_implementation = "yfpo_decode"
         while waiting or rows:
             free = [r for r, s in enumerate(rows) if s is None] + list(range(len(rows), batch_size))
-            # refill: prefill the next prompt alone and take its first token
-            while free and waiting:
+            while free and waiting:  # refill: prefill the next prompt alone, take its first token
                 q, j = waiting.pop()
-                # a prompt's samples are popped one after another: prefill it once for all
-                if j == 0:
+                if j == 0:  # a prompt's samples are popped in a row: prefill it once for all
                     out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True,
                                 logits_to_keep=1)
                     kv, logits = [layer[:2] for layer in out.past_key_values], out.logits[0, -1]
@@ -487,9 +467,8 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                 sequence = {"index": index, "tokens": [], "count": 0, "position": len(ids[q]) - 1,
                             "generator": generator}
                 if not push(sequence, pick(logits[None], [sequence])[0]):
-                    cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1), max(map(len,
-                                                                                              ids)),
-                                               max_new_tokens)
+                    cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1),
+                                               max(map(len, ids)), max_new_tokens)
                     cache.place(row := free.pop(0), kv)
                     rows[row:row + 1] = [sequence]
             live = [r for r, s in enumerate(rows) if s is not None]
@@ -499,13 +478,12 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                 rows = [rows[r] for r in cache.keep(live)]
             cache.trim()
             cache.valid[:, cache.length] = True
+            positions = [[s["position"] + len(s["tokens"])] for s in rows]
             out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
-                        position_ids=torch.tensor([[s["position"] + len(s["tokens"])]
-                                                   for s in rows],
-                                                  device=device),
+                        position_ids=torch.tensor(positions, device=device),
                         attention_mask=cache.valid[:, None, None, :cache.length + 1],
-                        past_key_values=cache,
-                        cache_position=torch.tensor([cache.length], device=device))
+                        past_key_values=cache, cache_position=torch.tensor([cache.length],
+                                                                           device=device))
             cache.length += 1
             for r, token in enumerate(pick(out.logits[:, -1], rows)):
                 if push(rows[r], token):
@@ -518,14 +496,12 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
 
 
 def check_server(url, model_name):
-    """The base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp) that serves
-    model_name."""
+    """The base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp) serving model_name."""
     base = url.rstrip("/").removesuffix("/v1")
     try:
         with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
             served = [m["id"] for m in json.load(response)["data"]]
-    # unreachable, not JSON, not a model list
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreachable, not JSON, no model list
         raise UserError(f"--server {url} is not an OpenAI-compatible server that answers "
                         f"({type(e).__name__}); start one, e.g. `vllm serve MODEL`, and pass its "
                         "URL (http://localhost:8000)") from None
@@ -556,12 +532,10 @@ def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_toke
     from concurrent.futures import ThreadPoolExecutor
 
     def complete(q):
-        body = {"model": model_name, "prompt": tokenizer(prompts[q],
-                                                         add_special_tokens=False)["input_ids"],
-                "max_tokens": max_new_tokens, "n": num_samples, "temperature": temperature,
-                "top_p": 1.0,
-                "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,  # no server-side defaults
-                "seed": sequence_seed(seed, q)}
+        ids = tokenizer(prompts[q], add_special_tokens=False)["input_ids"]
+        body = {"model": model_name, "prompt": ids, "max_tokens": max_new_tokens, "n": num_samples,
+                "temperature": temperature, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                "repetition_penalty": 1.0, "seed": sequence_seed(seed, q)}  # no server defaults
         request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
         try:
@@ -581,27 +555,23 @@ def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_toke
 
 
 def sample_completions(model, tokenizer, rows, args, desc, temperature=0.0, num_samples=1):
-    """generate() in this process, or server_generate() with --server, on the rows' questions
-    (format_prompt)."""
+    """generate() here, or server_generate() with --server, on the rows' questions."""
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
     if args.server:
         run = functools.partial(server_generate, args.server, args.model)
     else:
         run = functools.partial(generate, model)
     return run(tokenizer, prompts, args.batch_size, args.max_new_tokens, desc, temperature,
-               num_samples,
-               args.seed)
+               num_samples, args.seed)
 
 
 def generation_summary(completions, args, seconds):
     """How completions were made and ended, and how fast (for summary.json and the screen)."""
     tokens = sum(c["tokens"] for c in completions)
-    return {"stop_rule": STOP_RULE,
-            "stops": dict(collections.Counter(c["stop"] for c in completions)),
-            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-            "server": args.server,
-            "processes": rank_and_world()[1], "generated_tokens": tokens,
-            "wall_time_s": round(seconds, 2),
+    stops = dict(collections.Counter(c["stop"] for c in completions))
+    return {"stop_rule": STOP_RULE, "stops": stops, "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size, "server": args.server, "processes": rank_and_world()[1],
+            "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
@@ -1023,13 +993,11 @@ def cmd_identify(args):
                                                  counts_per_layer=counts,
                                                  direction_disagrees_with_mean_sign=disagree))
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per "
-          "layer:",
-          *(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
-            for layer, count in enumerate(counts)),
-          f"the saved direction differs from the sign of the mean activation for {disagree} of "
-          f"{len(neurons)}", f"train questions {rows[0]['index']}-{rows[-1]['index']}; wrote "
-          f"{out / 'neurons.json'} and {out / 'random_neurons.json'} (the matched random control)",
-          sep="\n")
+          "layer:", *(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
+                      for layer, count in enumerate(counts)), "the saved direction differs from "
+          f"the sign of the mean activation for {disagree} of {len(neurons)}",
+          f"train questions {rows[0]['index']}-{rows[-1]['index']}; wrote {out / 'neurons.json'} "
+          f"and {out / 'random_neurons.json'} (the matched random control)", sep="\n")
 
 
 def cmd_ablate(args):
@@ -1142,8 +1110,7 @@ def heldout_pairs(tokenizer, rows, evaluated, system=None):
         if not e["correct"]:
             gold = gold_solution(rows[e["index"]]["answer"])
             pairs.append(text_pair(tokenizer, e["question"], gold, e["completion"], e["index"],
-                                   True,
-                                   system))
+                                   True, system))
     return pairs
 
 
@@ -1183,8 +1150,7 @@ def cmd_pairs(args):
                             "there; run `python yfpo.py eval` first")
         split, out = json.loads(summary.read_text())["split"], check_out_dir(args.out)
         tokenizer = load_model(args.model, torch.device("cpu"), torch.float32,
-                               args.trust_remote_code,
-                               weights=False)[1]
+                               args.trust_remote_code, weights=False)[1]
         pairs = heldout_pairs(tokenizer, load_gsm8k(args.data, split), read_jsonl(args.from_eval),
                               args.system)
         write_jsonl(out / "pairs.jsonl", pairs)
@@ -1231,8 +1197,7 @@ def neuron_scores(activations, mask, mean, std, direction):
 
 
 def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_margin=None,
-              beta=0.1,
-              lam=0.3, gamma=1.0, yoke="loss"):
+              beta=0.1, lam=0.3, gamma=1.0, yoke="loss"):
     """The YFPO loss (arXiv 2605.11906): DPO yoked to the neuron margin. Log-probs and the margin
     are [B]: m = s(x, y_w) - s(x, y_l) (--neuron-margin policy), or m - m_ref, anchored to the
     reference model's margin as h anchors the log-ratios (relative); h as in dpo_loss.
@@ -1242,8 +1207,7 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
     share. lam = 0 returns the DPO loss itself (the margin may then be None). Returns (losses [B],
     dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B])."""
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected,
-                                                            ref_chosen,
-                                                            ref_rejected, beta)
+                                                            ref_chosen, ref_rejected, beta)
     neuron_losses = None if neuron_margin is None else -F.logsigmoid(gamma * neuron_margin)
     if lam == 0:
         losses = dpo_losses
@@ -1392,8 +1356,7 @@ def train_setup(args):
                         "without --resume")
     torch.manual_seed(args.seed)
     job.model, job.tokenizer = load_model(str(job.checkpoint) if args.resume else args.model,
-                                          job.device,
-                                          torch.float32, args.trust_remote_code)
+                                          job.device, torch.float32, args.trust_remote_code)
     # what packed pairs' masks need
     if job.model.config._attn_implementation not in ("eager", "sdpa"):
         raise UserError(f"{job.model.config._attn_implementation} attention cannot take packed "
@@ -1635,9 +1598,8 @@ def optimizer_and_schedule(job):
                            weights_only=False)
         if state["run"] != job.run_id:
             raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, "
-                            "batch x "
-                            "accum x processes, seed or loss settings; resume with the same ones, "
-                            "or a new --out")
+                            "batch x accum x processes, seed or loss settings; resume with the "
+                            "same ones, or a new --out")
         # no RNG state: with dropout off nothing draws
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1705,9 +1667,8 @@ def train_loop(job):
                 probe = measure_terms(job, chunk, weight)
                 tqdm.write(f"step {step + 1}: gradient norm of the DPO term "
                            f"{probe['grad_norm/dpo']:.4g}, of the weighted neuron term "
-                           f"{probe['grad_norm/neuron']:.4g} "
-                           f"({probe['neuron/share']:.2%} of the DPO term's, cosine "
-                           f"{probe['grad_cosine']:+.3f})")
+                           f"{probe['grad_norm/neuron']:.4g} ({probe['neuron/share']:.2%} of the "
+                           f"DPO term's, cosine {probe['grad_cosine']:+.3f})")
             t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
             sums = accumulate(job, model, chunk, weight)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1833,8 +1794,7 @@ def reproduce_stages(args, out):
     identify = flags(num_samples=args.num_samples, top_k=args.top_k, max_length=args.max_length,
                      control=args.control)
     ablate = flags(neurons=sets["neurons"], num_samples=args.ablate_samples,
-                   max_length=args.max_length,
-                   random_seeds=args.random_seeds, control=args.control)
+                   max_length=args.max_length, random_seeds=args.random_seeds, control=args.control)
     sample = flags(num_questions=args.num_questions, temperature=args.temperature,
                    samples_per_question=args.samples_per_question)
     stages = [("identify", ["identify", *common, *identify], []),
@@ -1843,10 +1803,9 @@ def reproduce_stages(args, out):
     runs = reproduce_runs(args)
     for run, seed, lam, stem in runs:
         train = flags(seed=seed, pairs=pairs, neurons=sets[stem], lam=lam, lr=args.lr,
-                      beta=args.beta,
-                      gamma=args.gamma, yoke=args.yoke, neuron_margin=args.neuron_margin,
-                      balance=args.balance, calibration_pairs=args.calibration_pairs,
-                      epochs=args.epochs,
+                      beta=args.beta, gamma=args.gamma, yoke=args.yoke,
+                      neuron_margin=args.neuron_margin, balance=args.balance,
+                      calibration_pairs=args.calibration_pairs, epochs=args.epochs,
                       grad_accum=args.grad_accum, batch_size=args.train_batch_size,
                       max_length=args.max_length, save_every=args.save_every)
         stages.append(("train_" + run, ["train", *common, *train], ["identify", "pairs"]))
@@ -1854,8 +1813,7 @@ def reproduce_stages(args, out):
                                      for run, _, _, _ in runs]
     for run, model, reads in models:  # a trained model's --model comes last, and the last one wins
         stages.append(("eval_" + run, ["eval", *generation, *flags(limit=args.eval_limit,
-                                                                   model=model)],
-                       reads))
+                                                                   model=model)], reads))
     # Held-out endpoints: test questions the base model got wrong, gold chosen, its answer rejected
     base_eval = str(out / "eval_base" / "eval.jsonl")
     stages.append(("heldout", ["pairs", *common, "--from-eval", base_eval], ["eval_base"]))
@@ -1914,11 +1872,9 @@ def write_report(out, args, seconds):
         return f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}; {a} vs {b}; detectable {reach})"
     settings = ", ".join(f"`{k}={v}`" for k, v in vars(args).items() if k not in ("run", "command",
                                                                                   "out"))
-    lines = ["# YFPO reproduction", "", "Settings: " + settings, "",
-             "Paired tests: exact McNemar p; the questions only this / only the other model got "
-             "right; "
-             "the smallest difference detectable at 80% power (alpha 0.05) given that discordance.",
-             "",
+    lines = ["# YFPO reproduction", "", "Settings: " + settings, "", "Paired tests: exact McNemar "
+             "p; the questions only this / only the other model got right; the smallest difference "
+             "detectable at 80% power (alpha 0.05) given that discordance.", "",
              "| model | accuracy | 95% CI | strict | correct / total | vs base | vs DPO |",
              "| --- " * 7 + "|"]
     for name, (s, _) in evals.items():
@@ -1933,10 +1889,9 @@ def write_report(out, args, seconds):
         lines.append(f"\n{name} over {args.seeds} seeds: accuracy {acc.mean():.4f} ± "
                      f"{acc.std():.4f} (std)")
     lines += ["", "| training run | steps | c | share first / middle / last | cosine first / "
-                  "middle / "
-              "last | reward accuracy | reward margin | neuron margin | its gain over the "
-              "reference | "
-              "grad norm DPO first / last | grad norm neuron first / last |", "| --- " * 11 + "|"]
+              "middle / last | reward accuracy | reward margin | neuron margin | its gain over the "
+              "reference | grad norm DPO first / last | grad norm neuron first / last |",
+              "| --- " * 11 + "|"]
     for stage in (s for s in seconds if s.startswith("train_")):
         steps = read_jsonl(out / stage / "metrics.jsonl")
         last, probes = steps[-1], [m for m in steps if "neuron/share" in m]
@@ -1955,25 +1910,19 @@ def write_report(out, args, seconds):
               for s in seconds if s.startswith("score_")}
     if scores and scores["base"]:
         lines += ["", f"Held-out endpoints: {len(scores['base'])} test questions the base model "
-                      "got wrong, "
-                  "gold solution as chosen, its own answer as rejected, teacher-forced, the base "
-                  "model as "
-                  "the reference; mean [paired bootstrap 95% CI] over pairs. The neuron-margin "
-                  "columns are "
-                  "the specificity test: the base row is the margin itself, the others its gain "
-                  "over base.",
-                  "", "| model | reward accuracy | reward margin h | gold NLL per token | neuron "
-                      "margin: "
-                  "selected set | neuron margin: random set |", "| --- " * 6 + "|",
-                  *heldout_rows(scores, args.seed)]
+                  "got wrong, gold solution as chosen, its own answer as rejected, teacher-forced, "
+                  "the base model as the reference; mean [paired bootstrap 95% CI] over pairs. The "
+                  "neuron-margin columns are the specificity test: the base row is the margin "
+                  "itself, the others its gain over base.", "", "| model | reward accuracy | "
+                  "reward margin h | gold NLL per token | neuron margin: selected set | neuron "
+                  "margin: random set |", "| --- " * 6 + "|", *heldout_rows(scores, args.seed)]
     ab = json.loads((out / "ablate" / "ablation.json").read_text())
     for text, r in [("math", ab), ("control", ab.get("control"))][:1 + ("control" in ab)]:
         m = r["random_matched"]
         lines += ["", f"Ablation on {text} text ({ab['num_neurons']} neurons x {ab['scale']:g}, "
                   f"{r.get('num_samples', ab['num_samples'])} solutions): NLL {r['nll_base']:.4f} "
-                  "-> "
-                  f"{r['nll_ablated']:.4f} (rise {r['rise']:+.4f}); matched random neurons: rise "
-                  f"{m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}"]
+                  f"-> {r['nll_ablated']:.4f} (rise {r['rise']:+.4f}); matched random neurons: "
+                  f"rise {m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}"]
     lines += ["", "| stage | wall time (s) |", "| --- | --- |", *(f"| {s} | {t} |" for s,
                                                                   t in seconds.items()),
               f"| all | {sum(seconds.values()):.1f} |"]
@@ -2025,9 +1974,8 @@ def cmd_reproduce(args):
     train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs][0]
     if args.num_samples + args.num_questions > len(train_rows):
         raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} "
-                        "exceed "
-                        f"the {len(train_rows)} train questions: identify reads the last, pairs "
-                        "the first; lower one")
+                        f"exceed the {len(train_rows)} train questions: identify reads the last, "
+                        "pairs the first; lower one")
     load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
                weights=False)
     stages, keys, seconds = reproduce_stages(args, out), {}, {}
@@ -2110,8 +2058,7 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     bpe.train_from_iterator([*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is "
                                                                           "0123456789."], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>",
-                                        chat_template=CHATML_TEMPLATE,
+                                        pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
                                         model_input_names=["input_ids", "attention_mask"])
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64,
                                   intermediate_size=128,
@@ -2172,50 +2119,47 @@ def gamma_value(text):
 
 
 def build_parser():
-    def group(**flags):  # a parent parser: flags several commands share, declared once
+    def group(**flags):
+        """A parent parser: flags several commands share, declared once. A flag is given by its
+        default, whose kind sets its type (int or None: a positive whole number, float: positive,
+        str: text, False: a switch), or by a dict of add_argument's keywords."""
         parser = argparse.ArgumentParser(add_help=False)
-        # int or None: positive whole number; float: positive; str: text
-        for flag, default in flags.items():
-            kind = positive_int
-            if isinstance(default, str):
-                kind = str
-            elif isinstance(default, float):
-                kind = positive_float
-            parser.add_argument("--" + flag.replace("_", "-"), type=kind, default=default)
+        for flag, spec in flags.items():
+            spec = spec if isinstance(spec, dict) else {"default": spec}
+            if spec.get("default") is False:
+                spec = {"action": "store_true", **spec}
+            else:
+                kind = {str: str, float: positive_float}.get(type(spec.get("default")))
+                spec = {"type": kind or positive_int, **spec}
+            parser.add_argument("--" + flag.replace("_", "-"), **spec)
         return parser
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=DEFAULT_MODEL,
-                        help="hub id, local Hugging Face folder, or .gguf file")
-    common.add_argument("--data", default=DEFAULT_DATA,
-                        help="hub dataset, or a local .jsonl/.json/.parquet file or folder")
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16",
-                                                            "float16"],
-                        help="auto: bfloat16 where the GPU supports it, else float32")
-    common.add_argument("--out", default="out", help="folder for this command's files")
-    common.add_argument("--system", default=None, help="system prompt (default: none)")
-    common.add_argument("--trust-remote-code", action="store_true")
-    generation = group(max_new_tokens=512)
-    generation.add_argument("--batch-size", type=positive_int, help="sequences decoded at once "
-                                                                    "(default: "
-                            "64 on CPU, 128 on GPU); with --server (eval, pairs), requests in "
-                            "flight (default 64)")
-    loss = group(calibration_pairs=16)  # pairs c is measured on
-    loss.add_argument("--lam", type=float, default=0.3, help="weight of the neuron term; 0 is "
-                                                             "plain DPO")
-    loss.add_argument("--gamma", type=gamma_value, default="auto", help="scale of the neuron "
-                                                                        "margin; "
-                      "auto: 1 / std of the reference margins over the pairs")
-    loss.add_argument("--neuron-margin", choices=["policy", "relative"], default="relative",
-                      help="relative (default, measured: see the README): m - m_ref; policy: m")
-    loss.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
-    loss.add_argument("--yoke", choices=["loss", "reward"], default="reward",
-                      help="reward (default, measured): inside DPO's sigmoid; loss: a second term")
-    loss.add_argument("--balance", choices=["share", "none"], default="share", help="share: the "
-                                                                                    "neuron "
-                      "term weighs lam * c, c calibrated so that its step-1 gradient is lam x "
-                      "DPO's; none: c = 1")
+    common = group(
+        model=dict(default=DEFAULT_MODEL, help="hub id, local Hugging Face folder, or .gguf file"),
+        data=dict(default=DEFAULT_DATA,
+                  help="hub dataset, or a local .jsonl/.json/.parquet file or folder"),
+        seed=dict(type=int, default=0),
+        device=dict(default="auto", help="auto: cuda if available, else cpu"),
+        dtype=dict(default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 where the GPU supports it, else float32"),
+        out=dict(default="out", help="folder for this command's files"),
+        system=dict(type=str, help="system prompt (default: none)"), trust_remote_code=False)
+    generation = group(max_new_tokens=512, batch_size=dict(
+        help="sequences decoded at once (default: 64 on CPU, 128 on GPU); with --server (eval, "
+             "pairs), requests in flight (default 64)"))
+    loss = group(
+        calibration_pairs=16,  # pairs c is measured on
+        lam=dict(type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO"),
+        gamma=dict(type=gamma_value, default="auto", help="scale of the neuron margin; auto: 1 / "
+                   "std of the reference margins over the pairs"),
+        neuron_margin=dict(choices=["policy", "relative"], default="relative",
+                           help="relative (default, measured: see the README): m - m_ref; policy: "
+                           "m"),
+        beta=dict(type=float, default=0.1, help="DPO temperature"),
+        yoke=dict(choices=["loss", "reward"], default="reward",
+                  help="reward (default, measured): inside DPO's sigmoid; loss: a second term"),
+        balance=dict(choices=["share", "none"], default="share", help="share: the neuron term "
+                     "weighs lam * c, c calibrated so that its step-1 gradient is lam x DPO's; "
+                     "none: c = 1"))
     # The defaults reproduce passes on to identify, pairs and train; max_length is every stage's.
     length, selection = group(max_length=512), group(num_samples=256, top_k=1000)
     sampling = group(num_questions=2000, samples_per_question=4, temperature=0.8)
@@ -2223,68 +2167,58 @@ def build_parser():
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def command(name, run, help, *parents, **flags):  # a subcommand and its flags that need no help
+    def command(name, run, help, *parents, **flags):  # a subcommand; its own flags as in group
         p = commands.add_parser(name, parents=[*parents, group(**flags)], help=help)
         p.set_defaults(run=run)
         return p
-    p = command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
-                selection, length, batch_size=4)
-    p.add_argument("--per-layer", action="store_true",
-                   help="top k/L neurons of every layer instead of the global top k")
-    p.add_argument("--control", help="non-math question/answer data; its mean relevance is "
-                                     "subtracted")
-    p = command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
-                generation, length, num_samples=200, random_seeds=10, nll_batch_size=8,
-                split="test")
-    p.add_argument("--scale", type=float, default=0.0,
-                   help="factor on the neurons' activations: 0 ablates them")
-    p.add_argument("--neurons", required=True)
-    p.add_argument("--eval-accuracy", action="store_true",
-                   help="also run the evaluator with and without ablation")
-    p.add_argument("--control", help="non-math question/answer data: the NLL rise there too (its "
-                                     "last rows)")
-    p = command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common,
-                generation,
-                sampling)
-    p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to sample from")
-    p.add_argument("--from-eval", help="an eval.jsonl: held-out pairs from its wrong answers, no "
-                                       "sampling")
-    # save_every: a checkpoint every N steps (always one at the end)
-    p = command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, training,
-                length,
-                max_steps=None, save_every=None)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--pairs", help="pairs JSONL (default: OUT/pairs.jsonl)")
-    p.add_argument("--neurons", help="neurons.json (default: OUT/neurons.json when it exists)")
-    p.add_argument("--batch-size", type=positive_int, default=2, help="pairs per micro-batch per "
-                                                                      "process")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/model")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--probe-every", type=positive_int, help="measure the terms' gradients every N "
-                                                            "steps "
-                   "(default: the first, middle and last step)")
-    p.add_argument("--allow-overlap", action="store_true",
-                   help="train on questions the neurons were selected on")
-    p = command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None,
-                split="test")  # limit: the first N questions
-    p.add_argument("--server", help="an OpenAI-compatible server's URL (vllm serve) to generate "
-                                    "with")
-    p = command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common,
-                length,
-                batch_size=8)
-    p.add_argument("--pairs", required=True, help="pairs JSONL, e.g. from `pairs --from-eval`")
-    p.add_argument("--neurons", nargs="+", required=True, help="one or more neurons.json files")
-    p = command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into "
-                                            "OUT/report.md",
-                common, generation, loss, selection, sampling, training, length, ablate_samples=200,
-                random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None)
-    p.add_argument("--control", help="identify's non-math question/answer data, subtracted")
+    command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
+            selection, length, batch_size=4, per_layer=dict(
+                default=False, help="top k/L neurons of every layer instead of the global top k"),
+            control=dict(type=str, help="non-math question/answer data; its mean relevance is "
+                         "subtracted"))
+    command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
+            generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
+            scale=dict(type=float, default=0.0, help="factor on the neurons' activations: 0 "
+                       "ablates them"),
+            neurons=dict(type=str, required=True), eval_accuracy=dict(
+                default=False, help="also run the evaluator with and without ablation"),
+            control=dict(type=str, help="non-math question/answer data: the NLL rise there too "
+                         "(its last rows)"))
+    command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
+            sampling, server=dict(type=str, help="an OpenAI-compatible server's URL (vllm serve) "
+                                  "to sample from"),
+            from_eval=dict(type=str, help="an eval.jsonl: held-out pairs from its wrong answers, "
+                           "no sampling"))
+    command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, training, length,
+            max_steps=None, save_every=None,  # a checkpoint every N steps (always one at the end)
+            warmup_ratio=dict(type=float, default=0.1),
+            pairs=dict(type=str, help="pairs JSONL (default: OUT/pairs.jsonl)"),
+            neurons=dict(type=str, help="neurons.json (default: OUT/neurons.json when it exists)"),
+            batch_size=dict(default=2, help="pairs per micro-batch per process"),
+            resume=dict(default=False, help="continue from OUT/model"),
+            gradient_checkpointing=False, probe_every=dict(help="measure the terms' gradients "
+                                                           "every N steps (default: the first, "
+                                                           "middle and last step)"),
+            allow_overlap=dict(default=False,
+                               help="train on questions the neurons were selected on"))
+    command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None,
+            split="test", server=dict(type=str, help="an OpenAI-compatible server's URL (vllm "
+                                      "serve) to generate with"))  # limit: the first N questions
+    command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common,
+            length, batch_size=8,
+            pairs=dict(type=str, required=True, help="pairs JSONL, e.g. from `pairs --from-eval`"),
+            neurons=dict(type=str, nargs="+", required=True,
+                         help="one or more neurons.json files"))
+    command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md",
+            common, generation, loss, selection, sampling, training, length, ablate_samples=200,
+            random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None,
+            control=dict(type=str, help="identify's non-math question/answer data, subtracted"))
     p = command("plot", cmd_plot,
-                "overlay the training dynamics (and accuracies) of train or reproduce folders")
+                "overlay the training dynamics (and accuracies) of train or reproduce folders",
+                out=dict(type=str, help="the figure (default: DIR/training.png for the first DIR)"))
     p.add_argument("dirs", nargs="+")
-    p.add_argument("--out", help="the figure (default: DIR/training.png for the first DIR)")
-    p = command("demo", cmd_demo, "all stages on a tiny random model, offline", out="demo")
-    p.add_argument("--seed", type=int, default=0)
+    command("demo", cmd_demo, "all stages on a tiny random model, offline", out="demo",
+            seed=dict(type=int, default=0))
     return parser
 
 
