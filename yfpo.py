@@ -585,8 +585,8 @@ def wilson_interval(correct, total, z=1.96):
 
 
 def mcnemar_exact(only_a, only_b):
-    """Two-sided exact McNemar p-value from the discordant counts (a right/b wrong, b right/a
-    wrong): p = min(1, 2 * P(Binomial(only_a + only_b, 1/2) <= min(only_a, only_b)))."""
+    """Two-sided exact McNemar p-value from the discordant counts (only a right, only b right):
+    p = min(1, 2 * P(Binomial(only_a + only_b, 1/2) <= min(only_a, only_b)))."""
     n = only_a + only_b
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)
 
@@ -594,15 +594,14 @@ def mcnemar_exact(only_a, only_b):
 def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
     """The smallest accuracy difference the exact McNemar test detects with `power` at `alpha`,
     given that `discordant` of `total` questions are discordant (conditioned on that count): with
-    only_a ~ Binomial( discordant, pi), the difference is (2 pi - 1) * discordant / total. None when
+    only_a ~ Binomial(discordant, pi), the difference is (2 pi - 1) * discordant / total. None when
     no split is significant."""
     k = torch.arange(discordant + 1, dtype=torch.float64)
     log_comb = math.lgamma(discordant + 1) - torch.lgamma(k + 1) - torch.lgamma(discordant - k + 1)
 
     def pmf(pi):  # P(only_a = k) for every k
         return (log_comb + k * math.log(pi) + (discordant - k) * math.log1p(-pi)).exp()
-    # mcnemar_exact(k, discordant - k), k <= half
-    p_values = 2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1]
+    p_values = 2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1]  # mcnemar_exact(k, discordant - k)
     significant = (p_values <= alpha).nonzero()
     if not len(significant):
         return None
@@ -623,14 +622,13 @@ def bootstrap_ci(values, seed=0, resamples=2000):
     one."""
     values = torch.as_tensor(values, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    means = values[torch.randint(len(values), (resamples, len(values)),
-                                 generator=generator)].mean(1)
+    draws = torch.randint(len(values), (resamples, len(values)), generator=generator)
+    means = values[draws].mean(1)
     return means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
 def paired_difference(shared):
-    """Accuracy difference of two runs on the same questions, shared =
-    [(this correct, other correct)]; exact McNemar."""
+    """Accuracy difference of two runs on the same questions, shared = [(this, other correct)]."""
     only_this, only_other = sum(a and not b for a, b in shared), sum(b and not a for a, b in shared)
     return {"shared": len(shared), "difference": (only_this - only_other) / len(shared),
             "only_this_correct": only_this, "only_other_correct": only_other,
@@ -658,9 +656,8 @@ def forward_logps(model, batch):
     if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
         attention = attention[:, None]
         if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds it
-            attention = torch.zeros(attention.shape,
-                                    device=attention.device).masked_fill(~attention,
-                                                                                         -torch.inf)
+            attention = torch.zeros(attention.shape, device=attention.device).masked_fill(
+                ~attention, -torch.inf)
     predicts = mask.amax(-1) if mask.dim() == 3 else mask  # [B, T]: t predicts a completion token
     first = int(predicts.argmax(1).min())
     logits = model(input_ids=batch["input_ids"], attention_mask=attention,
@@ -709,7 +706,6 @@ def start_command(args, split, limit):
     out, device = check_out_dir(args.out), pick_device(args.device)
     torch.manual_seed(args.seed)
     rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
-    # eval, pairs
     args.server = getattr(args, "server", None) and check_server(args.server, args.model)
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
                                   args.trust_remote_code, weights=not args.server)
@@ -756,13 +752,11 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
     l's down_proj. Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP
     relevance; outside it is gradient x input (float32; the weights get no gradient). Returns (R,
     G), each [B, L, I], over the solution's tokens; G = sum_t dF/da."""
-    # found: down_proj module -> its (relevance, gradient)
-    layers, found = decoder_layers(model), {}
+    layers, found = decoder_layers(model), {}  # found: down_proj module -> (relevance, gradient)
     keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # solution tokens: t + 1 holds label t
 
     def pre_hook(module, args):
-        # the hook must not hold args[0] itself: that cycle would never be freed
-        a = args[0].detach()
+        a = args[0].detach()  # not args[0] itself: that cycle would never be freed
 
         def on_grad(grad):  # called during backward with dF/da, shape [B, T, I]
             found[module] = ((a.float() * grad.float() * keep).sum(1), (grad.float() * keep).sum(1))
@@ -772,19 +766,18 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
             undo.enter_context(layer.mlp.down_proj.register_forward_pre_hook(pre_hook))
         for p in model.parameters():
             undo.callback(p.requires_grad_, p.requires_grad)
-        # activation gradients only: autograd keeps nothing for the weights'
-        model.requires_grad_(False)
+        model.requires_grad_(False)  # activation gradients only: nothing kept for the weights'
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-        hidden = model.get_decoder()(inputs_embeds=embeds,
-                                     attention_mask=attention_mask).last_hidden_state
+        hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask)
+        hidden = hidden.last_hidden_state
         # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary matmul.
         head = model.get_output_embeddings()
         logits = (hidden * head.weight[labels]).sum(-1)
         if head.bias is not None:
             logits = logits + head.bias[labels]
         torch.autograd.grad((logits * loss_mask).sum(), embeds)
-    return tuple(torch.stack([found[layer.mlp.down_proj][j] for layer in layers],
-                             dim=-2) for j in (0, 1))
+    relevance, gradient = zip(*[found[layer.mlp.down_proj] for layer in layers])
+    return torch.stack(relevance, dim=-2), torch.stack(gradient, dim=-2)
 
 
 def score_neurons(model, batches, progress=None):
@@ -843,8 +836,8 @@ def ablate_neurons(model, neurons, scale=0.0):
 
 
 def load_neurons(path, model):
-    """The neuron set of a neurons.json, checked against the model's shape:
-    [(layer, index, score, act_mean, act_std, direction)]."""
+    """A neurons.json checked against the model: [(layer, index, score, act_mean, act_std,
+    direction)]."""
     if not Path(path).is_file():
         raise UserError(f"neurons file missing: {path}; run `python yfpo.py identify` first")
     try:
@@ -866,8 +859,7 @@ def load_neurons(path, model):
 
 @torch.no_grad()
 def activation_moments(model, batches):
-    """Mean, std and mean |a| of every neuron over the solution's own tokens in batches (see
-    collate): 3 x [L, I]."""
+    """Mean, std and mean |a| of every neuron over the solutions' tokens in batches: 3 x [L, I]."""
     layers, sums, keep = decoder_layers(model), {}, []
 
     def pre_hook(module, args):  # sums of a, a^2 and |a| over this batch's solution positions
@@ -877,13 +869,11 @@ def activation_moments(model, batches):
     with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
         for layer in layers:
             hooks.enter_context(layer.mlp.down_proj.register_forward_pre_hook(pre_hook))
-        # the decoder alone: no logits. Position t + 1 holds the token label t names.
-        for batch in batches:
+        for batch in batches:  # the decoder alone: no logits. Position t + 1 holds label t.
             keep.append(F.pad(batch["loss_mask"], (1, 0))[:, :-1, None].double())
-            model.get_decoder()(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"])
-    sums = torch.stack([sums[layer.mlp.down_proj] for layer in layers],
-                       1) / sum(k.sum() for k in keep)
+            model.get_decoder()(batch["input_ids"], attention_mask=batch["attention_mask"])
+    tokens = sum(k.sum() for k in keep)
+    sums = torch.stack([sums[layer.mlp.down_proj] for layer in layers], 1) / tokens
     mean, mean_sq, mean_abs = sums
     return mean.float(), (mean_sq - mean ** 2).clamp_min(0).sqrt().float(), mean_abs.float()
 
@@ -902,12 +892,11 @@ def random_neurons(neurons, mean_abs, generator, bins=10):
         if len(pool) < len(picked):
             raise UserError(f"layer {layer}: {len(picked)} neurons selected, {len(pool)} others; "
                             "select fewer (--top-k)")
-        chunks = pool[mean_abs[layer, pool].argsort()].tensor_split(
-            max(1, min(bins, len(pool) // len(picked))))
-        # the top of every bin but the last
-        edges = mean_abs[layer, [int(c[-1]) for c in chunks[:-1]]]
-        for b, need in zip(*torch.bucketize(mean_abs[layer, picked],
-                                            edges).unique(return_counts=True)):
+        num_bins = max(1, min(bins, len(pool) // len(picked)))
+        chunks = pool[mean_abs[layer, pool].argsort()].tensor_split(num_bins)
+        edges = mean_abs[layer, [int(c[-1]) for c in chunks[:-1]]]  # each bin's top but the last's
+        of_bin = torch.bucketize(mean_abs[layer, picked], edges)
+        for b, need in zip(*of_bin.unique(return_counts=True)):
             draw = torch.randperm(len(chunks[b]), generator=generator)[:need]
             control += [(layer, int(i)) for i in chunks[b][draw]]
     return control
@@ -918,22 +907,19 @@ def compare_with_random(nll_base, nll_selected, nll_random):
     rise = mean - nll_base, z = (nll_selected - mean) / std, and ratio = (nll_selected - nll_base) /
     rise, given only when the random rise is over 3 standard errors (3 std / sqrt(n)) from zero;
     else None and a note."""
-    mean, std = sum(nll_random) / len(nll_random), torch.tensor(nll_random,
-                                                                dtype=torch.float64).std().item()
+    mean = sum(nll_random) / len(nll_random)
+    std = torch.tensor(nll_random, dtype=torch.float64).std().item()
     rise, noise = mean - nll_base, 3 * std / math.sqrt(len(nll_random))
     clear = abs(rise) > noise
-    note = None
-    if not clear:
-        note = (f"random rise {rise:+.3g} is within 3 standard errors ({noise:.3g}) of zero: no "
-                "ratio")
+    note = None if clear else (f"random rise {rise:+.3g} is within 3 standard errors ({noise:.3g}) "
+                               "of zero: no ratio")
     return {"nll": nll_random, "mean": mean, "std": std, "rise": rise,
             "z": (nll_selected - mean) / std if std else None,
             "ratio": (nll_selected - nll_base) / rise if clear else None, "note": note}
 
 
 def solution_batches(tokenizer, rows, args, device, batch_size):
-    """The rows' (prompt, gold solution) examples (solution_examples) as collate batches on
-    device."""
+    """The rows' (prompt, gold solution) examples (solution_examples) as collate batches."""
     examples = solution_examples(tokenizer, rows, args.max_length, args.system)
     return [to_device(collate(chunk, tokenizer.pad_token_id), device)
             for chunk in batches_of(examples, batch_size)]
@@ -942,23 +928,20 @@ def solution_batches(tokenizer, rows, args, device, batch_size):
 def cmd_identify(args):
     """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k. The
     solutions are the last --num-samples of the train split (pairs samples from its start); beside
-    the set, a random control set matched to it per layer and activation scale, with statistics from
-    the same pass."""
-    control = load_gsm8k(args.control, "train",
-                         require_gold=False)[:args.num_samples] if args.control else []
-    out, device, rows, model, tokenizer = start_command(args, "train", slice(-args.num_samples,
-                                                                             None))
+    the set, a random control set matched to it per layer and activation scale."""
+    control = load_gsm8k(args.control, "train", require_gold=False) if args.control else []
+    control = control[:args.num_samples]
+    last = slice(-args.num_samples, None)
+    out, device, rows, model, tokenizer = start_command(args, "train", last)
     with attnlrp(model):
-        # k checked first
-        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)
+        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # k first
         math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
         start = time.perf_counter()
         with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
             scores, directions = score_neurons(model, math_batches, bar)
             if control:  # keep what is specific to math, not what any text uses
-                control_batches = solution_batches(tokenizer, control, args, device,
-                                                   args.batch_size)
-                scores -= score_neurons(model, control_batches, bar)[0]
+                batches = solution_batches(tokenizer, control, args, device, args.batch_size)
+                scores -= score_neurons(model, batches, bar)[0]
         seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
     mean, std, mean_abs = activation_moments(model, math_batches)
@@ -969,8 +952,7 @@ def cmd_identify(args):
     disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
     minus_control = " minus the same over the control samples" if control else ""
     selection = {"rule": "per_layer_top_k" if args.per_layer else "global_top_k",
-                 "top_k": args.top_k,
-                 "num_selected": len(neurons),
+                 "top_k": args.top_k, "num_selected": len(neurons),
                  "score": "AttnLRP relevance at the down_proj input" + minus_control,
                  "normalization": "per solution token (a sample's relevance / its solution "
                                   "tokens), then the mean over samples",
@@ -981,14 +963,14 @@ def cmd_identify(args):
 
     def neuron_file(chosen, **extra):
         return {"model": args.model, "num_layers": num_layers, "intermediate_size": width, **extra,
-                "scoring_seconds": round(seconds, 2), "neurons": [
-                    {"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
-                     "act_mean": float(mean[l, i]), "act_std": float(std[l, i])} for l, i,
-                     s in chosen]}
+                "scoring_seconds": round(seconds, 2),
+                "neurons": [{"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
+                             "act_mean": float(mean[l, i]), "act_std": float(std[l, i])}
+                            for l, i, s in chosen]}
     random_rule = ("random control: as many per layer as neurons.json, matched on mean |a| (10 "
                    "bins), none of its neurons")
-    write_json(out / "random_neurons.json", neuron_file(
-        matched, selection={**selection, "rule": random_rule, "seed": args.seed}))
+    random_selection = {**selection, "rule": random_rule, "seed": args.seed}
+    write_json(out / "random_neurons.json", neuron_file(matched, selection=random_selection))
     write_json(out / "neurons.json", neuron_file(neurons, selection=selection,
                                                  counts_per_layer=counts,
                                                  direction_disagrees_with_mean_sign=disagree))
@@ -1008,8 +990,8 @@ def cmd_ablate(args):
     if args.random_seeds < 2:
         raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 "
                         "seeds (default 10)")
-    control = load_gsm8k(args.control, "train",
-                         require_gold=False)[-args.num_samples:] if args.control else []
+    control = load_gsm8k(args.control, "train", require_gold=False) if args.control else []
+    control = control[-args.num_samples:]
     out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
     texts = {"math": rows, "control": control} if control else {"math": rows}
@@ -1026,17 +1008,17 @@ def cmd_ablate(args):
             nll = {text: gold_nll(model, batches) for text, batches in texts.items()}
         bar.update(1)
         return nll
-    controls = {name: [random_neurons(neurons, mean_abs,
-                                      torch.Generator().manual_seed(args.seed + s),
-                                      bins) for s in range(args.random_seeds)]
-                # layer and scale; layer only
-                for name, bins in (("matched", 10), ("unmatched", 1))}
+    def random_sets(bins):  # bins 10: matched on layer and scale; 1: on layer only
+        seeds = range(args.seed, args.seed + args.random_seeds)
+        return [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins)
+                for s in seeds]
+    controls = {"matched": random_sets(10), "unmatched": random_sets(1)}
     with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
         base, ablated = scaled([]), scaled(neurons)
         random = {name: [scaled(c) for c in sets] for name, sets in controls.items()}
     result = {"neurons": args.neurons, "data": args.data, "split": args.split,
-              "num_samples": len(rows),
-              "num_neurons": len(neurons), "scale": args.scale, "random_seeds": args.random_seeds}
+              "num_samples": len(rows), "num_neurons": len(neurons), "scale": args.scale,
+              "random_seeds": args.random_seeds}
     for text in texts:
         part = {"nll_base": base[text], "nll_ablated": ablated[text],
                 "rise": ablated[text] - base[text]}
@@ -1075,8 +1057,8 @@ def cmd_ablate(args):
 def text_pair(tokenizer, question, chosen, rejected, question_index, chosen_is_gold, system=None):
     """One pair in TRL's format, {prompt, chosen, rejected}, with where it comes from."""
     return {"prompt": make_prompt(tokenizer, question, system),
-            "chosen": make_completion(tokenizer, chosen), "rejected": make_completion(tokenizer,
-                                                                                      rejected),
+            "chosen": make_completion(tokenizer, chosen),
+            "rejected": make_completion(tokenizer, rejected),
             "question_index": question_index, "chosen_is_gold": chosen_is_gold}
 
 
@@ -1779,35 +1761,30 @@ def reproduce_runs(args):
 
 
 def reproduce_stages(args, out):
-    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S as its command
-    would."""
-    def flags(**values):  # --name value for every value given
-        return [x for k, v in values.items() if v is not None for x in ("--" + k.replace("_", "-"),
-                                                                        str(v))]
-    common = flags(model=args.model, data=args.data, seed=args.seed, device=args.device,
-                   dtype=args.dtype,
-                   system=args.system) + ["--trust-remote-code"] * args.trust_remote_code
+    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S."""
+    def flags(*names, **values):  # --name value for args.name of every name, and every value given
+        values = {**{name: getattr(args, name) for name in names}, **values}
+        return [x for k, v in values.items() if v is not None
+                for x in ("--" + k.replace("_", "-"), str(v))]
+    common = flags("model", "data", "seed", "device", "dtype", "system")
+    common += ["--trust-remote-code"] * args.trust_remote_code
     # A stage's own flags come after these, and win.
-    generation = common + flags(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    generation = common + flags("batch_size", "max_new_tokens")
     sets = {stem: str(out / "identify" / f"{stem}.json") for stem in ("neurons", "random_neurons")}
     pairs, heldout = str(out / "pairs" / "pairs.jsonl"), str(out / "heldout" / "pairs.jsonl")
-    identify = flags(num_samples=args.num_samples, top_k=args.top_k, max_length=args.max_length,
-                     control=args.control)
-    ablate = flags(neurons=sets["neurons"], num_samples=args.ablate_samples,
-                   max_length=args.max_length, random_seeds=args.random_seeds, control=args.control)
-    sample = flags(num_questions=args.num_questions, temperature=args.temperature,
-                   samples_per_question=args.samples_per_question)
+    identify = flags("num_samples", "top_k", "max_length", "control")
+    ablate = flags(neurons=sets["neurons"], num_samples=args.ablate_samples)
+    ablate += flags("max_length", "random_seeds", "control")
+    sample = flags("num_questions", "temperature", "samples_per_question")
     stages = [("identify", ["identify", *common, *identify], []),
               ("ablate", ["ablate", *generation, *ablate], ["identify"]),
               ("pairs", ["pairs", *generation, *sample], [])]
     runs = reproduce_runs(args)
     for run, seed, lam, stem in runs:
-        train = flags(seed=seed, pairs=pairs, neurons=sets[stem], lam=lam, lr=args.lr,
-                      beta=args.beta, gamma=args.gamma, yoke=args.yoke,
-                      neuron_margin=args.neuron_margin, balance=args.balance,
-                      calibration_pairs=args.calibration_pairs, epochs=args.epochs,
-                      grad_accum=args.grad_accum, batch_size=args.train_batch_size,
-                      max_length=args.max_length, save_every=args.save_every)
+        train = (flags(seed=seed, pairs=pairs, neurons=sets[stem], lam=lam)
+                 + flags("lr", "beta", "gamma", "yoke", "neuron_margin", "balance",
+                         "calibration_pairs", "epochs", "grad_accum")
+                 + flags(batch_size=args.train_batch_size) + flags("max_length", "save_every"))
         stages.append(("train_" + run, ["train", *common, *train], ["identify", "pairs"]))
     models = [("base", None, [])] + [(run, out / f"train_{run}" / "model", [f"train_{run}"])
                                      for run, _, _, _ in runs]
@@ -1856,27 +1833,28 @@ def write_report(out, args, seconds):
     """OUT/report.md: the settings, accuracies with 95% CIs, paired tests and what they can detect,
     training dynamics with the neuron term's measured share, held-out endpoints, ablation, wall
     times."""
+    def table(*columns):  # a Markdown table's header and rule
+        return ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
     evals = {s[5:]: (json.loads((out / s / "summary.json").read_text()),
                      read_jsonl(out / s / "eval.jsonl"))
              for s in seconds if s.startswith("eval_")}
-    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):] for run, _, lam,
-              _ in reproduce_runs(args) if lam}
+    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):]
+              for run, _, lam, _ in reproduce_runs(args) if lam}
 
-    # name's accuracy minus other's on the same questions: McNemar, its reach
-    def versus(name, other):
-        d = paired_difference([(a["correct"], b["correct"]) for a, b in zip(evals[name][1],
-                                                                            evals[other][1])])
+    def versus(name, other):  # name's accuracy minus other's on the same questions: McNemar, reach
+        shared = zip(evals[name][1], evals[other][1])
+        d = paired_difference([(a["correct"], b["correct"]) for a, b in shared])
         a, b = d["only_this_correct"], d["only_other_correct"]
         reach = mcnemar_detectable(a + b, d["shared"])
         reach = "none" if reach is None else f"{reach:.3f}"
         return f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}; {a} vs {b}; detectable {reach})"
-    settings = ", ".join(f"`{k}={v}`" for k, v in vars(args).items() if k not in ("run", "command",
-                                                                                  "out"))
-    lines = ["# YFPO reproduction", "", "Settings: " + settings, "", "Paired tests: exact McNemar "
-             "p; the questions only this / only the other model got right; the smallest difference "
-             "detectable at 80% power (alpha 0.05) given that discordance.", "",
-             "| model | accuracy | 95% CI | strict | correct / total | vs base | vs DPO |",
-             "| --- " * 7 + "|"]
+    settings = ", ".join(f"`{k}={v}`" for k, v in vars(args).items()
+                         if k not in ("run", "command", "out"))
+    lines = ["# YFPO reproduction", "", "Settings: " + settings, "",
+             "Paired tests: exact McNemar p; the questions only this / only the other model got "
+             "right; the smallest difference detectable at 80% power (alpha 0.05) given that "
+             "discordance.", "", *table("model", "accuracy", "95% CI", "strict",
+                                        "correct / total", "vs base", "vs DPO")]
     for name, (s, _) in evals.items():
         vs_base = "—" if name == "base" else versus(name, "base")
         vs_dpo = versus(name, dpo_of[name]) if name in dpo_of else "—"
@@ -1888,16 +1866,15 @@ def write_report(out, args, seconds):
                             if run.rsplit("_seed", 1)[0] == name], dtype=torch.float64)
         lines.append(f"\n{name} over {args.seeds} seeds: accuracy {acc.mean():.4f} ± "
                      f"{acc.std():.4f} (std)")
-    lines += ["", "| training run | steps | c | share first / middle / last | cosine first / "
-              "middle / last | reward accuracy | reward margin | neuron margin | its gain over the "
-              "reference | grad norm DPO first / last | grad norm neuron first / last |",
-              "| --- " * 11 + "|"]
+    lines += ["", *table("training run", "steps", "c", "share first / middle / last",
+                         "cosine first / middle / last", "reward accuracy", "reward margin",
+                         "neuron margin", "its gain over the reference",
+                         "grad norm DPO first / last", "grad norm neuron first / last")]
     for stage in (s for s in seconds if s.startswith("train_")):
         steps = read_jsonl(out / stage / "metrics.jsonl")
         last, probes = steps[-1], [m for m in steps if "neuron/share" in m]
         probes = [probes[0], probes[len(probes) // 2], probes[-1]] if probes else []
-        # lam 0: all of it is DPO's
-        dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"
+        dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"  # lam 0: all is DPO's
         norms = [f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—"
                  for k in (dpo, "grad_norm/neuron")]
         share, cosine = (" / ".join(f"{p[k]:.3g}" for p in probes) or "—"
@@ -1913,9 +1890,10 @@ def write_report(out, args, seconds):
                   "got wrong, gold solution as chosen, its own answer as rejected, teacher-forced, "
                   "the base model as the reference; mean [paired bootstrap 95% CI] over pairs. The "
                   "neuron-margin columns are the specificity test: the base row is the margin "
-                  "itself, the others its gain over base.", "", "| model | reward accuracy | "
-                  "reward margin h | gold NLL per token | neuron margin: selected set | neuron "
-                  "margin: random set |", "| --- " * 6 + "|", *heldout_rows(scores, args.seed)]
+                  "itself, the others its gain over base.", "",
+                  *table("model", "reward accuracy", "reward margin h", "gold NLL per token",
+                         "neuron margin: selected set", "neuron margin: random set"),
+                  *heldout_rows(scores, args.seed)]
     ab = json.loads((out / "ablate" / "ablation.json").read_text())
     for text, r in [("math", ab), ("control", ab.get("control"))][:1 + ("control" in ab)]:
         m = r["random_matched"]
@@ -1923,8 +1901,7 @@ def write_report(out, args, seconds):
                   f"{r.get('num_samples', ab['num_samples'])} solutions): NLL {r['nll_base']:.4f} "
                   f"-> {r['nll_ablated']:.4f} (rise {r['rise']:+.4f}); matched random neurons: "
                   f"rise {m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}"]
-    lines += ["", "| stage | wall time (s) |", "| --- | --- |", *(f"| {s} | {t} |" for s,
-                                                                  t in seconds.items()),
+    lines += ["", *table("stage", "wall time (s)"), *(f"| {s} | {t} |" for s, t in seconds.items()),
               f"| all | {sum(seconds.values()):.1f} |"]
     write_text(out / "report.md", "\n".join(lines) + "\n")
 
