@@ -109,8 +109,8 @@ def pick_dtype(name, device):
 
 
 def load_model(name, device, dtype, trust_remote_code=False, weights=True):
-    """(model, tokenizer) from a hub id, a Hugging Face folder or a .gguf file (model None: no
-    weights)."""
+    """(model, tokenizer) from a hub id, a Hugging Face folder or a .gguf file; model None if not
+    weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(name).exists() and looks_like_path(name):
@@ -238,10 +238,9 @@ def make_completion(tokenizer, text):
 
 
 def tokenize_example(tokenizer, prompt, completion, max_length):
-    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them. Conversational (message lists):
-    prompt ids = the chat template with the generation prompt, completion ids = the rest of the
-    templated conversation. Standard (strings): the text's tokens, EOS closing the completion. The
-    completion is cut to fit max_length."""
+    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them: for message lists the chat
+    template (with the generation prompt) and the rest of the templated conversation; for strings
+    their tokens, EOS closing the completion. The completion is cut to fit max_length."""
     if isinstance(prompt, list):
         prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True,
                                                    add_generation_prompt=True)
@@ -345,8 +344,8 @@ def sequence_seed(seed, index):
 
 class SlotCache:
     """The KV cache of continuous batching: keys and values [S, H, W, D] per layer, row s one live
-    sequence whose tokens end at the shared column `length`, valid [S, W] the columns it owns; each
-    step writes one column in place (no torch.cat)."""
+    sequence ending at the shared column `length`, valid [S, W] the columns it owns; each step
+    writes one column in place (no torch.cat)."""
 
     def __init__(self, prefill, rows, prompt_width, max_new_tokens):
         k, width = prefill[0][0], prompt_width + max_new_tokens + 64  # k: [1, H, P, D]
@@ -380,8 +379,7 @@ class SlotCache:
 
     def keep(self, live):
         """Rows `live` (ascending) become rows 0..n-1 in place: only rows beyond n move, into the
-        holes (no copy of the whole cache each time a sequence ends). Returns the old row of each
-        new row."""
+        holes (no copy of the whole cache). Returns the old row of each new row."""
         n = len(live)
         holes, movers = (r for r in range(n) if r not in live), (r for r in live if r >= n)
         moves = dict(zip(holes, movers))  # hole -> the row that moves into it
@@ -512,8 +510,7 @@ def check_server(url, model_name):
 
 
 def stated_completion(tokenizer, text, finish_reason):
-    """A server's completion as generate() gives it: cut after the shortest token prefix that states
-    the answer."""
+    """A server's completion as generate() gives it: cut after the first token that states it."""
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     for n in range(1, len(tokens) + 1) if ANSWER_STATED.search(text) else ():
         prefix = tokenizer.decode(tokens[:n], skip_special_tokens=True)
@@ -526,9 +523,8 @@ def stated_completion(tokenizer, text, finish_reason):
 def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_tokens, desc="generate",
                     temperature=0.0, num_samples=1, seed=0):
     """generate() through an OpenAI-compatible /v1/completions endpoint: the same prompt token ids,
-    sampling settings and per-question seeds, in_flight requests at once; a returned text is cut at
-    the first token after which it states its answer (where generate() would have stopped). Same
-    return as generate()."""
+    sampling settings and per-question seeds, in_flight requests at once, texts cut where generate()
+    would have stopped (stated_completion)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def complete(q):
@@ -649,9 +645,8 @@ def completion_logps(logits, labels, mask):
 
 
 def forward_logps(model, batch):
-    """Completion log-probs from one forward: [B] for a collate batch, [B, 2] for packed pairs
-    (collate_pairs). Logits start at the first position that predicts a completion token
-    (logits_to_keep): no lm_head on the prompt."""
+    """Completion log-probs from one forward: [B] for a collate batch, [B, 2] for packed pairs.
+    Logits start at the first position that predicts a completion: no lm_head on the prompt."""
     attention, mask = batch["attention_mask"], batch["loss_mask"]
     if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
         attention = attention[:, None]
@@ -668,8 +663,7 @@ def forward_logps(model, batch):
 
 @torch.no_grad()
 def gold_nll(model, batches):
-    """Mean NLL per completion token over batches (see collate); under torchrun each rank takes
-    every world-th."""
+    """Mean NLL per completion token over batches; under torchrun each rank takes every world-th."""
     (rank, world), sums = rank_and_world(), torch.zeros(2, dtype=torch.float64, device=model.device)
     for batch in batches[rank::world]:  # sums: -sum log p, and the tokens
         sums += torch.stack([-forward_logps(model, batch).sum(), batch["loss_mask"].sum()]).double()
@@ -701,8 +695,8 @@ def evaluate(model, tokenizer, rows, args):
 
 
 def start_command(args, split, limit):
-    """A command's start: output folder checked, seed set, data rows, model (with --server: the
-    server checked, only the tokenizer). Returns (out, device, rows, model, tokenizer)."""
+    """(out, device, rows, model, tokenizer), the out folder checked and the seed set; with
+    --server the server is checked and only the tokenizer loaded."""
     out, device = check_out_dir(args.out), pick_device(args.device)
     torch.manual_seed(args.seed)
     rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
@@ -1080,10 +1074,8 @@ def make_pairs(tokenizer, rows, samples, system=None):
 
 
 def heldout_pairs(tokenizer, rows, evaluated, system=None):
-    """Held-out endpoints, for teacher-forced scoring: for every question an evaluated model got
-    wrong, chosen = the gold solution and rejected = that model's own greedy answer (no new
-    generation). rows: the split's GSM8K rows; evaluated: eval.jsonl rows (index, question,
-    completion, correct)."""
+    """Held-out endpoints for teacher-forced scoring: for every question of eval.jsonl rows
+    `evaluated` the model got wrong, chosen = the gold solution (of rows), rejected = its answer."""
     pairs = []
     for e in evaluated:
         if e["index"] >= len(rows) or rows[e["index"]]["question"] != e["question"]:
@@ -1097,8 +1089,7 @@ def heldout_pairs(tokenizer, rows, evaluated, system=None):
 
 
 def load_pairs(path):
-    """Rows of a pairs JSONL in TRL's format: prompt, chosen, rejected (all strings, or message
-    lists)."""
+    """Rows of a pairs JSONL in TRL's format: prompt, chosen, rejected (texts or message lists)."""
     if not Path(path).is_file():
         raise UserError(f"pairs file missing: {path}; make one with `python yfpo.py pairs` or pass "
                         "a JSONL path")
@@ -1123,8 +1114,7 @@ def load_pairs(path):
 
 def cmd_pairs(args):
     """pairs: sample the model on the start of GSM8K train, grade with is_correct, pair a right and
-    a wrong answer. With --from-eval: held-out pairs from an eval's wrong answers
-    (heldout_pairs)."""
+    a wrong answer. With --from-eval: held-out pairs from an eval's wrong answers."""
     if args.from_eval:
         summary = Path(args.from_eval).with_name("summary.json")
         if not (Path(args.from_eval).is_file() and summary.is_file()):
@@ -1240,8 +1230,8 @@ class NeuronCapture:
 
 
 def neuron_stats(neurons, device=None):
-    """The saved activation mean, std and direction of a neuron set (load_neurons), each [K]
-    float32, by name: NeuronCapture(model, neurons, **neuron_stats(neurons))."""
+    """A neuron set's saved activation mean, std and direction, [K] each, as NeuronCapture's
+    keywords."""
     columns = zip(*[n[3:6] for n in neurons])  # (act_mean, act_std, direction) of every neuron
     return {name: torch.tensor(column, dtype=torch.float32, device=device)
             for name, column in zip(("mean", "std", "direction"), columns)}
@@ -1299,9 +1289,8 @@ def collate_pairs(pairs, pad_id):
 
 
 def pair_forward(model, batch, capture=None):
-    """One forward of packed pairs (see collate_pairs): (log-probs [B, 2], neuron scores [B, 2] or
-    None) as (chosen, rejected). capture: an open NeuronCapture whose hooks read the neurons in this
-    same forward."""
+    """One forward of packed pairs: (log-probs [B, 2], neuron scores [B, 2] or None) as (chosen,
+    rejected); capture: an open NeuronCapture, read in this same forward."""
     logps, mask = forward_logps(model, batch), batch["neuron_mask"]
     if capture is None:
         return logps, None
@@ -1311,8 +1300,7 @@ def pair_forward(model, batch, capture=None):
 def train_setup(args):
     """Everything the training loop reads, checked before any long work: the run as a namespace."""
     job = types.SimpleNamespace(args=args, out=check_out_dir(args.out))
-    # under torchrun each rank takes every world-th micro-batch
-    job.rank, job.world = rank_and_world()
+    job.rank, job.world = rank_and_world()  # torchrun: each rank takes every world-th micro-batch
     job.master, job.ddp = job.rank == 0, job.world > 1
     device = pick_device(args.device)  # this rank's GPU under torchrun
     job.device = torch.device("cuda",
@@ -1339,8 +1327,7 @@ def train_setup(args):
     torch.manual_seed(args.seed)
     job.model, job.tokenizer = load_model(str(job.checkpoint) if args.resume else args.model,
                                           job.device, torch.float32, args.trust_remote_code)
-    # what packed pairs' masks need
-    if job.model.config._attn_implementation not in ("eager", "sdpa"):
+    if job.model.config._attn_implementation not in ("eager", "sdpa"):  # packed pairs' masks
         raise UserError(f"{job.model.config._attn_implementation} attention cannot take packed "
                         "pairs; use eager or sdpa")
     job.neurons = load_neurons(args.neurons, job.model) if args.neurons else []
@@ -1356,8 +1343,7 @@ def train_setup(args):
 
 
 def check_disjoint(neurons_path, pairs_path, rows):
-    """Refuse pairs on the questions the neuron set was selected on (the margin would measure the
-    fit)."""
+    """Refuse pairs on the neurons' selection questions (the margin would measure the fit)."""
     selection = json.loads(Path(neurons_path).read_text()).get("selection", {})
     selected = set(selection.get("question_indices", []))
     shared = sorted(selected & {r["question_index"] for r in rows if "question_index" in r})
@@ -1440,8 +1426,7 @@ def term_gradients(params, loss_of, chunks):
 
 
 def measure_terms(job, chunk, weight):
-    """term_gradients on the pairs `chunk` (rank 0's unwrapped model), normalized as a step's loss
-    is."""
+    """term_gradients on the pairs `chunk` (rank 0's model), normalized as a step's loss is."""
     def loss_of(indices, path):
         return pair_losses(job, job.model, indices, weight, path)[2][0].sum() / len(chunk)
     params = [p for p in job.model.parameters() if p.requires_grad]
@@ -1474,7 +1459,6 @@ def reference_pass(job):
     model in memory), gamma, and the calibration c; saved in OUT/reference.pt, which --resume and
     the other ranks read."""
     args = job.args
-    job.ref_logps = job.ref_margins = None
     if job.master and not args.resume:  # (load_model returns the model in eval mode)
         chunks = batches_of(range(len(job.pairs)), args.batch_size)
         with torch.no_grad(), job.autocast:
@@ -1483,8 +1467,7 @@ def reference_pass(job):
         logps = torch.cat([lp for lp, _ in ref])
         neuron = torch.cat([lp * 0 if s is None else s for lp, s in ref])
         job.ref_logps, job.ref_margins = logps, neuron[:, 0] - neuron[:, 1]
-        # gamma auto: gamma * m is O(1), as beta * h is (1 where the margins do not vary, or without
-        # neurons).
+        # auto: gamma * m O(1) like beta * h (1 where the margins do not vary, or without neurons)
         gamma = args.gamma
         if gamma == "auto":
             spread = job.ref_margins.std().item() if job.neurons else 0.0
@@ -1533,21 +1516,20 @@ def lr_factor(step, warmup, total_steps):
 
 
 def probe_steps(total_steps, every):
-    """The steps (from 0) whose terms' gradients are measured: every `every`th, or first, middle and
-    last."""
+    """The steps (from 0) whose terms' gradients are measured: every `every`th, or first, middle
+    and last."""
     return set(range(0, total_steps, every) if every else (0, total_steps // 2)) | {total_steps - 1}
 
 
 def peak_flops(device):
-    """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU a measured float32 matmul
-    rate."""
+    """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU, a measured float32 matmul."""
     if device.type == "cuda":
         peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12,
                  "A10": 125e12, "L4": 121e12}
         return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
     from torch.utils.benchmark import Timer
-    matmul = Timer("a @ a", globals={"a": torch.randn(1024, 1024)},
-                   num_threads=torch.get_num_threads())
+    a = torch.randn(1024, 1024)
+    matmul = Timer("a @ a", globals={"a": a}, num_threads=torch.get_num_threads())
     return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
 
 
@@ -1566,9 +1548,8 @@ def save_checkpoint(out, model, tokenizer, optimizer, scheduler, state, step):
 
 
 def optimizer_and_schedule(job):
-    """AdamW with the lr_factor schedule, restored from the checkpoint with --resume, and the
-    metrics log started (or cut back to the checkpoint's step). Returns (optimizer, scheduler, first
-    step)."""
+    """(optimizer, scheduler, first step): AdamW and lr_factor, restored with --resume; the metrics
+    log started, or cut back to the checkpoint's step."""
     args = job.args
     optimizer = torch.optim.AdamW(job.model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = math.ceil(args.warmup_ratio * job.total_steps)
@@ -1576,27 +1557,23 @@ def optimizer_and_schedule(job):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     start_step = 0
     if args.resume:
-        state = torch.load(job.checkpoint / "trainer_state.pt", map_location="cpu",
-                           weights_only=False)
+        state = torch.load(job.checkpoint / "trainer_state.pt", "cpu", weights_only=False)
         if state["run"] != job.run_id:
             raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, "
                             "batch x accum x processes, seed or loss settings; resume with the "
                             "same ones, or a new --out")
-        # no RNG state: with dropout off nothing draws
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # no RNG state: without dropout none draws
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
-    # a new log, or the old one without the steps after the checkpoint (they are redone)
-    if job.master:
+    if job.master:  # a new log, or the old one without the steps after the checkpoint (redone)
         kept = read_jsonl(job.out / "metrics.jsonl") if args.resume else []
         write_jsonl(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= start_step])
     return optimizer, scheduler, start_step
 
 
 def accumulate(job, model, chunk, weight):
-    """Forward and backward of one optimizer step's pairs `chunk` (this rank's micro-batches,
-    gradients accumulated). Returns the sums of PAIR_METRICS over the step's pairs on all ranks,
-    then its tokens."""
+    """Forward and backward of this rank's micro-batches of one step's pairs `chunk`. Returns the
+    sums of PAIR_METRICS over the step's pairs on all ranks, then its tokens."""
     args = job.args
     sums = torch.zeros(len(PAIR_METRICS) + 1, device=job.device)
     for micro in range(args.grad_accum):
@@ -1688,12 +1665,9 @@ def cmd_train(args):
     """train: DPO + lam * c * neuron-margin loss; one flat loop, DDP when launched by torchrun."""
     job = train_setup(args)
     disable_dropout(job.model)
-    # non-reentrant, so the hooked activations keep their gradient path
-    if args.gradient_checkpointing:
-        job.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    # the capture stays on (checkpointing re-runs it in backward)
-    with contextlib.ExitStack() as hooks:
+    if args.gradient_checkpointing:  # non-reentrant: hooked activations keep their gradients
+        job.model.gradient_checkpointing_enable({"use_reentrant": False})
+    with contextlib.ExitStack() as hooks:  # the capture stays on: checkpointing re-runs it
         job.capture = None
         if job.neurons:
             stats = neuron_stats(job.neurons, job.device)
@@ -1752,8 +1726,8 @@ def cmd_score(args):
 
 # --- Reproduce: the paper's experiment in one restartable command, its report and figure ----------
 def reproduce_runs(args):
-    """The training runs [(name, seed, lam, neuron file stem)]: DPO, YFPO and YFPO on the matched
-    random neurons (its own c: the same dose), for every seed."""
+    """[(name, seed, lam, neuron file stem)]: DPO, YFPO and YFPO on the matched random neurons (its
+    own c: the same dose), for every seed."""
     arms = (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
             ("yfpo_random", args.lam, "random_neurons"))
     return [(name + (f"_seed{seed}" if args.seeds > 1 else ""), seed, lam, stem)
@@ -1830,9 +1804,8 @@ def heldout_rows(scores, seed):
 
 
 def write_report(out, args, seconds):
-    """OUT/report.md: the settings, accuracies with 95% CIs, paired tests and what they can detect,
-    training dynamics with the neuron term's measured share, held-out endpoints, ablation, wall
-    times."""
+    """OUT/report.md: settings, accuracies with 95% CIs, paired tests and what they can detect,
+    training dynamics with the neuron term's share, held-out endpoints, ablation, wall times."""
     def table(*columns):  # a Markdown table's header and rule
         return ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
     evals = {s[5:]: (json.loads((out / s / "summary.json").read_text()),
@@ -1907,16 +1880,15 @@ def write_report(out, args, seconds):
 
 
 def cmd_plot(args):
-    """plot: the paper's figure 2 for train or reproduce folders: DPO loss, reward and neuron
-    margins per step; accuracies."""
+    """plot: figure 2 of train or reproduce folders: DPO loss, reward, neuron margin; accuracies."""
+    dirs = [Path(d) for d in args.dirs]
+
     def named(folder, name):  # a run's label: its folder too when there are several
-        return f"{folder}/{name}" if len(args.dirs) > 1 else name
-    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): p for d in map(Path,
-                                                                                     args.dirs)
+        return f"{folder}/{name}" if len(dirs) > 1 else name
+    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): p for d in dirs
             for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
-    accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text()) for d in map(Path,
-                                                                                      args.dirs)
-                  for p in sorted(d.glob("eval_*/summary.json"))}
+    accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text())
+                  for d in dirs for p in sorted(d.glob("eval_*/summary.json"))}
     if not runs or not all(map(read_jsonl, runs.values())):
         raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of "
                         "train or reproduce runs")
@@ -1932,8 +1904,8 @@ def cmd_plot(args):
         ax = fig.add_subplot(grid[:, 1], title="GSM8K accuracy, 95% Wilson CI", ylabel="accuracy")
         ci = torch.tensor([[s["ci_low"], s["accuracy"], s["ci_high"]] for s in accuracies.values()],
                           dtype=torch.float64)
-        ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=ci.diff(dim=1).T.tolist(),  # below, above
-               capsize=8)
+        below_above = ci.diff(dim=1).T.tolist()
+        ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=below_above, capsize=8)
     out = Path(args.out or Path(args.dirs[0]) / "training.png")
     fig.savefig(tmp := out.with_name(f"{out.stem}.tmp{out.suffix}"), dpi=120)
     os.replace(tmp, out)
@@ -1942,13 +1914,11 @@ def cmd_plot(args):
 
 def cmd_reproduce(args):
     """reproduce: identify -> ablate -> pairs -> train DPO, YFPO and YFPO-random on the same pairs
-    -> eval all four -> held-out endpoints -> report. Each stage runs as its command line would
-    (main)."""
+    -> eval all four -> held-out endpoints -> report. Each stage runs as its command line would."""
     out = check_out_dir(args.out)
     inputs = [(args.data, "train", True), (args.data, "test", True)]
     inputs += [(args.control, "train", False)] if args.control else []
-    # bad input fails here
-    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs][0]
+    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs][0]  # fail early
     if args.num_samples + args.num_questions > len(train_rows):
         raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} "
                         f"exceed the {len(train_rows)} train questions: identify reads the last, "
@@ -1956,8 +1926,8 @@ def cmd_reproduce(args):
     load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
                weights=False)
     stages, keys, seconds = reproduce_stages(args, out), {}, {}
-    for stale in {p.parent for p in out.glob("*/stage.json")} - {out / stage for stage, _,
-                                                                 _ in stages}:
+    current = {out / stage for stage, _, _ in stages}
+    for stale in {p.parent for p in out.glob("*/stage.json")} - current:
         shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
     for stage, argv, reads in stages:
         # Skipped if OUT/stage/stage.json shows it finished under this key (its command line, OUT
@@ -1991,13 +1961,13 @@ def cmd_reproduce(args):
 DEMO_PROBLEMS = [
     ("Tom has 3 apples and buys 5 more. How many apples does he have?",
      "Tom has 3+5=<<3+5=8>>8 apples.\n#### 8"),
-    ("A box holds 12 eggs. How many eggs are in 4 boxes?", "4 boxes hold 4*12=<<4*12=48>>48 "
-                                                           "eggs.\n#### 48"),
+    ("A box holds 12 eggs. How many eggs are in 4 boxes?",
+     "4 boxes hold 4*12=<<4*12=48>>48 eggs.\n#### 48"),
     ("Sara reads 15 pages a day. How many pages does she read in a week?",
      "A week has 7 days, so she reads 15*7=<<15*7=105>>105 pages.\n#### 105"),
     ("A shirt costs $20 and is 25% off. What does it cost now?",
-     "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n#### "
-     "15"),
+     "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n"
+     "#### 15"),
     ("Ben had 50 marbles and gave away 18. How many are left?",
      "He has 50-18=<<50-18=32>>32 marbles left.\n#### 32"),
     ("A train travels 60 miles per hour for 3 hours. How far does it go?",
@@ -2016,8 +1986,8 @@ DEMO_PROBLEMS = [
      "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
 ]
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                   "<|im_end|>\n"
-                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+                   "<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def build_tiny_model(path, seed=0, model_type="qwen2"):
@@ -2028,25 +1998,20 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                  "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator([*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is "
-                                                                          "0123456789."], trainer)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is 0123456789."]
+    bpe.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
                                         model_input_names=["input_ids", "attention_mask"])
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64,
-                                  intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=16,
-                                  max_position_embeddings=2048, tie_word_embeddings=True,
-                                  bos_token_id=None,
-                                  # larger than usual, so greedy outputs differ by prompt
-                                  initializer_range=0.2,
-                                  eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
+        initializer_range=0.2,  # larger than usual, so greedy outputs differ by prompt
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id,
@@ -2200,20 +2165,17 @@ def build_parser():
 
 
 def main(argv=None, strict=False):
-    """Run a command; a UserError becomes one line on stderr and exit code 2 (raised again if
-    strict)."""
+    """Run a command; a UserError becomes one line on stderr and exit code 2 (raised if strict)."""
     args = build_parser().parse_args(argv)
     from huggingface_hub.utils import logging as hub_logging
-    # an unreachable hub ends in one UserError line, not a retry log
-    hub_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # an unreachable hub: one UserError line, no retry log
     distributed = "RANK" in os.environ and hasattr(args, "device")
     if distributed:  # torchrun: one process per device; rank 0 prints and writes
         import datetime
         on_gpu = torch.cuda.is_available() and args.device != "cpu"
         if on_gpu:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # Rank 0 alone makes train's reference pass while the others wait: allow it hours, not
-        # NCCL's 10 minutes.
+        # Rank 0 alone makes train's reference pass while others wait: hours, not NCCL's 10 minutes
         torch.distributed.init_process_group("nccl" if on_gpu else "gloo",
                                              timeout=datetime.timedelta(hours=6))
         sys.stdout = sys.stdout if torch.distributed.get_rank() == 0 else open(os.devnull, "w")
