@@ -354,8 +354,7 @@ class SlotCache:
         self.valid = torch.zeros(rows, width, dtype=torch.bool, device=k.device)
         self.length = self.prompt_width = prompt_width  # always room to the left for any prompt
 
-    # the model's attention layers call this
-    def update(self, keys, values, layer, cache_kwargs=None):
+    def update(self, keys, values, layer, cache_kwargs=None):  # the attention layers call this
         new = slice(self.length, self.length + keys.shape[2])
         self.keys[layer][:, :, new], self.values[layer][:, :, new] = keys, values
         return self.keys[layer][:, :, :new.stop], self.values[layer][:, :, :new.stop]
@@ -477,11 +476,11 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
             cache.trim()
             cache.valid[:, cache.length] = True
             positions = [[s["position"] + len(s["tokens"])] for s in rows]
+            column = torch.tensor([cache.length], device=device)  # where this step's keys go
             out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
                         position_ids=torch.tensor(positions, device=device),
                         attention_mask=cache.valid[:, None, None, :cache.length + 1],
-                        past_key_values=cache, cache_position=torch.tensor([cache.length],
-                                                                           device=device))
+                        past_key_values=cache, cache_position=column)
             cache.length += 1
             for r, token in enumerate(pick(out.logits[:, -1], rows)):
                 if push(rows[r], token):
@@ -510,7 +509,7 @@ def check_server(url, model_name):
 
 
 def stated_completion(tokenizer, text, finish_reason):
-    """A server's completion as generate() gives it: cut after the first token that states it."""
+    """A server's completion as generate() gives it: cut right after it states its answer."""
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     for n in range(1, len(tokens) + 1) if ANSWER_STATED.search(text) else ():
         prefix = tokenizer.decode(tokens[:n], skip_special_tokens=True)
@@ -1102,8 +1101,7 @@ def load_pairs(path):
             if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
                 raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs "
                                 "prompt, chosen and rejected")
-        # the completions' first tokens are predicted from the prompt's last position
-        if not row["prompt"]:
+        if not row["prompt"]:  # its last position predicts the completions' first tokens
             raise UserError(f"{path}:{lineno}: empty prompt; every pair needs the prompt its "
                             "completions answer")
         if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
@@ -1204,12 +1202,11 @@ class NeuronCapture:
         layers = sorted({n[0] for n in neurons})
         self.index = {l: torch.tensor([n[1] for n in neurons if n[0] == l]) for l in layers}
         # Hooks fill the columns layer by layer; this permutation restores the order given.
-        self.order = torch.tensor(sorted(range(len(neurons)),
-                                         key=lambda k: neurons[k][0])).argsort()
+        by_layer = sorted(range(len(neurons)), key=lambda k: neurons[k][0])
+        self.order = torch.tensor(by_layer).argsort()
 
     def __enter__(self):
-        # a hook's handle removes the hook when the stack closes
-        self.hooks = contextlib.ExitStack()
+        self.hooks = contextlib.ExitStack()  # closing it removes the hooks
         for layer, index in self.index.items():
             def pre_hook(module, args, layer=layer, index=index):
                 self.captured[layer] = args[0][..., index.to(args[0].device)]
@@ -1241,8 +1238,7 @@ def neuron_stats(neurons, device=None):
 # Logged per optimizer step (TRL's names first), averaged over the step's pairs on all ranks.
 PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/rejected",
                 "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-                "neuron/chosen",
-                "neuron/rejected", "neuron/margin", "neuron/margin_gain")
+                "neuron/chosen", "neuron/rejected", "neuron/margin", "neuron/margin_gain")
 
 
 def tokenize_pairs(tokenizer, rows, max_length):
@@ -1281,8 +1277,8 @@ def collate_pairs(pairs, pad_id):
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(size[1], size[1], dtype=torch.bool).tril()
     # Every position sees itself, so padding rows are never all-masked (that would make NaNs).
-    attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | torch.eye(size[1],
-                                                                                  dtype=torch.bool)
+    itself = torch.eye(size[1], dtype=torch.bool)
+    attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | itself
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention,
             "labels": labels, "loss_mask": loss_mask,
             "neuron_mask": torch.stack([segment == 1, segment == 2], dim=-1).float()}
@@ -1577,8 +1573,7 @@ def accumulate(job, model, chunk, weight):
     args = job.args
     sums = torch.zeros(len(PAIR_METRICS) + 1, device=job.device)
     for micro in range(args.grad_accum):
-        # this rank's micro-batch; the same pairs for any world size
-        m = micro * job.world + job.rank
+        m = micro * job.world + job.rank  # this rank's; the same pairs for any world size
         indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
         sync = not job.ddp or micro == args.grad_accum - 1
         with contextlib.nullcontext() if sync else model.no_sync():
@@ -1704,8 +1699,8 @@ def cmd_score(args):
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
                                   args.trust_remote_code)
     sets = {Path(path).stem: load_neurons(path, model) for path in args.neurons}
-    kept = [(row, pair) for row in rows for pair in tokenize_pairs(tokenizer, [row],
-                                                                   args.max_length)]
+    kept = [(row, pair) for row in rows
+            for pair in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
         captures = {name: hooks.enter_context(NeuronCapture(model, n, **neuron_stats(n, device)))
