@@ -209,8 +209,8 @@ def gold_solution(answer):
 
 def prompt_messages(question, system=None, instruction=True):
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user",
-                        "content": f"{question}\n{INSTRUCTION}" if instruction else question}]
+    content = f"{question}\n{INSTRUCTION}" if instruction else question
+    return messages + [{"role": "user", "content": content}]
 
 
 def format_prompt(tokenizer, question, system=None, instruction=True):
@@ -391,10 +391,9 @@ class SlotCache:
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      **kwargs):
-    """generate()'s attention: sdpa for a prompt; for one new token, the query heads that share a
-    key head (grouped-query attention) become query rows of that head, so the cache is read in place
-    instead of copied n_rep times by repeat_kv at every step. query [B, H, 1, D], key and value
-    [B, H_kv, T, D]."""
+    """generate()'s attention: sdpa for a prompt; for one new token (query [B, H, 1, D], key and
+    value [B, H_kv, T, D]) the query heads that share a key head become query rows of that head, so
+    the cache is read in place, not copied n_rep times by repeat_kv at every step."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     batch, heads, length, dim = query.shape
     if length > 1:
@@ -738,13 +737,12 @@ def attnlrp(model):
 
 def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
     """AttnLRP relevance (Achtibat et al., 2024) of every MLP neuron for the gold next-token logits,
-    per sample. input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). The explained
-    quantity is
+    per sample; input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). Explained is
         F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
     and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i} over the solution's tokens, a_l the input of layer
     l's down_proj. Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP
     relevance; outside it is gradient x input (float32; the weights get no gradient). Returns (R,
-    G), each [B, L, I], over the solution's tokens; G = sum_t dF/da."""
+    G), each [B, L, I]; G = sum_t dF/da over the same tokens."""
     layers, found = decoder_layers(model), {}  # found: down_proj module -> (relevance, gradient)
     keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # solution tokens: t + 1 holds label t
 
@@ -1191,11 +1189,10 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
 
 class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs). Inside
-    `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
-    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
-    capture.scores(mask) the neuron scores [B] (needs the neurons' activation mean, std and
-    direction: neuron_stats). Keep it open through backward: gradient checkpointing runs the hooks
-    again there."""
+    `with NeuronCapture(model, neurons, **neuron_stats(neurons)) as capture:` each forward makes
+    capture.activations() [B, T, K] (K = len(neurons), in the order given), still attached to the
+    autograd graph, and capture.scores(mask) the neuron scores [B]. Keep it open through backward:
+    gradient checkpointing runs the hooks again there."""
 
     def __init__(self, model, neurons, mean=None, std=None, direction=None):
         self.layers, self.captured, self.stats = decoder_layers(model), {}, (mean, std, direction)
@@ -1257,9 +1254,8 @@ def collate_pairs(pairs, pad_id):
     rejected tokens, not chosen ones, and their positions continue the prompt's, so each completion
     sees its own context. Returns input_ids, position_ids [B, T]; attention_mask [B, T, T] (True:
     query t may see key s); labels, loss_mask [B, T, 2] for (chosen, rejected): t predicts
-    labels[b, t, j] where loss_mask[b, t, j] = 1; the last prompt position predicts both first
-    tokens; neuron_mask [B, T, 2]: the completions' own tokens, where their neuron scores are read
-    (not the shared prompt)."""
+    labels[b, t, j] where loss_mask[b, t, j] = 1, the last prompt position both first tokens;
+    neuron_mask [B, T, 2]: the completions' own tokens, where their neuron scores are read."""
     size = (len(pairs), max(len(p) + len(c) + len(r) for p, c, r in pairs))
     input_ids = torch.full(size, pad_id, dtype=torch.long)
     position_ids = torch.zeros(size, dtype=torch.long)
@@ -1298,9 +1294,9 @@ def train_setup(args):
     job = types.SimpleNamespace(args=args, out=check_out_dir(args.out))
     job.rank, job.world = rank_and_world()  # torchrun: each rank takes every world-th micro-batch
     job.master, job.ddp = job.rank == 0, job.world > 1
-    device = pick_device(args.device)  # this rank's GPU under torchrun
-    job.device = torch.device("cuda",
-                              torch.cuda.current_device()) if device.type == "cuda" else device
+    job.device = pick_device(args.device)
+    if job.device.type == "cuda":  # this rank's GPU under torchrun
+        job.device = torch.device("cuda", torch.cuda.current_device())
     dtype = pick_dtype(args.dtype, job.device)
     if dtype == torch.float16:
         raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss "
