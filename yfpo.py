@@ -109,8 +109,8 @@ def pick_dtype(name, device):
 
 
 def load_model(name, device, dtype, trust_remote_code=False, weights=True):
-    """(model, tokenizer) from a hub id, a Hugging Face folder or a .gguf file; model None if not
-    weights."""
+    """(model, tokenizer) from a hub id, a local Hugging Face folder or a .gguf file; with
+    weights=False the model is None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(name).exists() and looks_like_path(name):
@@ -331,7 +331,8 @@ def is_correct(text, gold):
 
 
 # --- Generation: batched greedy (or sampled) decoding, in this process or through a server --------
-# The strict pattern, then a character that cannot continue the number ("is 1" stops not "is 12")
+# Stated: the strict pattern, then a character that cannot continue it ("is 1" must not stop "is 12"
+# of "The answer is 12").
 ANSWER_STATED = re.compile(STRICT.pattern + r"(?=[^\d.,]|[.,]\D)", re.IGNORECASE)
 STOP_RULE = ('EOS, max_new_tokens, or the strict answer ("The answer is N", "#### N", "\\boxed{N") '
              'once N is complete')
@@ -965,10 +966,12 @@ def cmd_identify(args):
     write_json(out / "neurons.json", neuron_file(neurons, selection=selection,
                                                  counts_per_layer=counts,
                                                  direction_disagrees_with_mean_sign=disagree))
+    histogram = [f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
+                 for layer, count in enumerate(counts)]
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per "
-          "layer:", *(f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
-                      for layer, count in enumerate(counts)), "the saved direction differs from "
-          f"the sign of the mean activation for {disagree} of {len(neurons)}",
+          "layer:", *histogram,
+          f"the saved direction differs from the sign of the mean activation for {disagree} of "
+          f"{len(neurons)}",
           f"train questions {rows[0]['index']}-{rows[-1]['index']}; wrote {out / 'neurons.json'} "
           f"and {out / 'random_neurons.json'} (the matched random control)", sep="\n")
 
@@ -1459,7 +1462,7 @@ def reference_pass(job):
         logps = torch.cat([lp for lp, _ in ref])
         neuron = torch.cat([lp * 0 if s is None else s for lp, s in ref])
         job.ref_logps, job.ref_margins = logps, neuron[:, 0] - neuron[:, 1]
-        # auto: gamma * m O(1) like beta * h (1 where the margins do not vary, or without neurons)
+        # auto: gamma * m of order 1, as beta * h is (1 where the margins do not vary, no neurons)
         gamma = args.gamma
         if gamma == "auto":
             spread = job.ref_margins.std().item() if job.neurons else 0.0
@@ -1602,8 +1605,7 @@ def train_loop(job):
     if job.ddp:
         gpu = [job.device.index] if job.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
-    raw = model.module if job.ddp else model  # what is saved, counted and probed
-    num_params = sum(p.numel() for p in raw.parameters())
+    num_params = sum(p.numel() for p in job.model.parameters())  # job.model: never DDP-wrapped
     peak = peak_flops(job.device) if master else None
     probes = probe_steps(job.total_steps, args.probe_every)
     last_saved = job.start_step
@@ -1647,7 +1649,7 @@ def train_loop(job):
             due = args.save_every and (step + 1) % args.save_every == 0
             if due or step + 1 == job.total_steps:
                 if master:
-                    save_checkpoint(out, raw, job.tokenizer, optimizer, scheduler,
+                    save_checkpoint(out, job.model, job.tokenizer, optimizer, scheduler,
                                     {"run": job.run_id, "c": job.c}, step + 1)
                 last_saved = step + 1
 
