@@ -1002,6 +1002,7 @@ def cmd_ablate(args):
             nll = {text: gold_nll(model, batches) for text, batches in texts.items()}
         bar.update(1)
         return nll
+
     def random_sets(bins):  # bins 10: matched on layer and scale; 1: on layer only
         seeds = range(args.seed, args.seed + args.random_seeds)
         return [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins)
