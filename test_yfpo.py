@@ -328,7 +328,7 @@ def test_control_rows_are_the_question_alone_and_their_answer_whole(tiny):
 
 def test_tokenize_example_splits_the_templated_conversation(tiny):
     _, tokenizer = tiny
-    prompt = yfpo.prompt_messages("What is 2+2?")
+    prompt = yfpo.make_prompt(tokenizer, "What is 2+2?")
     completion = [{"role": "assistant", "content": "The answer is 4."}]
     prompt_ids, completion_ids = yfpo.tokenize_example(tokenizer, prompt, completion, 512)
     whole = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
@@ -975,7 +975,7 @@ def test_make_pairs_pairs_a_right_and_a_wrong_sample(tiny):
     assert pairs[0]["rejected"] == [{"role": "assistant", "content": "The answer is 7."}]
     assert pairs[1]["chosen"][0]["content"] == yfpo.gold_solution(rows[1]["answer"])
     assert pairs[1]["chosen_is_gold"]
-    assert pairs[1]["prompt"] == yfpo.prompt_messages(rows[1]["question"])
+    assert pairs[1]["prompt"] == yfpo.make_prompt(tokenizer, rows[1]["question"])
     assert pairs[1]["question_index"] == 1
 
 

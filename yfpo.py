@@ -207,27 +207,22 @@ def gold_solution(answer):
     return f"{reasoning}\nThe answer is {parse_gold(answer)}."
 
 
-def prompt_messages(question, system=None, instruction=True):
-    messages = [{"role": "system", "content": system}] if system else []
+def make_prompt(tokenizer, question, system=None, instruction=True):
+    """A prompt in TRL's preference format: messages with a chat template, else 'Question: ...'."""
     content = f"{question}\n{INSTRUCTION}" if instruction else question
-    return messages + [{"role": "user", "content": content}]
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": system}] if system else []
+        return messages + [{"role": "user", "content": content}]
+    system = system + "\n" if system else ""
+    return f"{system}Question: {content}\nAnswer:"
 
 
 def format_prompt(tokenizer, question, system=None, instruction=True):
-    """The prompt text: the chat template with the generation prompt, or 'Question: ...Answer:'."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(prompt_messages(question, system, instruction),
-                                             tokenize=False, add_generation_prompt=True)
-    system = system + "\n" if system else ""
-    instruction = INSTRUCTION + "\n" if instruction else ""
-    return f"{system}Question: {question}\n{instruction}Answer:"
-
-
-def make_prompt(tokenizer, question, system=None, instruction=True):
-    """A prompt in TRL's preference format: messages with a chat template, else text."""
-    if tokenizer.chat_template:
-        return prompt_messages(question, system, instruction)
-    return format_prompt(tokenizer, question, system, instruction)
+    """make_prompt's prompt as text: messages through the chat template and generation prompt."""
+    prompt = make_prompt(tokenizer, question, system, instruction)
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
 def make_completion(tokenizer, text):
