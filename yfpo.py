@@ -531,28 +531,23 @@ def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_toke
         try:
             with urllib.request.urlopen(request, timeout=3600) as response:
                 choices = sorted(json.load(response)["choices"], key=lambda c: c["index"])
-        # an HTTP error's body: the server's say
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # an HTTPError: the server's say
             detail = e.read().decode()[:200] if hasattr(e, "read") else f"{type(e).__name__}: {e}"
             raise UserError(f"--server failed on prompt {q} ({detail})") from None
         bar.update(1)
         return [stated_completion(tokenizer, c["text"], c.get("finish_reason")) for c in choices]
-    with contextlib.ExitStack() as cleanup, tqdm(total=len(prompts), desc=desc, unit="q") as bar:
-        pool = ThreadPoolExecutor(in_flight)
-        # after the bar; after an error, send no more
-        cleanup.callback(pool.shutdown, cancel_futures=True)
-        return [c for per_prompt in pool.map(complete, range(len(prompts))) for c in per_prompt]
+    with ThreadPoolExecutor(in_flight) as pool:  # after an error, map cancels the requests not sent
+        with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
+            return [c for per_prompt in pool.map(complete, range(len(prompts))) for c in per_prompt]
 
 
 def sample_completions(model, tokenizer, rows, args, desc, temperature=0.0, num_samples=1):
     """generate() here, or server_generate() with --server, on the rows' questions."""
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
+    settings = (args.batch_size, args.max_new_tokens, desc, temperature, num_samples, args.seed)
     if args.server:
-        run = functools.partial(server_generate, args.server, args.model)
-    else:
-        run = functools.partial(generate, model)
-    return run(tokenizer, prompts, args.batch_size, args.max_new_tokens, desc, temperature,
-               num_samples, args.seed)
+        return server_generate(args.server, args.model, tokenizer, prompts, *settings)
+    return generate(model, tokenizer, prompts, *settings)
 
 
 def generation_summary(completions, args, seconds):
