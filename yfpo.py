@@ -133,8 +133,7 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
     return model and model.to(device).eval(), tokenizer
 
 
-def decoder_layers(model):
-    """The transformer blocks of a (possibly DDP-wrapped) causal LM."""
+def decoder_layers(model):  # the transformer blocks of a (possibly DDP-wrapped) causal LM
     return getattr(model, "module", model).get_decoder().layers
 
 
@@ -168,9 +167,8 @@ def load_rows(data, split, config=None):
             return list(datasets.load_dataset(path.suffix[1:], data_files=data, split="train"))
         return list(datasets.load_dataset(data, config, split=split))
     except Exception as e:  # datasets raises many types for "unreachable", "unknown", "malformed"
-        fix = f"offline, pass a local file: --data /path/to/{split}.jsonl"
-        if path.is_file():
-            fix = "fix the file"
+        fix = ("fix the file" if path.is_file() else
+               f"offline, pass a local file: --data /path/to/{split}.jsonl")
         raise UserError(f"could not load '{data}' ({type(e).__name__}); {fix}") from None
 
 
@@ -196,8 +194,7 @@ def load_gsm8k(data, split, require_gold=True):
     return rows
 
 
-def parse_gold(answer):
-    """The gold number of a GSM8K solution: the text after the last '####', commas stripped."""
+def parse_gold(answer):  # the gold number of a GSM8K solution
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
@@ -237,9 +234,8 @@ def tokenize_example(tokenizer, prompt, completion, max_length):
     template (with the generation prompt) and the rest of the templated conversation; for strings
     their tokens, EOS closing the completion. The completion is cut to fit max_length."""
     if isinstance(prompt, list):
-        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True,
-                                                   add_generation_prompt=True)
-        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)  # token ids
+        full_ids = tokenizer.apply_chat_template(prompt + completion)
     else:
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
@@ -433,11 +429,10 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
         ended = {"eos": token in eos, "answer": ANSWER_STATED.search(text),
                  "length": sequence["count"] == max_new_tokens}
         stop = next((name for name, hit in ended.items() if hit), None)
-        if stop is None:
-            return False
-        results[sequence["index"]] = {"text": text, "stop": stop, "tokens": sequence["count"]}
-        bar.update(1)
-        return True
+        if stop:
+            results[sequence["index"]] = {"text": text, "stop": stop, "tokens": sequence["count"]}
+            bar.update(1)
+        return stop is not None
     AttentionInterface.register("yfpo_decode", decode_attention)
     bar = tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample",
                disable=rank > 0)
