@@ -596,14 +596,11 @@ def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
 
     def pmf(pi):  # P(only_a = k) for every k
         return (log_comb + k * math.log(pi) + (discordant - k) * math.log1p(-pi)).exp()
-    p_values = 2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1]  # mcnemar_exact(k, discordant - k)
-    significant = (p_values <= alpha).nonzero()
-    if not len(significant):
-        return None
-    edge = int(significant[-1])
-    region = (k <= edge) | (k >= discordant - edge)  # where it rejects
+    # It rejects where mcnemar_exact(k, discordant - k) <= alpha: k <= edge, and the mirror.
+    edge = int((2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1] <= alpha).sum()) - 1  # -1: nowhere
+    region = (k <= edge) | (k >= discordant - edge)
     lo, hi = 0.5, 1 - 1e-12
-    if pmf(hi)[region].sum() < power:
+    if pmf(hi)[region].sum() < power:  # also when no split is significant (region empty)
         return None
     for _ in range(50):  # bisection: power rises with pi
         mid = (lo + hi) / 2
