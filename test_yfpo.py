@@ -958,6 +958,18 @@ def test_ablate_control_text_nll_equals_a_hand_computation(tiny_dir, data_file, 
     assert "mean_abs_ratio" in result["random_unmatched"]
 
 
+def test_ablate_gives_no_mean_abs_ratio_when_the_neurons_never_fire(tiny_dir, data_file,
+                                                                    neurons_file, tmp_path,
+                                                                    monkeypatch):
+    def silent(model, batches):  # every neuron's mean, std and mean |a|: 0
+        return [torch.zeros(yfpo.model_shape(model))] * 3
+    monkeypatch.setattr(yfpo, "activation_moments", silent)
+    assert run("ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file,
+               "--num-samples", "2", "--random-seeds", "2", "--out", str(tmp_path)) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert result["random_matched"]["mean_abs_ratio"] is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Pairs
 # ---------------------------------------------------------------------------------------------

@@ -990,8 +990,12 @@ def cmd_ablate(args):
     texts = {text: solution_batches(tokenizer, r, args, device, args.nll_batch_size)
              for text, r in texts.items()}
     mean_abs = activation_moments(model, texts["math"])[2]  # per neuron, for the matched control
+    seeds = range(args.seed, args.seed + args.random_seeds)
+    # Random sets matched on layer and scale (10 bins of mean |a|), or on layer only (1 bin)
+    controls = {name: [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins)
+                       for s in seeds] for name, bins in (("matched", 10), ("unmatched", 1))}
 
-    def scale_of(selection):  # mean |a| of a selection
+    def mean_abs_of(selection):
         return float(sum(mean_abs[n[0], n[1]] for n in selection)) / len(selection)
 
     def scaled(selection):  # the gold NLL of each text with the selection scaled
@@ -999,38 +1003,31 @@ def cmd_ablate(args):
             nll = {text: gold_nll(model, batches) for text, batches in texts.items()}
         bar.update(1)
         return nll
-
-    def random_sets(bins):  # bins 10: matched on layer and scale; 1: on layer only
-        seeds = range(args.seed, args.seed + args.random_seeds)
-        return [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins)
-                for s in seeds]
-    controls = {"matched": random_sets(10), "unmatched": random_sets(1)}
     with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
         base, ablated = scaled([]), scaled(neurons)
         random = {name: [scaled(c) for c in sets] for name, sets in controls.items()}
+    selected = mean_abs_of(neurons)  # 0 if they never fire: then the controls' ratio is None
+    ratio = {name: mean_abs_of(sum(sets, [])) / selected if selected else None
+             for name, sets in controls.items()}
     result = {"neurons": args.neurons, "data": args.data, "split": args.split,
               "num_samples": len(rows), "num_neurons": len(neurons), "scale": args.scale,
               "random_seeds": args.random_seeds}
     for text in texts:
         part = {"nll_base": base[text], "nll_ablated": ablated[text],
                 "rise": ablated[text] - base[text]}
-        for name, sets in controls.items():
-            nlls = [r[text] for r in random[name]]
-            scale = sum(map(scale_of, sets)) / len(sets) / scale_of(neurons)
-            part["random_" + name] = {**compare_with_random(base[text], ablated[text], nlls),
-                                      "mean_abs_ratio": scale}
+        print(f"{text} NLL per solution token: base {base[text]:.4f}, neurons x {args.scale:g} "
+              f"{ablated[text]:.4f} (rise {part['rise']:+.4f})")
+        for name, nlls in random.items():
+            c = compare_with_random(base[text], ablated[text], [nll[text] for nll in nlls])
+            part["random_" + name] = {**c, "mean_abs_ratio": ratio[name]}
+            print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
+                  f"mean |a| x {ratio[name] and round(ratio[name], 2)}), z "
+                  f"{c['z'] and round(c['z'], 2)}, " + (c["note"] or f"ratio {c['ratio']:.2f}"))
         if text == "math":
             result.update(part)
         else:
             result["control"] = {"data": args.control, "num_samples": len(control),
                                  "rows": [r["index"] for r in control], **part}
-        print(f"{text} NLL per solution token: base {part['nll_base']:.4f}, neurons x "
-              f"{args.scale:g} {part['nll_ablated']:.4f} (rise {part['rise']:+.4f})")
-        for name in controls:
-            c = part["random_" + name]
-            print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
-                  f"mean |a| x {c['mean_abs_ratio']:.2f}), z {c['z'] and round(c['z'], 2)}, "
-                  + (c["note"] or f"ratio {c['ratio']:.2f}"))
     if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
         base = evaluate(model, tokenizer, rows, args)
         with ablate_neurons(model, neurons, args.scale):
