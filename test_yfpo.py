@@ -4,6 +4,7 @@ Run: python -m pytest -q test_yfpo.py
 Optional, on a real model:
     YFPO_SMOLLM2=/path/to/SmolLM2-135M-Instruct python -m pytest -q -k smollm2
 """
+import argparse
 import contextlib
 import functools
 import json
@@ -1000,6 +1001,13 @@ def test_pairs_writes_trl_conversational_rows(tiny_dir, data_file, tmp_path):
     assert all(r["chosen_is_gold"] and r["rejected"][0]["role"] == "assistant" for r in rows)
 
 
+def test_heldout_pairs_refuse_an_eval_row_outside_the_data():
+    rows = [dict(r, index=i) for i, r in enumerate(DEMO_ROWS)]
+    last = {"index": -1, "question": rows[-1]["question"], "correct": False, "completion": "7"}
+    with pytest.raises(yfpo.UserError, match="eval row -1 is not question -1"):
+        yfpo.heldout_pairs(None, rows, [last])
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses: dpo_loss, yfpo_loss, completion_logps, neuron_scores, packed pairs, capture hooks
 # ---------------------------------------------------------------------------------------------
@@ -1378,6 +1386,15 @@ def test_eval_writes_one_graded_row_per_question_and_a_summary(tiny_dir, data_fi
     assert summary["model"] == tiny_dir and summary["limit"] == 5
     assert summary["prompt_format"] == "chat_template"
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_gives_a_speed_even_when_the_clock_sees_no_time_pass(tiny, monkeypatch):
+    stated = {"text": "The answer is 8.", "stop": "answer", "tokens": 5}
+    monkeypatch.setattr(yfpo, "sample_completions", lambda *args: [stated])
+    monkeypatch.setattr(yfpo.time, "perf_counter", lambda: 1.0)
+    args = argparse.Namespace(system=None, server=None, max_new_tokens=8, batch_size=1)
+    summary, _ = yfpo.evaluate(None, tiny[1], DEMO_ROWS[:1], args)
+    assert summary["correct"] == 1 and summary["questions_per_s"] > 0
 
 
 # ---------------------------------------------------------------------------------------------

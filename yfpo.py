@@ -679,7 +679,8 @@ def evaluate(model, tokenizer, rows, args):
                         "completion": c["text"], "extracted": answer, "rule": rule,
                         "correct": is_correct(c["text"], row["gold"]), "stop": c["stop"],
                         "tokens": c["tokens"]})
-    seconds, correct = time.perf_counter() - start, sum(r["correct"] for r in results)
+    seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
+    correct = sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
     strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
     summary = {"accuracy": correct / len(results), "accuracy_strict": strict / len(results),
@@ -1073,7 +1074,7 @@ def heldout_pairs(tokenizer, rows, evaluated, system=None):
     `evaluated` the model got wrong, chosen = the gold solution (of rows), rejected = its answer."""
     pairs = []
     for e in evaluated:
-        if e["index"] >= len(rows) or rows[e["index"]]["question"] != e["question"]:
+        if not 0 <= e["index"] < len(rows) or rows[e["index"]]["question"] != e["question"]:
             raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; pass "
                             "the --data the eval ran on")
         if not e["correct"]:
