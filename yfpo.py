@@ -1008,7 +1008,7 @@ def cmd_ablate(args):
         base, ablated = scaled([]), scaled(neurons)
         random = {name: [scaled(c) for c in sets] for name, sets in controls.items()}
     selected = mean_abs_of(neurons)  # 0 if they never fire: then the controls' ratio is None
-    ratio = {name: mean_abs_of(sum(sets, [])) / selected if selected else None
+    ratio = {name: sum(map(mean_abs_of, sets)) / len(sets) / selected if selected else None
              for name, sets in controls.items()}
     result = {"neurons": args.neurons, "data": args.data, "split": args.split,
               "num_samples": len(rows), "num_neurons": len(neurons), "scale": args.scale,
@@ -1021,9 +1021,10 @@ def cmd_ablate(args):
         for name, nlls in random.items():
             c = compare_with_random(base[text], ablated[text], [nll[text] for nll in nlls])
             part["random_" + name] = {**c, "mean_abs_ratio": ratio[name]}
+            scale = "?" if ratio[name] is None else f"{ratio[name]:.2f}"
             print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
-                  f"mean |a| x {ratio[name] and round(ratio[name], 2)}), z "
-                  f"{c['z'] and round(c['z'], 2)}, " + (c["note"] or f"ratio {c['ratio']:.2f}"))
+                  f"mean |a| x {scale}), z {c['z'] and round(c['z'], 2)}, "
+                  + (c["note"] or f"ratio {c['ratio']:.2f}"))
         if text == "math":
             result.update(part)
         else:
