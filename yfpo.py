@@ -935,8 +935,7 @@ def cmd_identify(args):
         seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
     mean, std, mean_abs = activation_moments(model, math_batches)
-    generator = torch.Generator().manual_seed(args.seed)
-    matched = [(l, i, float(scores[l, i])) for l, i in random_neurons(neurons, mean_abs, generator)]
+    matched = random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed))
     num_layers, width = model_shape(model)
     counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
     disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
@@ -951,19 +950,18 @@ def cmd_identify(args):
                  "question_indices": [r["index"] for r in rows], "control": args.control,
                  "num_control_samples": len(control), "max_length": args.max_length}
 
-    def neuron_file(chosen, **extra):
-        return {"model": args.model, "num_layers": num_layers, "intermediate_size": width, **extra,
-                "scoring_seconds": round(seconds, 2),
-                "neurons": [{"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
-                             "act_mean": float(mean[l, i]), "act_std": float(std[l, i])}
-                            for l, i, s in chosen]}
-    random_rule = ("random control: as many per layer as neurons.json, matched on mean |a| (10 "
-                   "bins), none of its neurons")
-    random_selection = {**selection, "rule": random_rule, "seed": args.seed}
-    write_json(out / "random_neurons.json", neuron_file(matched, selection=random_selection))
-    write_json(out / "neurons.json", neuron_file(neurons, selection=selection,
-                                                 counts_per_layer=counts,
-                                                 direction_disagrees_with_mean_sign=disagree))
+    def write_neurons(name, chosen, selection, **extra):  # neurons.json or its random control
+        entries = [{"layer": l, "index": i, "score": float(scores[l, i]),
+                    "direction": int(directions[l, i]), "act_mean": float(mean[l, i]),
+                    "act_std": float(std[l, i])} for l, i, *_ in chosen]
+        write_json(out / name, {"model": args.model, "num_layers": num_layers,
+                                "intermediate_size": width, "selection": selection, **extra,
+                                "scoring_seconds": round(seconds, 2), "neurons": entries})
+    random_rule = {"rule": "random control: as many per layer as neurons.json, matched on mean "
+                           "|a| (10 bins), none of its neurons", "seed": args.seed}
+    write_neurons("random_neurons.json", matched, {**selection, **random_rule})
+    write_neurons("neurons.json", neurons, selection, counts_per_layer=counts,
+                  direction_disagrees_with_mean_sign=disagree)
     histogram = [f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
                  for layer, count in enumerate(counts)]
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per "
