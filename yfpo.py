@@ -710,11 +710,10 @@ def start_command(args, split, limit):
 # a = act(gate_proj(x)) * up_proj(x), shape [B, T, intermediate_size], in every layer.
 @contextlib.contextmanager
 def attnlrp(model):
-    """Patch the model's transformers module with lxt's AttnLRP rules (Achtibat et al., 2024,
-    "AttnLRP: Attention-Aware Layer-wise Relevance Propagation for Transformers"); undo the patch on
-    exit. lxt's monkey_patch swaps methods on classes (the MLP, the RMSNorm, torch's Dropout) and
-    functions on the modeling module, which changes gradients for the whole process. We record every
-    attribute it can touch and put them all back, so training never runs patched."""
+    """Inside the block, lxt's AttnLRP rules (Achtibat et al., 2024, "AttnLRP: Attention-Aware
+    Layer-wise Relevance Propagation for Transformers") patch the model's modeling module and
+    classes (the MLP, the RMSNorm, torch's Dropout) for the whole process; on exit every attribute
+    they can touch is put back, so training never runs patched."""
     if model.config.model_type not in LRP_ARCHITECTURES:
         raise UserError(f"model type '{model.config.model_type}' is not supported; supported: "
                         f"{', '.join(LRP_ARCHITECTURES)}")
@@ -735,13 +734,12 @@ def attnlrp(model):
 
 
 def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
-    """AttnLRP relevance (Achtibat et al., 2024) of every MLP neuron for the gold next-token logits,
-    per sample; input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). Explained is
-        F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
-    and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i} over the solution's tokens, a_l the input of layer
-    l's down_proj. Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP
-    relevance; outside it is gradient x input (float32; the weights get no gradient). Returns (R,
-    G), each [B, L, I]; G = sum_t dF/da over the same tokens."""
+    """AttnLRP relevance of every MLP neuron for the gold next-token logits, per sample. input_ids,
+    attention_mask, labels, loss_mask: [B, T] (see collate). With z_t the logits at position t,
+        F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}
+    over the solution's tokens, a_l the input of layer l's down_proj. Inside attnlrp(model) the
+    gradient follows the AttnLRP rules (R is LRP relevance), outside it is gradient x input
+    (float32; the weights get no gradient). Returns (R, G), each [B, L, I], G = sum_t dF/da."""
     layers, found = decoder_layers(model), {}  # found: down_proj module -> (relevance, gradient)
     keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # solution tokens: t + 1 holds label t
 
@@ -771,12 +769,10 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
 
 
 def score_neurons(model, batches, progress=None):
-    """(scores, directions), each [num_layers, intermediate_size] float32: the AttnLRP relevance
-    (Achtibat et al., 2024) of neuron_relevance over the samples of batches (see collate). A
-    sample's relevance is taken per solution token (its R over its token count), so long and short
-    answers weigh alike; the score is the mean over samples (with any solution token). The direction
-    is +1 where the neuron's summed gradient is >= 0 (raising it raises the explained logits, as the
-    gradient R is made of sees it), else -1."""
+    """(scores, directions), each [L, I] float32, over the samples of batches (see collate):
+        score = the mean over samples (with any solution token) of R / the sample's solution tokens
+    (R, G of neuron_relevance): long and short answers weigh alike. direction = -1 where the summed
+    G < 0, else +1: how raising the neuron moves the explained logits, as R's gradient sees it."""
     score, gradient, count = 0.0, 0.0, 0
     for batch in batches:
         relevance, grad = neuron_relevance(model, **batch)
@@ -809,9 +805,8 @@ def select_neurons(scores, k, per_layer=False):
 
 @contextlib.contextmanager
 def ablate_neurons(model, neurons, scale=0.0):
-    """Multiply the given neurons [(layer, index, ...)] by scale inside the with-block (pre-hooks on
-    down_proj): scale 0 ablates them, 1.1 amplifies them by 10%; the model is untouched outside the
-    block."""
+    """Inside the block the neurons [(layer, index, ...)] are multiplied by scale (pre-hooks on
+    down_proj): 0 ablates them, 1.1 amplifies them by 10%."""
     layers, masks = decoder_layers(model), {}
     for n in neurons:
         masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
@@ -974,9 +969,8 @@ def cmd_identify(args):
 
 def cmd_ablate(args):
     """ablate: does scaling the neurons (0: ablating them) raise the gold NLL more than scaling
-    random, matched ones? With --control also on non-math text (its last rows: identify reads its
-    first), so that "math-specific" is measured: the selected set should raise the math NLL more
-    than the control text's."""
+    random, matched ones? With --control also on non-math text (its last rows; identify reads its
+    first): a math-specific set raises the math NLL more than the control text's."""
     if args.random_seeds < 2:
         raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 "
                         "seeds (default 10)")
