@@ -1113,21 +1113,20 @@ def cmd_pairs(args):
                                args.trust_remote_code, weights=False)[1]
         pairs = heldout_pairs(tokenizer, load_gsm8k(args.data, split), read_jsonl(args.from_eval),
                               args.system)
-        write_jsonl(out / "pairs.jsonl", pairs)
         print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split} "
-              f"split); wrote {out / 'pairs.jsonl'}")
-        return
-    out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
-    n, start = args.samples_per_question, time.perf_counter()
-    samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
-    seconds = time.perf_counter() - start  # unrounded: a fast server can answer in under 5 ms
-    speed = generation_summary(samples, args, seconds)
-    pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n),
-                               args.system)
+              "split)")
+    else:
+        out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
+        n, start = args.samples_per_question, time.perf_counter()
+        samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
+        seconds = max(time.perf_counter() - start, 1e-9)  # unrounded: a server may take < 5 ms
+        speed = generation_summary(samples, args, seconds)
+        pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n),
+                                   args.system)
+        print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
+              f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
+              f"stops {speed['stops']}")
     write_jsonl(out / "pairs.jsonl", pairs)
-    print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
-          f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
-          f"stops {speed['stops']}")
     print(f"wrote {out / 'pairs.jsonl'}")
 
 
