@@ -1037,14 +1037,6 @@ def cmd_ablate(args):
 
 
 # --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers ---------------
-def text_pair(tokenizer, question, chosen, rejected, question_index, chosen_is_gold, system=None):
-    """One pair in TRL's format, {prompt, chosen, rejected}, with where it comes from."""
-    return {"prompt": make_prompt(tokenizer, question, system),
-            "chosen": make_completion(tokenizer, chosen),
-            "rejected": make_completion(tokenizer, rejected),
-            "question_index": question_index, "chosen_is_gold": chosen_is_gold}
-
-
 def make_pairs(tokenizer, rows, samples, system=None):
     """Pairs from graded samples (samples[q]: the completions of rows[q]): chosen = a correct
     sample, else the gold solution (chosen_is_gold); rejected = an incorrect one; none when all are
@@ -1057,24 +1049,23 @@ def make_pairs(tokenizer, rows, samples, system=None):
                       chosen_is_gold=bool(wrong and not right))
         if wrong:
             chosen = right[0] if right else gold_solution(row["answer"])
-            pairs.append(text_pair(tokenizer, row["question"], chosen, wrong[0], q, not right,
-                                   system))
+            pairs.append({"prompt": make_prompt(tokenizer, row["question"], system),
+                          "chosen": make_completion(tokenizer, chosen),
+                          "rejected": make_completion(tokenizer, wrong[0]),
+                          "question_index": q, "chosen_is_gold": not right})
     return pairs, dict(counts, pairs=len(pairs))
 
 
 def heldout_pairs(tokenizer, rows, evaluated, system=None):
-    """Held-out endpoints for teacher-forced scoring: for every question of eval.jsonl rows
-    `evaluated` the model got wrong, chosen = the gold solution (of rows), rejected = its answer."""
-    pairs = []
+    """Held-out endpoints for teacher-forced scoring: make_pairs on the answers of eval.jsonl rows
+    `evaluated` (one per question of rows), so each wrong one is rejected for the gold solution."""
+    answers = [[] for _ in rows]  # a question not evaluated gives no pair
     for e in evaluated:
         if not 0 <= e["index"] < len(rows) or rows[e["index"]]["question"] != e["question"]:
             raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; pass "
                             "the --data the eval ran on")
-        if not e["correct"]:
-            gold = gold_solution(rows[e["index"]]["answer"])
-            pairs.append(text_pair(tokenizer, e["question"], gold, e["completion"], e["index"],
-                                   True, system))
-    return pairs
+        answers[e["index"]] = [e["completion"]]
+    return make_pairs(tokenizer, rows, answers, system)[0]
 
 
 def load_pairs(path):
