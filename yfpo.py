@@ -647,8 +647,7 @@ def forward_logps(model, batch):
     if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
         attention = attention[:, None]
         if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds it
-            attention = torch.zeros(attention.shape, device=attention.device).masked_fill(
-                ~attention, -torch.inf)
+            attention = torch.where(attention, 0.0, -torch.inf)
     predicts = mask.amax(-1) if mask.dim() == 3 else mask  # [B, T]: t predicts a completion token
     first = int(predicts.argmax(1).min())
     logits = model(input_ids=batch["input_ids"], attention_mask=attention,
