@@ -809,13 +809,11 @@ def ablate_neurons(model, neurons, scale=0.0):
     layers, masks = decoder_layers(model), {}
     for n in neurons:
         masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
-
-    def pre_hook(module, args, mask):
-        return (args[0] * mask.to(args[0]),) + args[1:]
     with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
         for layer, mask in masks.items():
-            hook = functools.partial(pre_hook, mask=mask)
-            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(hook))
+            def pre_hook(module, args, mask=mask):
+                return (args[0] * mask.to(args[0]),) + args[1:]
+            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(pre_hook))
         yield model
 
 
@@ -871,8 +869,7 @@ def random_neurons(neurons, mean_abs, generator, bins=10):
     chosen, control = {(n[0], n[1]) for n in neurons}, []
     for layer in sorted({n[0] for n in neurons}):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
-        others = [i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen]
-        pool = torch.tensor(others, dtype=torch.long)
+        pool = torch.tensor([i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen])
         if len(pool) < len(picked):
             raise UserError(f"layer {layer}: {len(picked)} neurons selected, {len(pool)} others; "
                             "select fewer (--top-k)")
