@@ -1193,12 +1193,15 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
 
 class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs). Inside
-    `with NeuronCapture(model, neurons, **neuron_stats(neurons)) as capture:` each forward makes
-    capture.activations() [B, T, K] (K = len(neurons), in the order given), still attached to the
-    autograd graph, and capture.scores(mask) the neuron scores [B]. Keep it open through backward:
-    gradient checkpointing runs the hooks again there."""
+    `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
+    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
+    capture.scores(mask) the neuron scores. mean, std, direction [K]: neuron_scores' statistics, by
+    default the saved ones of load_neurons' tuples. Keep it open through backward: gradient
+    checkpointing runs the hooks again there."""
 
     def __init__(self, model, neurons, mean=None, std=None, direction=None):
+        if mean is None and len(neurons[0]) == 6:  # (layer, index, score, mean, std, direction)
+            mean, std, direction = torch.tensor([n[3:] for n in neurons], dtype=torch.float32).T
         self.layers, self.captured, self.stats = decoder_layers(model), {}, (mean, std, direction)
         layers = sorted({n[0] for n in neurons})
         self.index = {l: torch.tensor([n[1] for n in neurons if n[0] == l]) for l in layers}
@@ -1224,15 +1227,13 @@ class NeuronCapture:
         return acts[..., self.order.to(acts.device)]
 
     def scores(self, mask):
-        return neuron_scores(self.activations(), mask, *self.stats)
-
-
-def neuron_stats(neurons, device=None):
-    """A neuron set's saved activation mean, std and direction, [K] each, as NeuronCapture's
-    keywords."""
-    columns = zip(*[n[3:6] for n in neurons])  # (act_mean, act_std, direction) of every neuron
-    return {name: torch.tensor(column, dtype=torch.float32, device=device)
-            for name, column in zip(("mean", "std", "direction"), columns)}
+        """The last forward's neuron scores: [B] under a mask [B, T]; [B, 2] under packed pairs'
+        neuron_mask [B, T, 2], (chosen, rejected)."""
+        acts = self.activations()
+        stats = [s.to(acts.device) for s in self.stats]
+        if mask.dim() == 2:
+            return neuron_scores(acts, mask, *stats)
+        return torch.stack([neuron_scores(acts, m, *stats) for m in mask.unbind(-1)], dim=-1)
 
 
 # --- Training: packed pairs, the reference pass, lambda as a share, the loop ----------------------
@@ -1287,10 +1288,8 @@ def collate_pairs(pairs, pad_id):
 def pair_forward(model, batch, capture=None):
     """One forward of packed pairs: (log-probs [B, 2], neuron scores [B, 2] or None) as (chosen,
     rejected); capture: an open NeuronCapture, read in this same forward."""
-    logps, mask = forward_logps(model, batch), batch["neuron_mask"]
-    if capture is None:
-        return logps, None
-    return logps, torch.stack([capture.scores(mask[..., j]) for j in (0, 1)], dim=-1)
+    logps = forward_logps(model, batch)
+    return logps, None if capture is None else capture.scores(batch["neuron_mask"])
 
 
 def train_setup(args):
@@ -1661,11 +1660,8 @@ def cmd_train(args):
     disable_dropout(job.model)
     if args.gradient_checkpointing:  # non-reentrant: hooked activations keep their gradients
         job.model.gradient_checkpointing_enable({"use_reentrant": False})
-    with contextlib.ExitStack() as hooks:  # the capture stays on: checkpointing re-runs it
-        job.capture = None
-        if job.neurons:
-            stats = neuron_stats(job.neurons, job.device)
-            job.capture = hooks.enter_context(NeuronCapture(job.model, job.neurons, **stats))
+    capture = NeuronCapture(job.model, job.neurons) if job.neurons else contextlib.nullcontext()
+    with capture as job.capture:  # None without neurons; it stays on: checkpointing re-runs it
         reference_pass(job)
         train_loop(job)
     if job.master:
@@ -1702,14 +1698,12 @@ def cmd_score(args):
             for pair in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
-        captures = {name: hooks.enter_context(NeuronCapture(model, n, **neuron_stats(n, device)))
-                    for name, n in sets.items()}
+        captures = {name: hooks.enter_context(NeuronCapture(model, n)) for name, n in sets.items()}
         for chunk in tqdm(batches_of(kept, args.batch_size), desc="score", unit="batch"):
             batch = to_device(collate_pairs([pair for _, pair in chunk], tokenizer.pad_token_id),
                               device)
-            logps, mask = forward_logps(model, batch), batch["neuron_mask"]
-            scores = {name: torch.stack([c.scores(mask[..., j]) for j in (0, 1)], -1)
-                      for name, c in captures.items()}
+            logps = forward_logps(model, batch)
+            scores = {name: c.scores(batch["neuron_mask"]) for name, c in captures.items()}
             results += [{"question_index": row.get("question_index"), "logps": logps[b].tolist(),
                          "chosen_tokens": len(pair[1]),
                          "neurons": {name: s[b].tolist() for name, s in scores.items()}}
