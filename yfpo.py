@@ -1304,9 +1304,7 @@ def train_setup(args):
     if dtype == torch.float16:
         raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss "
                         "scaling)")
-    job.autocast = contextlib.nullcontext()
-    if dtype != torch.float32:
-        job.autocast = torch.autocast(job.device.type, dtype=dtype)
+    job.autocast = torch.autocast(job.device.type, dtype=dtype, enabled=dtype != torch.float32)
     pairs_path = args.pairs or job.out / "pairs.jsonl"
     rows = load_pairs(pairs_path)  # the pairs first: without them nothing matters
     if not args.neurons and (job.out / "neurons.json").is_file():
@@ -1329,7 +1327,19 @@ def train_setup(args):
     if job.neurons and not args.allow_overlap:
         check_disjoint(args.neurons, pairs_path, rows)
     job.pairs = tokenize_pairs(job.tokenizer, rows, args.max_length)
-    check_steps(job)
+    if not job.pairs:
+        raise UserError(f"every pair was truncated away: each prompt alone fills --max-length "
+                        f"{args.max_length}; raise it")
+    if args.gamma == "auto" and job.neurons and args.lam and len(job.pairs) < 2:
+        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 "
+                        "pairs; pass --gamma 1")
+    job.pairs_per_step = args.batch_size * args.grad_accum * job.world
+    job.steps_per_epoch = len(job.pairs) // job.pairs_per_step
+    if job.steps_per_epoch == 0:
+        raise UserError(f"{len(job.pairs)} pairs are fewer than one optimizer step takes "
+                        f"({job.pairs_per_step} = batch x accum x processes); lower --batch-size "
+                        "or --grad-accum")
+    job.total_steps = min(args.epochs * job.steps_per_epoch, args.max_steps or math.inf)
     # What a checkpoint must share with the run that resumes it: data order, reference and loss.
     run = [job.pairs, job.neurons, job.pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
            args.yoke, args.neuron_margin, args.balance, args.calibration_pairs]
@@ -1346,24 +1356,6 @@ def check_disjoint(neurons_path, pairs_path, rows):
         raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
                         f"{neurons_path} was selected on; pair other questions, or pass "
                         "--allow-overlap")
-
-
-def check_steps(job):
-    """The pairs per optimizer step, steps per epoch and total steps, checked: at least one step."""
-    args = job.args
-    if not job.pairs:
-        raise UserError(f"every pair was truncated away: each prompt alone fills --max-length "
-                        f"{args.max_length}; raise it")
-    if args.gamma == "auto" and job.neurons and args.lam and len(job.pairs) < 2:
-        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 "
-                        "pairs; pass --gamma 1")
-    job.pairs_per_step = args.batch_size * args.grad_accum * job.world
-    job.steps_per_epoch = len(job.pairs) // job.pairs_per_step
-    if job.steps_per_epoch == 0:
-        raise UserError(f"{len(job.pairs)} pairs are fewer than one optimizer step takes "
-                        f"({job.pairs_per_step} = batch x accum x processes); lower --batch-size "
-                        "or --grad-accum")
-    job.total_steps = min(args.epochs * job.steps_per_epoch, args.max_steps or math.inf)
 
 
 def epoch_order(job, epoch):
