@@ -1454,24 +1454,22 @@ def reference_pass(job):
         logps = torch.cat([lp for lp, _ in ref])
         neuron = torch.cat([lp * 0 if s is None else s for lp, s in ref])
         job.ref_logps, job.ref_margins = logps, neuron[:, 0] - neuron[:, 1]
-        # auto: gamma * m of order 1, as beta * h is (1 where the margins do not vary, no neurons)
-        gamma = args.gamma
-        if gamma == "auto":
+        job.gamma, job.c = args.gamma, 1.0
+        if args.gamma == "auto":  # gamma * m of order 1, as beta * h is (1 where m does not vary)
             spread = job.ref_margins.std().item() if job.neurons else 0.0
-            gamma = 1 / spread if spread > 0 else 1.0
-        job.gamma, c = gamma, 1.0
+            job.gamma = 1 / spread if spread > 0 else 1.0
         if job.neurons and args.lam and args.balance == "share":
             job.model.train()
             chunk = epoch_order(job, 0)[:args.calibration_pairs]
 
             def share_at(c):  # the neuron term's measured share with weight lam * c
                 return measure_terms(job, chunk, args.lam * c)["neuron/share"]
-            c = calibrate(args.lam, share_at,
-                          linear=args.yoke == "loss" or args.neuron_margin == "relative")
-            print(f"calibration on {len(chunk)} pairs: c = {c:.4g}, so that at step 1 the neuron "
-                  f"term's gradient is {abs(args.lam):g} x the DPO term's")
+            job.c = calibrate(args.lam, share_at,
+                              linear=args.yoke == "loss" or args.neuron_margin == "relative")
+            print(f"calibration on {len(chunk)} pairs: c = {job.c:.4g}, so that at step 1 the "
+                  f"neuron term's gradient is {abs(args.lam):g} x the DPO term's")
         job.out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logps": logps.cpu(), "neuron": neuron.cpu(), "gamma": gamma, "c": c},
+        torch.save({"logps": logps.cpu(), "neuron": neuron.cpu(), "gamma": job.gamma, "c": job.c},
                    job.cache)
     if job.ddp:
         torch.distributed.barrier()
@@ -1502,12 +1500,6 @@ def lr_factor(step, warmup, total_steps):
     return 0.5 * (1 + math.cos(math.pi * progress))  # 2) cosine decay to 0
 
 
-def probe_steps(total_steps, every):
-    """The steps (from 0) whose terms' gradients are measured: every `every`th, or first, middle
-    and last."""
-    return set(range(0, total_steps, every) if every else (0, total_steps // 2)) | {total_steps - 1}
-
-
 def peak_flops(device):
     """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU, a measured float32 matmul."""
     if device.type == "cuda":
@@ -1520,13 +1512,13 @@ def peak_flops(device):
     return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
 
 
-def save_checkpoint(out, model, tokenizer, optimizer, scheduler, state, step):
+def save_checkpoint(job, optimizer, scheduler, step):
     """OUT/model: save_pretrained weights and tokenizer plus trainer_state.pt, swapped in whole."""
-    final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
+    final, tmp, old = job.checkpoint, job.out / "model.tmp", job.out / "model.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    getattr(model, "module", model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({**state, "step": step, "optimizer": optimizer.state_dict(),
+    job.model.save_pretrained(tmp)
+    job.tokenizer.save_pretrained(tmp)
+    torch.save({"run": job.run_id, "c": job.c, "step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     if final.exists():
         os.replace(final, old)
@@ -1560,28 +1552,25 @@ def optimizer_and_schedule(job):
 
 def accumulate(job, model, chunk, weight):
     """Forward and backward of this rank's micro-batches of one step's pairs `chunk`. Returns the
-    sums of PAIR_METRICS over the step's pairs on all ranks, then its tokens."""
+    sums of PAIR_METRICS over the step's pairs on all ranks."""
     args = job.args
-    sums = torch.zeros(len(PAIR_METRICS) + 1, device=job.device)
+    sums = torch.zeros(len(PAIR_METRICS), device=job.device)
     for micro in range(args.grad_accum):
         m = micro * job.world + job.rank  # this rank's; the same pairs for any world size
         indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
         sync = not job.ddp or micro == args.grad_accum - 1
         with contextlib.nullcontext() if sync else model.no_sync():
             logps, scores, terms = pair_losses(job, model, indices, weight)
-            losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = terms
+            losses, dpo_losses, neuron_losses, chosen, rejected = terms
             # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP: rank mean
             (losses.sum() / (args.batch_size * args.grad_accum)).backward()
         with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without neurons
             if scores is None:
                 scores, neuron_losses = logps * 0, losses * 0
             margin = scores[:, 0] - scores[:, 1]
-            tokens = sum(len(ids) for i in indices for ids in job.pairs[i])
-            values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
-                      (chosen_rewards > rejected_rewards).float(),
-                      chosen_rewards - rejected_rewards,
-                      *logps.T, *scores.T, margin, margin - job.ref_margins[indices],
-                      torch.tensor(float(tokens), device=job.device)]
+            values = [losses, dpo_losses, neuron_losses, chosen, rejected,
+                      (chosen > rejected).float(), chosen - rejected, *logps.T, *scores.T, margin,
+                      margin - job.ref_margins[indices]]
             sums += torch.stack([v.float().sum() for v in values])
     if job.ddp:
         torch.distributed.all_reduce(sums)
@@ -1599,7 +1588,9 @@ def train_loop(job):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
     num_params = sum(p.numel() for p in job.model.parameters())  # job.model: never DDP-wrapped
     peak = peak_flops(job.device) if master else None
-    probes = probe_steps(job.total_steps, args.probe_every)
+    # The steps whose terms' gradients are measured: every --probe-every-th, or first, middle; last
+    every, total = args.probe_every, job.total_steps
+    probes = set(range(0, total, every) if every else (0, total // 2)) | {total - 1}
     last_saved = job.start_step
     with tqdm(total=job.total_steps, initial=job.start_step, desc="train", unit="step",
               disable=not master) as bar:
@@ -1623,8 +1614,9 @@ def train_loop(job):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            seconds, tokens = time.perf_counter() - t0, sums[-1].item()
+            seconds = time.perf_counter() - t0
             if master:
+                tokens = sum(len(ids) for i in chunk for ids in job.pairs[i])  # all ranks' pairs
                 metrics = {"step": step + 1, "epoch": epoch,
                            **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
                            "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
@@ -1641,8 +1633,7 @@ def train_loop(job):
             due = args.save_every and (step + 1) % args.save_every == 0
             if due or step + 1 == job.total_steps:
                 if master:
-                    save_checkpoint(out, job.model, job.tokenizer, optimizer, scheduler,
-                                    {"run": job.run_id, "c": job.c}, step + 1)
+                    save_checkpoint(job, optimizer, scheduler, step + 1)
                 last_saved = step + 1
 
 
