@@ -1399,10 +1399,9 @@ def term_gradients(params, loss_of, chunks):
     for path in ("dpo", "neuron"):
         grads[path] = [torch.zeros_like(p) for p in params]
         for indices in chunks:
-            pulls = torch.autograd.grad(loss_of(indices, path), params, allow_unused=True)
-            for g, d in zip(grads[path], pulls):
-                if d is not None:
-                    g += d
+            pulls = torch.autograd.grad(loss_of(indices, path), params, materialize_grads=True)
+            for g, d in zip(grads[path], pulls):  # zeros where a parameter does not pull
+                g += d
 
     def dot(x, y):
         return sum(float((a.double() * b).sum()) for a, b in zip(grads[x], grads[y]))
@@ -1428,7 +1427,7 @@ def calibrate(lam, share_at, linear):
     m - m_ref = 0) one measurement is exact; --yoke reward with the policy margin moves the sigmoid
     with c, so it repeats to 1e-4."""
     c = 1.0
-    for _ in range(8):
+    for _ in range(1 if linear else 8):
         share = share_at(c)
         if not share > 0:
             raise UserError("the neuron term has no gradient on the calibration pairs; check "
@@ -1436,8 +1435,6 @@ def calibrate(lam, share_at, linear):
         if abs(share / abs(lam) - 1) < 1e-4:
             break
         c *= abs(lam) / share
-        if linear:
-            break
     return c
 
 
@@ -1473,10 +1470,9 @@ def reference_pass(job):
                    job.cache)
     if job.ddp:
         torch.distributed.barrier()
-    ref = torch.load(job.cache)
-    job.ref_logps = ref["logps"].to(job.device)
-    job.ref_margins = (ref["neuron"][:, 0] - ref["neuron"][:, 1]).to(job.device)
-    job.gamma, job.c = ref["gamma"], ref["c"]
+    ref = torch.load(job.cache, map_location=job.device)
+    job.ref_logps, job.gamma, job.c = ref["logps"], ref["gamma"], ref["c"]
+    job.ref_margins = ref["neuron"][:, 0] - ref["neuron"][:, 1]
     if job.master and job.neurons:
         how = "1 / std of the reference neuron margins" if args.gamma == "auto" else "--gamma"
         print(f"gamma {job.gamma:.4g} ({how}); the neuron term's weight lam x c = {args.lam:g} x "
