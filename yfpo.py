@@ -1324,8 +1324,14 @@ def train_setup(args):
         raise UserError(f"{job.model.config._attn_implementation} attention cannot take packed "
                         "pairs; use eager or sdpa")
     job.neurons = load_neurons(args.neurons, job.model) if args.neurons else []
-    if job.neurons and not args.allow_overlap:
-        check_disjoint(args.neurons, pairs_path, rows)
+    if job.neurons and not args.allow_overlap:  # on its selection questions, m measures the fit
+        selection = json.loads(Path(args.neurons).read_text()).get("selection", {})
+        asked = {r["question_index"] for r in rows if "question_index" in r}
+        shared = sorted(asked & set(selection.get("question_indices", [])))
+        if shared:
+            raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
+                            f"{args.neurons} was selected on; pair other questions, or pass "
+                            "--allow-overlap")
     job.pairs = tokenize_pairs(job.tokenizer, rows, args.max_length)
     if not job.pairs:
         raise UserError(f"every pair was truncated away: each prompt alone fills --max-length "
@@ -1345,17 +1351,6 @@ def train_setup(args):
            args.yoke, args.neuron_margin, args.balance, args.calibration_pairs]
     job.run_id = hashlib.sha256(json.dumps(run).encode()).hexdigest()
     return job
-
-
-def check_disjoint(neurons_path, pairs_path, rows):
-    """Refuse pairs on the neurons' selection questions (the margin would measure the fit)."""
-    selection = json.loads(Path(neurons_path).read_text()).get("selection", {})
-    selected = set(selection.get("question_indices", []))
-    shared = sorted(selected & {r["question_index"] for r in rows if "question_index" in r})
-    if shared:
-        raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
-                        f"{neurons_path} was selected on; pair other questions, or pass "
-                        "--allow-overlap")
 
 
 def epoch_order(job, epoch):
@@ -1488,14 +1483,6 @@ def disable_dropout(model):
                 setattr(module, name, 0.0)
 
 
-def lr_factor(step, warmup, total_steps):
-    """The learning rate's factor at optimizer step `step` (from 0)."""
-    if step < warmup:  # 1) linear warmup to 1
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress))  # 2) cosine decay to 0
-
-
 def peak_flops(device):
     """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU, a measured float32 matmul."""
     if device.type == "cuda":
@@ -1528,8 +1515,13 @@ def optimizer_and_schedule(job):
     args = job.args
     optimizer = torch.optim.AdamW(job.model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = math.ceil(args.warmup_ratio * job.total_steps)
-    schedule = functools.partial(lr_factor, warmup=warmup, total_steps=job.total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def lr_factor(step):  # the learning rate's factor at optimizer step `step` (from 0)
+        if step < warmup:  # 1) linear warmup to 1
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, job.total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))  # 2) cosine decay to 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start_step = 0
     if args.resume:
         state = torch.load(job.checkpoint / "trainer_state.pt", "cpu", weights_only=False)
