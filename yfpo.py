@@ -1556,8 +1556,8 @@ def accumulate(job, model, chunk, weight):
             if scores is None:
                 scores, neuron_losses = logps * 0, losses * 0
             margin = scores[:, 0] - scores[:, 1]
-            values = [losses, dpo_losses, neuron_losses, chosen, rejected,
-                      (chosen > rejected).float(), chosen - rejected, *logps.T, *scores.T, margin,
+            values = [losses, dpo_losses, neuron_losses, chosen, rejected, chosen > rejected,
+                      chosen - rejected, *logps.T, *scores.T, margin,
                       margin - job.ref_margins[indices]]
             sums += torch.stack([v.float().sum() for v in values])
     if job.ddp:
@@ -1567,7 +1567,7 @@ def accumulate(job, model, chunk, weight):
 
 def train_loop(job):
     """The optimizer steps from the reference (or a checkpoint, --resume) to total_steps."""
-    args, out, master = job.args, job.out, job.master
+    args, master = job.args, job.master
     weight = args.lam * job.c  # the neuron term's whole weight
     optimizer, scheduler, job.start_step = optimizer_and_schedule(job)
     model = job.model.train()
@@ -1612,7 +1612,7 @@ def train_loop(job):
                            "tokens_per_s": tokens / seconds,
                            # MFU: 6 N FLOPs per trained token (forward + backward), over all peaks.
                            "mfu": peak and 6 * num_params * tokens / seconds / (peak * job.world)}
-                with open(out / "metrics.jsonl", "a") as f:
+                with open(job.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 acc=f"{metrics['rewards/accuracies']:.2f}",
