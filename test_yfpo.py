@@ -4,6 +4,7 @@ Run: python -m pytest -q test_yfpo.py
 Optional, on a real model:
     YFPO_SMOLLM2=/path/to/SmolLM2-135M-Instruct python -m pytest -q -k smollm2
 """
+import argparse
 import contextlib
 import functools
 import json
@@ -958,6 +959,18 @@ def test_ablate_control_text_nll_equals_a_hand_computation(tiny_dir, data_file, 
     assert "mean_abs_ratio" in result["random_unmatched"]
 
 
+def test_ablate_gives_no_mean_abs_ratio_when_the_neurons_never_fire(tiny_dir, data_file,
+                                                                    neurons_file, tmp_path,
+                                                                    monkeypatch):
+    def silent(model, batches):  # every neuron's mean, std and mean |a|: 0
+        return [torch.zeros(yfpo.model_shape(model))] * 3
+    monkeypatch.setattr(yfpo, "activation_moments", silent)
+    assert run("ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file,
+               "--num-samples", "2", "--random-seeds", "2", "--out", str(tmp_path)) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert result["random_matched"]["mean_abs_ratio"] is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Pairs
 # ---------------------------------------------------------------------------------------------
@@ -986,6 +999,13 @@ def test_pairs_writes_trl_conversational_rows(tiny_dir, data_file, tmp_path):
     assert len(rows) == 3  # a random model is always wrong
     assert [r["question_index"] for r in rows] == [0, 1, 2]
     assert all(r["chosen_is_gold"] and r["rejected"][0]["role"] == "assistant" for r in rows)
+
+
+def test_heldout_pairs_refuse_an_eval_row_outside_the_data():
+    rows = [dict(r, index=i) for i, r in enumerate(DEMO_ROWS)]
+    last = {"index": -1, "question": rows[-1]["question"], "correct": False, "completion": "7"}
+    with pytest.raises(yfpo.UserError, match="eval row -1 is not question -1"):
+        yfpo.heldout_pairs(None, rows, [last])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1366,6 +1386,15 @@ def test_eval_writes_one_graded_row_per_question_and_a_summary(tiny_dir, data_fi
     assert summary["model"] == tiny_dir and summary["limit"] == 5
     assert summary["prompt_format"] == "chat_template"
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_gives_a_speed_even_when_the_clock_sees_no_time_pass(tiny, monkeypatch):
+    stated = {"text": "The answer is 8.", "stop": "answer", "tokens": 5}
+    monkeypatch.setattr(yfpo, "sample_completions", lambda *args: [stated])
+    monkeypatch.setattr(yfpo.time, "perf_counter", lambda: 1.0)
+    args = argparse.Namespace(system=None, server=None, max_new_tokens=8, batch_size=1)
+    summary, _ = yfpo.evaluate(None, tiny[1], DEMO_ROWS[:1], args)
+    assert summary["correct"] == 1 and summary["questions_per_s"] > 0
 
 
 # ---------------------------------------------------------------------------------------------

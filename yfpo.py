@@ -581,14 +581,11 @@ def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
 
     def pmf(pi):  # P(only_a = k) for every k
         return (log_comb + k * math.log(pi) + (discordant - k) * math.log1p(-pi)).exp()
-    p_values = 2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1]  # mcnemar_exact(k, discordant - k)
-    significant = (p_values <= alpha).nonzero()
-    if not len(significant):
-        return None
-    edge = int(significant[-1])
-    region = (k <= edge) | (k >= discordant - edge)  # where it rejects
+    # It rejects where mcnemar_exact(k, discordant - k) <= alpha: k <= edge, and the mirror.
+    edge = int((2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1] <= alpha).sum()) - 1  # -1: nowhere
+    region = (k <= edge) | (k >= discordant - edge)
     lo, hi = 0.5, 1 - 1e-12
-    if pmf(hi)[region].sum() < power:
+    if pmf(hi)[region].sum() < power:  # also when no split is significant (region empty)
         return None
     for _ in range(50):  # bisection: power rises with pi
         mid = (lo + hi) / 2
@@ -635,8 +632,7 @@ def forward_logps(model, batch):
     if attention.dim() == 3:  # packed pairs: each row has its own [T, T] mask
         attention = attention[:, None]
         if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds it
-            attention = torch.zeros(attention.shape, device=attention.device).masked_fill(
-                ~attention, -torch.inf)
+            attention = torch.where(attention, 0.0, -torch.inf)
     predicts = mask.amax(-1) if mask.dim() == 3 else mask  # [B, T]: t predicts a completion token
     first = int(predicts.argmax(1).min())
     logits = model(input_ids=batch["input_ids"], attention_mask=attention,
@@ -667,7 +663,8 @@ def evaluate(model, tokenizer, rows, args):
                         "completion": c["text"], "extracted": answer, "rule": rule,
                         "correct": is_correct(c["text"], row["gold"]), "stop": c["stop"],
                         "tokens": c["tokens"]})
-    seconds, correct = time.perf_counter() - start, sum(r["correct"] for r in results)
+    seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
+    correct = sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
     strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
     summary = {"accuracy": correct / len(results), "accuracy_strict": strict / len(results),
@@ -697,11 +694,10 @@ def start_command(args, split, limit):
 # a = act(gate_proj(x)) * up_proj(x), shape [B, T, intermediate_size], in every layer.
 @contextlib.contextmanager
 def attnlrp(model):
-    """Patch the model's transformers module with lxt's AttnLRP rules (Achtibat et al., 2024,
-    "AttnLRP: Attention-Aware Layer-wise Relevance Propagation for Transformers"); undo the patch on
-    exit. lxt's monkey_patch swaps methods on classes (the MLP, the RMSNorm, torch's Dropout) and
-    functions on the modeling module, which changes gradients for the whole process. We record every
-    attribute it can touch and put them all back, so training never runs patched."""
+    """Inside the block, lxt's AttnLRP rules (Achtibat et al., 2024, "AttnLRP: Attention-Aware
+    Layer-wise Relevance Propagation for Transformers") patch the model's modeling module and
+    classes (the MLP, the RMSNorm, torch's Dropout) for the whole process; on exit every attribute
+    they can touch is put back, so training never runs patched."""
     if model.config.model_type not in LRP_ARCHITECTURES:
         raise UserError(f"model type '{model.config.model_type}' is not supported; supported: "
                         f"{', '.join(LRP_ARCHITECTURES)}")
@@ -722,13 +718,12 @@ def attnlrp(model):
 
 
 def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
-    """AttnLRP relevance (Achtibat et al., 2024) of every MLP neuron for the gold next-token logits,
-    per sample; input_ids, attention_mask, labels, loss_mask: [B, T] (see collate). Explained is
-        F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   z_t = the logits at position t,
-    and R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i} over the solution's tokens, a_l the input of layer
-    l's down_proj. Inside attnlrp(model) the gradient follows the AttnLRP rules, so R is LRP
-    relevance; outside it is gradient x input (float32; the weights get no gradient). Returns (R,
-    G), each [B, L, I]; G = sum_t dF/da over the same tokens."""
+    """AttnLRP relevance of every MLP neuron for the gold next-token logits, per sample. input_ids,
+    attention_mask, labels, loss_mask: [B, T] (see collate). With z_t the logits at position t,
+        F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}
+    over the solution's tokens, a_l the input of layer l's down_proj. Inside attnlrp(model) the
+    gradient follows the AttnLRP rules (R is LRP relevance), outside it is gradient x input
+    (float32; the weights get no gradient). Returns (R, G), each [B, L, I], G = sum_t dF/da."""
     layers, found = decoder_layers(model), {}  # found: down_proj module -> (relevance, gradient)
     keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # solution tokens: t + 1 holds label t
 
@@ -758,12 +753,10 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
 
 
 def score_neurons(model, batches, progress=None):
-    """(scores, directions), each [num_layers, intermediate_size] float32: the AttnLRP relevance
-    (Achtibat et al., 2024) of neuron_relevance over the samples of batches (see collate). A
-    sample's relevance is taken per solution token (its R over its token count), so long and short
-    answers weigh alike; the score is the mean over samples (with any solution token). The direction
-    is +1 where the neuron's summed gradient is >= 0 (raising it raises the explained logits, as the
-    gradient R is made of sees it), else -1."""
+    """(scores, directions), each [L, I] float32, over the samples of batches (see collate):
+        score = the mean over samples (with any solution token) of R / the sample's solution tokens
+    (R, G of neuron_relevance): long and short answers weigh alike. direction = -1 where the summed
+    G < 0, else +1: how raising the neuron moves the explained logits, as R's gradient sees it."""
     score, gradient, count = 0.0, 0.0, 0
     for batch in batches:
         relevance, grad = neuron_relevance(model, **batch)
@@ -796,19 +789,16 @@ def select_neurons(scores, k, per_layer=False):
 
 @contextlib.contextmanager
 def ablate_neurons(model, neurons, scale=0.0):
-    """Multiply the given neurons [(layer, index, ...)] by scale inside the with-block (pre-hooks on
-    down_proj): scale 0 ablates them, 1.1 amplifies them by 10%; the model is untouched outside the
-    block."""
+    """Inside the block the neurons [(layer, index, ...)] are multiplied by scale (pre-hooks on
+    down_proj): 0 ablates them, 1.1 amplifies them by 10%."""
     layers, masks = decoder_layers(model), {}
     for n in neurons:
         masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
-
-    def pre_hook(module, args, mask):
-        return (args[0] * mask.to(args[0]),) + args[1:]
     with contextlib.ExitStack() as hooks:  # a hook's handle removes the hook on exit
         for layer, mask in masks.items():
-            hook = functools.partial(pre_hook, mask=mask)
-            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(hook))
+            def pre_hook(module, args, mask=mask):
+                return (args[0] * mask.to(args[0]),) + args[1:]
+            hooks.enter_context(layers[layer].mlp.down_proj.register_forward_pre_hook(pre_hook))
         yield model
 
 
@@ -864,8 +854,7 @@ def random_neurons(neurons, mean_abs, generator, bins=10):
     chosen, control = {(n[0], n[1]) for n in neurons}, []
     for layer in sorted({n[0] for n in neurons}):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
-        others = [i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen]
-        pool = torch.tensor(others, dtype=torch.long)
+        pool = torch.tensor([i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen])
         if len(pool) < len(picked):
             raise UserError(f"layer {layer}: {len(picked)} neurons selected, {len(pool)} others; "
                             "select fewer (--top-k)")
@@ -922,8 +911,7 @@ def cmd_identify(args):
         seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
     mean, std, mean_abs = activation_moments(model, math_batches)
-    generator = torch.Generator().manual_seed(args.seed)
-    matched = [(l, i, float(scores[l, i])) for l, i in random_neurons(neurons, mean_abs, generator)]
+    matched = random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed))
     num_layers, width = model_shape(model)
     counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
     disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
@@ -938,19 +926,18 @@ def cmd_identify(args):
                  "question_indices": [r["index"] for r in rows], "control": args.control,
                  "num_control_samples": len(control), "max_length": args.max_length}
 
-    def neuron_file(chosen, **extra):
-        return {"model": args.model, "num_layers": num_layers, "intermediate_size": width, **extra,
-                "scoring_seconds": round(seconds, 2),
-                "neurons": [{"layer": l, "index": i, "score": s, "direction": int(directions[l, i]),
-                             "act_mean": float(mean[l, i]), "act_std": float(std[l, i])}
-                            for l, i, s in chosen]}
-    random_rule = ("random control: as many per layer as neurons.json, matched on mean |a| (10 "
-                   "bins), none of its neurons")
-    random_selection = {**selection, "rule": random_rule, "seed": args.seed}
-    write_json(out / "random_neurons.json", neuron_file(matched, selection=random_selection))
-    write_json(out / "neurons.json", neuron_file(neurons, selection=selection,
-                                                 counts_per_layer=counts,
-                                                 direction_disagrees_with_mean_sign=disagree))
+    def write_neurons(name, chosen, selection, **extra):  # neurons.json or its random control
+        entries = [{"layer": l, "index": i, "score": float(scores[l, i]),
+                    "direction": int(directions[l, i]), "act_mean": float(mean[l, i]),
+                    "act_std": float(std[l, i])} for l, i, *_ in chosen]
+        write_json(out / name, {"model": args.model, "num_layers": num_layers,
+                                "intermediate_size": width, "selection": selection, **extra,
+                                "scoring_seconds": round(seconds, 2), "neurons": entries})
+    random_rule = {"rule": "random control: as many per layer as neurons.json, matched on mean "
+                           "|a| (10 bins), none of its neurons", "seed": args.seed}
+    write_neurons("random_neurons.json", matched, {**selection, **random_rule})
+    write_neurons("neurons.json", neurons, selection, counts_per_layer=counts,
+                  direction_disagrees_with_mean_sign=disagree)
     histogram = [f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
                  for layer, count in enumerate(counts)]
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per "
@@ -963,9 +950,8 @@ def cmd_identify(args):
 
 def cmd_ablate(args):
     """ablate: does scaling the neurons (0: ablating them) raise the gold NLL more than scaling
-    random, matched ones? With --control also on non-math text (its last rows: identify reads its
-    first), so that "math-specific" is measured: the selected set should raise the math NLL more
-    than the control text's."""
+    random, matched ones? With --control also on non-math text (its last rows; identify reads its
+    first): a math-specific set raises the math NLL more than the control text's."""
     if args.random_seeds < 2:
         raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 "
                         "seeds (default 10)")
@@ -978,8 +964,12 @@ def cmd_ablate(args):
     texts = {text: solution_batches(tokenizer, r, args, device, args.nll_batch_size)
              for text, r in texts.items()}
     mean_abs = activation_moments(model, texts["math"])[2]  # per neuron, for the matched control
+    seeds = range(args.seed, args.seed + args.random_seeds)
+    # Random sets matched on layer and scale (10 bins of mean |a|), or on layer only (1 bin)
+    controls = {name: [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins)
+                       for s in seeds] for name, bins in (("matched", 10), ("unmatched", 1))}
 
-    def scale_of(selection):  # mean |a| of a selection
+    def mean_abs_of(selection):
         return float(sum(mean_abs[n[0], n[1]] for n in selection)) / len(selection)
 
     def scaled(selection):  # the gold NLL of each text with the selection scaled
@@ -987,38 +977,32 @@ def cmd_ablate(args):
             nll = {text: gold_nll(model, batches) for text, batches in texts.items()}
         bar.update(1)
         return nll
-
-    def random_sets(bins):  # bins 10: matched on layer and scale; 1: on layer only
-        seeds = range(args.seed, args.seed + args.random_seeds)
-        return [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins)
-                for s in seeds]
-    controls = {"matched": random_sets(10), "unmatched": random_sets(1)}
     with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
         base, ablated = scaled([]), scaled(neurons)
         random = {name: [scaled(c) for c in sets] for name, sets in controls.items()}
+    selected = mean_abs_of(neurons)  # 0 if they never fire: then the controls' ratio is None
+    ratio = {name: sum(map(mean_abs_of, sets)) / len(sets) / selected if selected else None
+             for name, sets in controls.items()}
     result = {"neurons": args.neurons, "data": args.data, "split": args.split,
               "num_samples": len(rows), "num_neurons": len(neurons), "scale": args.scale,
               "random_seeds": args.random_seeds}
     for text in texts:
         part = {"nll_base": base[text], "nll_ablated": ablated[text],
                 "rise": ablated[text] - base[text]}
-        for name, sets in controls.items():
-            nlls = [r[text] for r in random[name]]
-            scale = sum(map(scale_of, sets)) / len(sets) / scale_of(neurons)
-            part["random_" + name] = {**compare_with_random(base[text], ablated[text], nlls),
-                                      "mean_abs_ratio": scale}
+        print(f"{text} NLL per solution token: base {base[text]:.4f}, neurons x {args.scale:g} "
+              f"{ablated[text]:.4f} (rise {part['rise']:+.4f})")
+        for name, nlls in random.items():
+            c = compare_with_random(base[text], ablated[text], [nll[text] for nll in nlls])
+            part["random_" + name] = {**c, "mean_abs_ratio": ratio[name]}
+            scale = "?" if ratio[name] is None else f"{ratio[name]:.2f}"
+            print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
+                  f"mean |a| x {scale}), z {c['z'] and round(c['z'], 2)}, "
+                  + (c["note"] or f"ratio {c['ratio']:.2f}"))
         if text == "math":
             result.update(part)
         else:
             result["control"] = {"data": args.control, "num_samples": len(control),
                                  "rows": [r["index"] for r in control], **part}
-        print(f"{text} NLL per solution token: base {part['nll_base']:.4f}, neurons x "
-              f"{args.scale:g} {part['nll_ablated']:.4f} (rise {part['rise']:+.4f})")
-        for name in controls:
-            c = part["random_" + name]
-            print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
-                  f"mean |a| x {c['mean_abs_ratio']:.2f}), z {c['z'] and round(c['z'], 2)}, "
-                  + (c["note"] or f"ratio {c['ratio']:.2f}"))
     if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
         base = evaluate(model, tokenizer, rows, args)
         with ablate_neurons(model, neurons, args.scale):
@@ -1034,14 +1018,6 @@ def cmd_ablate(args):
 
 
 # --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers ---------------
-def text_pair(tokenizer, question, chosen, rejected, question_index, chosen_is_gold, system=None):
-    """One pair in TRL's format, {prompt, chosen, rejected}, with where it comes from."""
-    return {"prompt": make_prompt(tokenizer, question, system),
-            "chosen": make_completion(tokenizer, chosen),
-            "rejected": make_completion(tokenizer, rejected),
-            "question_index": question_index, "chosen_is_gold": chosen_is_gold}
-
-
 def make_pairs(tokenizer, rows, samples, system=None):
     """Pairs from graded samples (samples[q]: the completions of rows[q]): chosen = a correct
     sample, else the gold solution (chosen_is_gold); rejected = an incorrect one; none when all are
@@ -1054,24 +1030,23 @@ def make_pairs(tokenizer, rows, samples, system=None):
                       chosen_is_gold=bool(wrong and not right))
         if wrong:
             chosen = right[0] if right else gold_solution(row["answer"])
-            pairs.append(text_pair(tokenizer, row["question"], chosen, wrong[0], q, not right,
-                                   system))
+            pairs.append({"prompt": make_prompt(tokenizer, row["question"], system),
+                          "chosen": make_completion(tokenizer, chosen),
+                          "rejected": make_completion(tokenizer, wrong[0]),
+                          "question_index": q, "chosen_is_gold": not right})
     return pairs, dict(counts, pairs=len(pairs))
 
 
 def heldout_pairs(tokenizer, rows, evaluated, system=None):
-    """Held-out endpoints for teacher-forced scoring: for every question of eval.jsonl rows
-    `evaluated` the model got wrong, chosen = the gold solution (of rows), rejected = its answer."""
-    pairs = []
+    """Held-out endpoints for teacher-forced scoring: make_pairs on the answers of eval.jsonl rows
+    `evaluated` (one per question of rows), so each wrong one is rejected for the gold solution."""
+    answers = [[] for _ in rows]  # a question not evaluated gives no pair
     for e in evaluated:
-        if e["index"] >= len(rows) or rows[e["index"]]["question"] != e["question"]:
+        if not 0 <= e["index"] < len(rows) or rows[e["index"]]["question"] != e["question"]:
             raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; pass "
                             "the --data the eval ran on")
-        if not e["correct"]:
-            gold = gold_solution(rows[e["index"]]["answer"])
-            pairs.append(text_pair(tokenizer, e["question"], gold, e["completion"], e["index"],
-                                   True, system))
-    return pairs
+        answers[e["index"]] = [e["completion"]]
+    return make_pairs(tokenizer, rows, answers, system)[0]
 
 
 def load_pairs(path):
@@ -1110,21 +1085,20 @@ def cmd_pairs(args):
                                args.trust_remote_code, weights=False)[1]
         pairs = heldout_pairs(tokenizer, load_gsm8k(args.data, split), read_jsonl(args.from_eval),
                               args.system)
-        write_jsonl(out / "pairs.jsonl", pairs)
         print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split} "
-              f"split); wrote {out / 'pairs.jsonl'}")
-        return
-    out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
-    n, start = args.samples_per_question, time.perf_counter()
-    samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
-    seconds = time.perf_counter() - start  # unrounded: a fast server can answer in under 5 ms
-    speed = generation_summary(samples, args, seconds)
-    pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n),
-                               args.system)
+              "split)")
+    else:
+        out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
+        n, start = args.samples_per_question, time.perf_counter()
+        samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
+        seconds = max(time.perf_counter() - start, 1e-9)  # unrounded: a server may take < 5 ms
+        speed = generation_summary(samples, args, seconds)
+        pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n),
+                                   args.system)
+        print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
+              f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
+              f"stops {speed['stops']}")
     write_jsonl(out / "pairs.jsonl", pairs)
-    print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
-          f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
-          f"stops {speed['stops']}")
     print(f"wrote {out / 'pairs.jsonl'}")
 
 
@@ -1178,12 +1152,15 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
 
 class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs). Inside
-    `with NeuronCapture(model, neurons, **neuron_stats(neurons)) as capture:` each forward makes
-    capture.activations() [B, T, K] (K = len(neurons), in the order given), still attached to the
-    autograd graph, and capture.scores(mask) the neuron scores [B]. Keep it open through backward:
-    gradient checkpointing runs the hooks again there."""
+    `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
+    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
+    capture.scores(mask) the neuron scores. mean, std, direction [K]: neuron_scores' statistics, by
+    default the saved ones of load_neurons' tuples. Keep it open through backward: gradient
+    checkpointing runs the hooks again there."""
 
     def __init__(self, model, neurons, mean=None, std=None, direction=None):
+        if mean is None and len(neurons[0]) == 6:  # (layer, index, score, mean, std, direction)
+            mean, std, direction = torch.tensor([n[3:] for n in neurons], dtype=torch.float32).T
         self.layers, self.captured, self.stats = decoder_layers(model), {}, (mean, std, direction)
         layers = sorted({n[0] for n in neurons})
         self.index = {l: torch.tensor([n[1] for n in neurons if n[0] == l]) for l in layers}
@@ -1209,15 +1186,13 @@ class NeuronCapture:
         return acts[..., self.order.to(acts.device)]
 
     def scores(self, mask):
-        return neuron_scores(self.activations(), mask, *self.stats)
-
-
-def neuron_stats(neurons, device=None):
-    """A neuron set's saved activation mean, std and direction, [K] each, as NeuronCapture's
-    keywords."""
-    columns = zip(*[n[3:6] for n in neurons])  # (act_mean, act_std, direction) of every neuron
-    return {name: torch.tensor(column, dtype=torch.float32, device=device)
-            for name, column in zip(("mean", "std", "direction"), columns)}
+        """The last forward's neuron scores: [B] under a mask [B, T]; [B, 2] under packed pairs'
+        neuron_mask [B, T, 2], (chosen, rejected)."""
+        acts = self.activations()
+        stats = [s.to(acts.device) for s in self.stats]
+        if mask.dim() == 2:
+            return neuron_scores(acts, mask, *stats)
+        return torch.stack([neuron_scores(acts, m, *stats) for m in mask.unbind(-1)], dim=-1)
 
 
 # --- Training: packed pairs, the reference pass, lambda as a share, the loop ----------------------
@@ -1272,10 +1247,8 @@ def collate_pairs(pairs, pad_id):
 def pair_forward(model, batch, capture=None):
     """One forward of packed pairs: (log-probs [B, 2], neuron scores [B, 2] or None) as (chosen,
     rejected); capture: an open NeuronCapture, read in this same forward."""
-    logps, mask = forward_logps(model, batch), batch["neuron_mask"]
-    if capture is None:
-        return logps, None
-    return logps, torch.stack([capture.scores(mask[..., j]) for j in (0, 1)], dim=-1)
+    logps = forward_logps(model, batch)
+    return logps, None if capture is None else capture.scores(batch["neuron_mask"])
 
 
 def train_setup(args):
@@ -1290,9 +1263,7 @@ def train_setup(args):
     if dtype == torch.float16:
         raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss "
                         "scaling)")
-    job.autocast = contextlib.nullcontext()
-    if dtype != torch.float32:
-        job.autocast = torch.autocast(job.device.type, dtype=dtype)
+    job.autocast = torch.autocast(job.device.type, dtype=dtype, enabled=dtype != torch.float32)
     pairs_path = args.pairs or job.out / "pairs.jsonl"
     rows = load_pairs(pairs_path)  # the pairs first: without them nothing matters
     if not args.neurons and (job.out / "neurons.json").is_file():
@@ -1312,31 +1283,15 @@ def train_setup(args):
         raise UserError(f"{job.model.config._attn_implementation} attention cannot take packed "
                         "pairs; use eager or sdpa")
     job.neurons = load_neurons(args.neurons, job.model) if args.neurons else []
-    if job.neurons and not args.allow_overlap:
-        check_disjoint(args.neurons, pairs_path, rows)
+    if job.neurons and not args.allow_overlap:  # on its selection questions, m measures the fit
+        selection = json.loads(Path(args.neurons).read_text()).get("selection", {})
+        asked = {r["question_index"] for r in rows if "question_index" in r}
+        shared = sorted(asked & set(selection.get("question_indices", [])))
+        if shared:
+            raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
+                            f"{args.neurons} was selected on; pair other questions, or pass "
+                            "--allow-overlap")
     job.pairs = tokenize_pairs(job.tokenizer, rows, args.max_length)
-    check_steps(job)
-    # What a checkpoint must share with the run that resumes it: data order, reference and loss.
-    run = [job.pairs, job.neurons, job.pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
-           args.yoke, args.neuron_margin, args.balance, args.calibration_pairs]
-    job.run_id = hashlib.sha256(json.dumps(run).encode()).hexdigest()
-    return job
-
-
-def check_disjoint(neurons_path, pairs_path, rows):
-    """Refuse pairs on the neurons' selection questions (the margin would measure the fit)."""
-    selection = json.loads(Path(neurons_path).read_text()).get("selection", {})
-    selected = set(selection.get("question_indices", []))
-    shared = sorted(selected & {r["question_index"] for r in rows if "question_index" in r})
-    if shared:
-        raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
-                        f"{neurons_path} was selected on; pair other questions, or pass "
-                        "--allow-overlap")
-
-
-def check_steps(job):
-    """The pairs per optimizer step, steps per epoch and total steps, checked: at least one step."""
-    args = job.args
     if not job.pairs:
         raise UserError(f"every pair was truncated away: each prompt alone fills --max-length "
                         f"{args.max_length}; raise it")
@@ -1350,6 +1305,11 @@ def check_steps(job):
                         f"({job.pairs_per_step} = batch x accum x processes); lower --batch-size "
                         "or --grad-accum")
     job.total_steps = min(args.epochs * job.steps_per_epoch, args.max_steps or math.inf)
+    # What a checkpoint must share with the run that resumes it: data order, reference and loss.
+    run = [job.pairs, job.neurons, job.pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
+           args.yoke, args.neuron_margin, args.balance, args.calibration_pairs]
+    job.run_id = hashlib.sha256(json.dumps(run).encode()).hexdigest()
+    return job
 
 
 def epoch_order(job, epoch):
@@ -1393,10 +1353,9 @@ def term_gradients(params, loss_of, chunks):
     for path in ("dpo", "neuron"):
         grads[path] = [torch.zeros_like(p) for p in params]
         for indices in chunks:
-            pulls = torch.autograd.grad(loss_of(indices, path), params, allow_unused=True)
-            for g, d in zip(grads[path], pulls):
-                if d is not None:
-                    g += d
+            pulls = torch.autograd.grad(loss_of(indices, path), params, materialize_grads=True)
+            for g, d in zip(grads[path], pulls):  # zeros where a parameter does not pull
+                g += d
 
     def dot(x, y):
         return sum(float((a.double() * b).sum()) for a, b in zip(grads[x], grads[y]))
@@ -1422,7 +1381,7 @@ def calibrate(lam, share_at, linear):
     m - m_ref = 0) one measurement is exact; --yoke reward with the policy margin moves the sigmoid
     with c, so it repeats to 1e-4."""
     c = 1.0
-    for _ in range(8):
+    for _ in range(1 if linear else 8):
         share = share_at(c)
         if not share > 0:
             raise UserError("the neuron term has no gradient on the calibration pairs; check "
@@ -1430,8 +1389,6 @@ def calibrate(lam, share_at, linear):
         if abs(share / abs(lam) - 1) < 1e-4:
             break
         c *= abs(lam) / share
-        if linear:
-            break
     return c
 
 
@@ -1448,31 +1405,28 @@ def reference_pass(job):
         logps = torch.cat([lp for lp, _ in ref])
         neuron = torch.cat([lp * 0 if s is None else s for lp, s in ref])
         job.ref_logps, job.ref_margins = logps, neuron[:, 0] - neuron[:, 1]
-        # auto: gamma * m of order 1, as beta * h is (1 where the margins do not vary, no neurons)
-        gamma = args.gamma
-        if gamma == "auto":
+        job.gamma, job.c = args.gamma, 1.0
+        if args.gamma == "auto":  # gamma * m of order 1, as beta * h is (1 where m does not vary)
             spread = job.ref_margins.std().item() if job.neurons else 0.0
-            gamma = 1 / spread if spread > 0 else 1.0
-        job.gamma, c = gamma, 1.0
+            job.gamma = 1 / spread if spread > 0 else 1.0
         if job.neurons and args.lam and args.balance == "share":
             job.model.train()
             chunk = epoch_order(job, 0)[:args.calibration_pairs]
 
             def share_at(c):  # the neuron term's measured share with weight lam * c
                 return measure_terms(job, chunk, args.lam * c)["neuron/share"]
-            c = calibrate(args.lam, share_at,
-                          linear=args.yoke == "loss" or args.neuron_margin == "relative")
-            print(f"calibration on {len(chunk)} pairs: c = {c:.4g}, so that at step 1 the neuron "
-                  f"term's gradient is {abs(args.lam):g} x the DPO term's")
+            job.c = calibrate(args.lam, share_at,
+                              linear=args.yoke == "loss" or args.neuron_margin == "relative")
+            print(f"calibration on {len(chunk)} pairs: c = {job.c:.4g}, so that at step 1 the "
+                  f"neuron term's gradient is {abs(args.lam):g} x the DPO term's")
         job.out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logps": logps.cpu(), "neuron": neuron.cpu(), "gamma": gamma, "c": c},
+        torch.save({"logps": logps.cpu(), "neuron": neuron.cpu(), "gamma": job.gamma, "c": job.c},
                    job.cache)
     if job.ddp:
         torch.distributed.barrier()
-    ref = torch.load(job.cache)
-    job.ref_logps = ref["logps"].to(job.device)
-    job.ref_margins = (ref["neuron"][:, 0] - ref["neuron"][:, 1]).to(job.device)
-    job.gamma, job.c = ref["gamma"], ref["c"]
+    ref = torch.load(job.cache, map_location=job.device)
+    job.ref_logps, job.gamma, job.c = ref["logps"], ref["gamma"], ref["c"]
+    job.ref_margins = ref["neuron"][:, 0] - ref["neuron"][:, 1]
     if job.master and job.neurons:
         how = "1 / std of the reference neuron margins" if args.gamma == "auto" else "--gamma"
         print(f"gamma {job.gamma:.4g} ({how}); the neuron term's weight lam x c = {args.lam:g} x "
@@ -1488,20 +1442,6 @@ def disable_dropout(model):
                 setattr(module, name, 0.0)
 
 
-def lr_factor(step, warmup, total_steps):
-    """The learning rate's factor at optimizer step `step` (from 0)."""
-    if step < warmup:  # 1) linear warmup to 1
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress))  # 2) cosine decay to 0
-
-
-def probe_steps(total_steps, every):
-    """The steps (from 0) whose terms' gradients are measured: every `every`th, or first, middle
-    and last."""
-    return set(range(0, total_steps, every) if every else (0, total_steps // 2)) | {total_steps - 1}
-
-
 def peak_flops(device):
     """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU, a measured float32 matmul."""
     if device.type == "cuda":
@@ -1514,13 +1454,13 @@ def peak_flops(device):
     return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
 
 
-def save_checkpoint(out, model, tokenizer, optimizer, scheduler, state, step):
+def save_checkpoint(job, optimizer, scheduler, step):
     """OUT/model: save_pretrained weights and tokenizer plus trainer_state.pt, swapped in whole."""
-    final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
+    final, tmp, old = job.checkpoint, job.out / "model.tmp", job.out / "model.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    getattr(model, "module", model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({**state, "step": step, "optimizer": optimizer.state_dict(),
+    job.model.save_pretrained(tmp)
+    job.tokenizer.save_pretrained(tmp)
+    torch.save({"run": job.run_id, "c": job.c, "step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     if final.exists():
         os.replace(final, old)
@@ -1534,8 +1474,13 @@ def optimizer_and_schedule(job):
     args = job.args
     optimizer = torch.optim.AdamW(job.model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = math.ceil(args.warmup_ratio * job.total_steps)
-    schedule = functools.partial(lr_factor, warmup=warmup, total_steps=job.total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def lr_factor(step):  # the learning rate's factor at optimizer step `step` (from 0)
+        if step < warmup:  # 1) linear warmup to 1
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, job.total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))  # 2) cosine decay to 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start_step = 0
     if args.resume:
         state = torch.load(job.checkpoint / "trainer_state.pt", "cpu", weights_only=False)
@@ -1554,28 +1499,25 @@ def optimizer_and_schedule(job):
 
 def accumulate(job, model, chunk, weight):
     """Forward and backward of this rank's micro-batches of one step's pairs `chunk`. Returns the
-    sums of PAIR_METRICS over the step's pairs on all ranks, then its tokens."""
+    sums of PAIR_METRICS over the step's pairs on all ranks."""
     args = job.args
-    sums = torch.zeros(len(PAIR_METRICS) + 1, device=job.device)
+    sums = torch.zeros(len(PAIR_METRICS), device=job.device)
     for micro in range(args.grad_accum):
         m = micro * job.world + job.rank  # this rank's; the same pairs for any world size
         indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
         sync = not job.ddp or micro == args.grad_accum - 1
         with contextlib.nullcontext() if sync else model.no_sync():
             logps, scores, terms = pair_losses(job, model, indices, weight)
-            losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards = terms
+            losses, dpo_losses, neuron_losses, chosen, rejected = terms
             # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP: rank mean
             (losses.sum() / (args.batch_size * args.grad_accum)).backward()
         with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without neurons
             if scores is None:
                 scores, neuron_losses = logps * 0, losses * 0
             margin = scores[:, 0] - scores[:, 1]
-            tokens = sum(len(ids) for i in indices for ids in job.pairs[i])
-            values = [losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards,
-                      (chosen_rewards > rejected_rewards).float(),
-                      chosen_rewards - rejected_rewards,
-                      *logps.T, *scores.T, margin, margin - job.ref_margins[indices],
-                      torch.tensor(float(tokens), device=job.device)]
+            values = [losses, dpo_losses, neuron_losses, chosen, rejected, chosen > rejected,
+                      chosen - rejected, *logps.T, *scores.T, margin,
+                      margin - job.ref_margins[indices]]
             sums += torch.stack([v.float().sum() for v in values])
     if job.ddp:
         torch.distributed.all_reduce(sums)
@@ -1584,7 +1526,7 @@ def accumulate(job, model, chunk, weight):
 
 def train_loop(job):
     """The optimizer steps from the reference (or a checkpoint, --resume) to total_steps."""
-    args, out, master = job.args, job.out, job.master
+    args, master = job.args, job.master
     weight = args.lam * job.c  # the neuron term's whole weight
     optimizer, scheduler, job.start_step = optimizer_and_schedule(job)
     model = job.model.train()
@@ -1593,7 +1535,9 @@ def train_loop(job):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
     num_params = sum(p.numel() for p in job.model.parameters())  # job.model: never DDP-wrapped
     peak = peak_flops(job.device) if master else None
-    probes = probe_steps(job.total_steps, args.probe_every)
+    # The steps whose terms' gradients are measured: every --probe-every-th, or first, middle; last
+    every, total = args.probe_every, job.total_steps
+    probes = set(range(0, total, every) if every else (0, total // 2)) | {total - 1}
     last_saved = job.start_step
     with tqdm(total=job.total_steps, initial=job.start_step, desc="train", unit="step",
               disable=not master) as bar:
@@ -1617,8 +1561,9 @@ def train_loop(job):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            seconds, tokens = time.perf_counter() - t0, sums[-1].item()
+            seconds = time.perf_counter() - t0
             if master:
+                tokens = sum(len(ids) for i in chunk for ids in job.pairs[i])  # all ranks' pairs
                 metrics = {"step": step + 1, "epoch": epoch,
                            **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
                            "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
@@ -1626,7 +1571,7 @@ def train_loop(job):
                            "tokens_per_s": tokens / seconds,
                            # MFU: 6 N FLOPs per trained token (forward + backward), over all peaks.
                            "mfu": peak and 6 * num_params * tokens / seconds / (peak * job.world)}
-                with open(out / "metrics.jsonl", "a") as f:
+                with open(job.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 acc=f"{metrics['rewards/accuracies']:.2f}",
@@ -1635,8 +1580,7 @@ def train_loop(job):
             due = args.save_every and (step + 1) % args.save_every == 0
             if due or step + 1 == job.total_steps:
                 if master:
-                    save_checkpoint(out, job.model, job.tokenizer, optimizer, scheduler,
-                                    {"run": job.run_id, "c": job.c}, step + 1)
+                    save_checkpoint(job, optimizer, scheduler, step + 1)
                 last_saved = step + 1
 
 
@@ -1646,11 +1590,8 @@ def cmd_train(args):
     disable_dropout(job.model)
     if args.gradient_checkpointing:  # non-reentrant: hooked activations keep their gradients
         job.model.gradient_checkpointing_enable({"use_reentrant": False})
-    with contextlib.ExitStack() as hooks:  # the capture stays on: checkpointing re-runs it
-        job.capture = None
-        if job.neurons:
-            stats = neuron_stats(job.neurons, job.device)
-            job.capture = hooks.enter_context(NeuronCapture(job.model, job.neurons, **stats))
+    capture = NeuronCapture(job.model, job.neurons) if job.neurons else contextlib.nullcontext()
+    with capture as job.capture:  # None without neurons; it stays on: checkpointing re-runs it
         reference_pass(job)
         train_loop(job)
     if job.master:
@@ -1687,14 +1628,12 @@ def cmd_score(args):
             for pair in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
-        captures = {name: hooks.enter_context(NeuronCapture(model, n, **neuron_stats(n, device)))
-                    for name, n in sets.items()}
+        captures = {name: hooks.enter_context(NeuronCapture(model, n)) for name, n in sets.items()}
         for chunk in tqdm(batches_of(kept, args.batch_size), desc="score", unit="batch"):
             batch = to_device(collate_pairs([pair for _, pair in chunk], tokenizer.pad_token_id),
                               device)
-            logps, mask = forward_logps(model, batch), batch["neuron_mask"]
-            scores = {name: torch.stack([c.scores(mask[..., j]) for j in (0, 1)], -1)
-                      for name, c in captures.items()}
+            logps = forward_logps(model, batch)
+            scores = {name: c.scores(batch["neuron_mask"]) for name, c in captures.items()}
             results += [{"question_index": row.get("question_index"), "logps": logps[b].tolist(),
                          "chosen_tokens": len(pair[1]),
                          "neurons": {name: s[b].tolist() for name, s in scores.items()}}
