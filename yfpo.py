@@ -2036,9 +2036,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def positive(kind):
-    """An argparse type: a number of this kind above zero."""
+def positive(kind, word=None):
+    """An argparse type: a number of this kind above zero, or the word itself (--gamma's auto)."""
     def parse(text):
+        if text == word:
+            return text
         with contextlib.suppress(ValueError):
             if kind(text) > 0:
                 return kind(text)
@@ -2046,50 +2048,43 @@ def positive(kind):
     return parse
 
 
-positive_int, positive_float = positive(int), positive(float)
-
-
-def gamma_value(text):
-    """--gamma: auto, or a positive number."""
-    return text if text == "auto" else positive_float(text)
-
-
 def build_parser():
     def group(**flags):
         """A parent parser: flags several commands share, declared once. A flag is given by its
-        default, whose kind sets its type (int or None: a positive whole number, float: positive,
-        str: text, False: a switch), or by a dict of add_argument's keywords."""
+        default, by (default, help), or by a dict of add_argument's keywords; a default's kind sets
+        the type (int or None: a positive whole number, float: positive, str: text, False: a
+        switch)."""
         parser = argparse.ArgumentParser(add_help=False)
         for flag, spec in flags.items():
-            spec = spec if isinstance(spec, dict) else {"default": spec}
+            if isinstance(spec, tuple):
+                spec = {"default": spec[0], "help": spec[1]}
+            elif not isinstance(spec, dict):
+                spec = {"default": spec}
             if spec.get("default") is False:
                 spec = {"action": "store_true", **spec}
             else:
-                kind = {str: str, float: positive_float}.get(type(spec.get("default")))
-                spec = {"type": kind or positive_int, **spec}
+                kind = {str: str, float: positive(float)}.get(type(spec.get("default")))
+                spec = {"type": kind or positive(int), **spec}
             parser.add_argument("--" + flag.replace("_", "-"), **spec)
         return parser
     common = group(
-        model=dict(default=DEFAULT_MODEL, help="hub id, local Hugging Face folder, or .gguf file"),
-        data=dict(default=DEFAULT_DATA,
-                  help="hub dataset, or a local .jsonl/.json/.parquet file or folder"),
-        seed=dict(type=int, default=0),
-        device=dict(default="auto", help="auto: cuda if available, else cpu"),
+        model=(DEFAULT_MODEL, "hub id, local Hugging Face folder, or .gguf file"),
+        data=(DEFAULT_DATA, "hub dataset, or a local .jsonl/.json/.parquet file or folder"),
+        seed=dict(type=int, default=0), device=("auto", "auto: cuda if available, else cpu"),
         dtype=dict(default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 where the GPU supports it, else float32"),
-        out=dict(default="out", help="folder for this command's files"),
+        out=("out", "folder for this command's files"),
         system=dict(type=str, help="system prompt (default: none)"), trust_remote_code=False)
-    generation = group(max_new_tokens=512, batch_size=dict(
-        help="sequences decoded at once (default: 64 on CPU, 128 on GPU); with --server (eval, "
-             "pairs), requests in flight (default 64)"))
+    generation = group(max_new_tokens=512, batch_size=(None, "sequences decoded at once (default: "
+                       "64 on CPU, 128 on GPU); with --server (eval, pairs), requests in flight "
+                       "(default 64)"))
     loss = group(
-        calibration_pairs=16,  # pairs c is measured on
+        calibration_pairs=(16, "pairs c is measured on"),
         lam=dict(type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO"),
-        gamma=dict(type=gamma_value, default="auto", help="scale of the neuron margin; auto: 1 / "
-                   "std of the reference margins over the pairs"),
-        neuron_margin=dict(choices=["policy", "relative"], default="relative",
-                           help="relative (default, measured: see the README): m - m_ref; policy: "
-                           "m"),
+        gamma=dict(type=positive(float, "auto"), default="auto", help="scale of the neuron "
+                   "margin; auto: 1 / std of the reference margins over the pairs"),
+        neuron_margin=dict(choices=["policy", "relative"], default="relative", help="relative "
+                           "(default, measured: see the README): m - m_ref; policy: m"),
         beta=dict(type=float, default=0.1, help="DPO temperature"),
         yoke=dict(choices=["loss", "reward"], default="reward",
                   help="reward (default, measured): inside DPO's sigmoid; loss: a second term"),
@@ -2108,16 +2103,16 @@ def build_parser():
         p.set_defaults(run=run)
         return p
     command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
-            selection, length, batch_size=4, per_layer=dict(
-                default=False, help="top k/L neurons of every layer instead of the global top k"),
+            selection, length, batch_size=4,
+            per_layer=(False, "top k/L neurons of every layer instead of the global top k"),
             control=dict(type=str, help="non-math question/answer data; its mean relevance is "
                          "subtracted"))
     command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
             generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
             scale=dict(type=float, default=0.0, help="factor on the neurons' activations: 0 "
                        "ablates them"),
-            neurons=dict(type=str, required=True), eval_accuracy=dict(
-                default=False, help="also run the evaluator with and without ablation"),
+            neurons=dict(type=str, required=True),
+            eval_accuracy=(False, "also run the evaluator with and without ablation"),
             control=dict(type=str, help="non-math question/answer data: the NLL rise there too "
                          "(its last rows)"))
     command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
@@ -2126,25 +2121,22 @@ def build_parser():
             from_eval=dict(type=str, help="an eval.jsonl: held-out pairs from its wrong answers, "
                            "no sampling"))
     command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, training, length,
-            max_steps=None, save_every=None,  # a checkpoint every N steps (always one at the end)
+            max_steps=None, save_every=(None, "a checkpoint every N steps (always one at the end)"),
             warmup_ratio=dict(type=float, default=0.1),
             pairs=dict(type=str, help="pairs JSONL (default: OUT/pairs.jsonl)"),
             neurons=dict(type=str, help="neurons.json (default: OUT/neurons.json when it exists)"),
-            batch_size=dict(default=2, help="pairs per micro-batch per process"),
-            resume=dict(default=False, help="continue from OUT/model"),
-            gradient_checkpointing=False, probe_every=dict(help="measure the terms' gradients "
-                                                           "every N steps (default: the first, "
-                                                           "middle and last step)"),
-            allow_overlap=dict(default=False,
-                               help="train on questions the neurons were selected on"))
-    command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None,
-            split="test", server=dict(type=str, help="an OpenAI-compatible server's URL (vllm "
-                                      "serve) to generate with"))  # limit: the first N questions
+            batch_size=(2, "pairs per micro-batch per process"),
+            resume=(False, "continue from OUT/model"), gradient_checkpointing=False,
+            probe_every=(None, "measure the terms' gradients every N steps (default: the first, "
+                         "middle and last step)"),
+            allow_overlap=(False, "train on questions the neurons were selected on"))
+    command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation,
+            limit=(None, "the first N questions"), split="test", server=dict(
+                type=str, help="an OpenAI-compatible server's URL (vllm serve) to generate with"))
     command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common,
             length, batch_size=8,
             pairs=dict(type=str, required=True, help="pairs JSONL, e.g. from `pairs --from-eval`"),
-            neurons=dict(type=str, nargs="+", required=True,
-                         help="one or more neurons.json files"))
+            neurons=dict(type=str, nargs="+", required=True, help="one or more neurons.json files"))
     command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md",
             common, generation, loss, selection, sampling, training, length, ablate_samples=200,
             random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None,
@@ -2164,29 +2156,29 @@ def main(argv=None, strict=False):
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # an unreachable hub: one UserError line, no retry log
     distributed = "RANK" in os.environ and hasattr(args, "device")
-    if distributed:  # torchrun: one process per device; rank 0 prints and writes
-        import datetime
-        on_gpu = torch.cuda.is_available() and args.device != "cpu"
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # Rank 0 alone makes train's reference pass while others wait: hours, not NCCL's 10 minutes
-        torch.distributed.init_process_group("nccl" if on_gpu else "gloo",
-                                             timeout=datetime.timedelta(hours=6))
-        sys.stdout = sys.stdout if torch.distributed.get_rank() == 0 else open(os.devnull, "w")
-    try:
-        # every rank would do it all
-        if distributed and (getattr(args, "server", None) or args.command == "reproduce"):
-            raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} runs in "
-                            "one process: no torchrun")
-        args.run(args)
-    except (UserError, OSError) as e:  # OSError: a path that cannot be written or read
-        if strict:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+    with contextlib.ExitStack() as on_exit:
+        if distributed:  # torchrun: one process per device; rank 0 prints and writes
+            import datetime
+            on_gpu = torch.cuda.is_available() and args.device != "cpu"
+            if on_gpu:
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            # Rank 0 alone makes train's reference pass while others wait: hours, not NCCL's 10 min
+            torch.distributed.init_process_group("nccl" if on_gpu else "gloo",
+                                                 timeout=datetime.timedelta(hours=6))
+            on_exit.callback(torch.distributed.destroy_process_group)
+            if torch.distributed.get_rank() > 0:
+                devnull = on_exit.enter_context(open(os.devnull, "w"))
+                on_exit.enter_context(contextlib.redirect_stdout(devnull))
+        try:
+            if distributed and (getattr(args, "server", None) or args.command == "reproduce"):
+                raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} "
+                                "runs in one process: no torchrun")  # every rank would do it all
+            args.run(args)
+        except (UserError, OSError) as e:  # OSError: a path that cannot be written or read
+            if strict:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
