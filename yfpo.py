@@ -1770,11 +1770,9 @@ def reproduce_stages(args, out):
 
 
 def heldout_rows(scores, seed):
-    """The held-out table's rows from score stages' scores.jsonl ({model: rows}, base among them),
-    against the base model as the reference: implicit-reward accuracy (h > 0) and margin h, gold NLL
-    per token, and per neuron set the margin m = s(chosen) - s(rejected) (base) or its gain over the
-    base model's (the others); each a mean over pairs with a paired bootstrap 95% CI (the same
-    resamples for every cell)."""
+    """The held-out table's rows (see its paragraph in write_report) from score stages'
+    scores.jsonl ({model: rows}, base among them): implicit-reward accuracy (h > 0) and margin h,
+    gold NLL per token, and per neuron set the margin m = s(chosen) - s(rejected) or its gain."""
     def tensors(rows):
         columns = {"logps": [r["logps"] for r in rows],
                    "tokens": [r["chosen_tokens"] for r in rows],
@@ -1879,11 +1877,11 @@ def cmd_plot(args):
 
     def named(folder, name):  # a run's label: its folder too when there are several
         return f"{folder}/{name}" if len(dirs) > 1 else name
-    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): p for d in dirs
+    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): read_jsonl(p) for d in dirs
             for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
     accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text())
                   for d in dirs for p in sorted(d.glob("eval_*/summary.json"))}
-    if not runs or not all(map(read_jsonl, runs.values())):
+    if not runs or not all(runs.values()):
         raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of "
                         "train or reproduce runs")
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
@@ -1891,8 +1889,8 @@ def cmd_plot(args):
     grid = fig.add_gridspec(3, 2 if accuracies else 1)
     for row, key in enumerate(("loss/dpo", "rewards/margins", "neuron/margin")):
         ax = fig.add_subplot(grid[row, 0], xlabel="step" if row == 2 else None, ylabel=key)
-        for label, path in runs.items():
-            ax.plot(*zip(*[(m["step"], m[key]) for m in read_jsonl(path)]), label=label)
+        for label, steps in runs.items():
+            ax.plot(*zip(*[(m["step"], m[key]) for m in steps]), label=label)
         ax.legend()
     if accuracies:
         ax = fig.add_subplot(grid[:, 1], title="GSM8K accuracy, 95% Wilson CI", ylabel="accuracy")
@@ -1920,8 +1918,7 @@ def cmd_reproduce(args):
     load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
                weights=False)
     stages, keys, seconds = reproduce_stages(args, out), {}, {}
-    current = {out / stage for stage, _, _ in stages}
-    for stale in {p.parent for p in out.glob("*/stage.json")} - current:
+    for stale in {p.parent for p in out.glob("*/stage.json")} - {out / s for s, _, _ in stages}:
         shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
     for stage, argv, reads in stages:
         # Skipped if OUT/stage/stage.json shows it finished under this key (its command line, OUT
@@ -1930,22 +1927,22 @@ def cmd_reproduce(args):
         line = ["OUT" + a[len(str(out)):] if a.startswith(str(out) + os.sep) else a for a in argv]
         stamp_of = json.dumps([line, [keys[r] for r in reads]]).encode()
         key = keys[stage] = hashlib.sha256(stamp_of).hexdigest()[:16]
-        stamp_path = out / stage / "stage.json"
-        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
-        if stamp.get("key") == key and "seconds" in stamp:
+        stamp_path, stamp = out / stage / "stage.json", {"key": key, "argv": argv}
+        old = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+        if old.get("key") == key and "seconds" in old:
             print(f"[reproduce] {stage}: done with these settings, skipped")
-            seconds[stage] = stamp["seconds"]
+            seconds[stage] = old["seconds"]
             continue
-        resume = stamp.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
+        resume = old.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
         if not resume:
             shutil.rmtree(out / stage, ignore_errors=True)
-        write_json(stamp_path, {"key": key, "argv": argv})
+        write_json(stamp_path, stamp)
         print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' if resume else ''} -> "
               f"{out / stage}")
         start = time.perf_counter()
         main([*argv, "--out", str(out / stage), *["--resume"] * resume], strict=True)
-        seconds[stage] = round(time.perf_counter() - start, 1)
-        write_json(stamp_path, {"key": key, "argv": argv, "seconds": seconds[stage]})
+        seconds[stage] = stamp["seconds"] = round(time.perf_counter() - start, 1)
+        write_json(stamp_path, stamp)
     write_report(out, args, seconds)
     cmd_plot(argparse.Namespace(dirs=[str(out)], out=out / "report.png"))
     print(f"wrote {out / 'report.md'}")
@@ -1992,8 +1989,8 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
+    trainer = trainers.BpeTrainer(special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  vocab_size=400, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = [*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is 0123456789."]
     bpe.train_from_iterator(texts, trainer)
@@ -2007,9 +2004,7 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
         initializer_range=0.2,  # larger than usual, so greedy outputs differ by prompt
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.update(eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)  # its generation config: eos and pad too
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -2050,16 +2045,14 @@ def positive(kind, word=None):
 
 def build_parser():
     def group(**flags):
-        """A parent parser: flags several commands share, declared once. A flag is given by its
-        default, by (default, help), or by a dict of add_argument's keywords; a default's kind sets
-        the type (int or None: a positive whole number, float: positive, str: text, False: a
-        switch)."""
+        """A parent parser: flags several commands share, declared once. A flag is its default,
+        (default, help) or a dict of add_argument's keywords; the default's kind sets its type (int
+        or None: a positive whole number, float: positive, str: text, False: a switch)."""
         parser = argparse.ArgumentParser(add_help=False)
         for flag, spec in flags.items():
-            if isinstance(spec, tuple):
-                spec = {"default": spec[0], "help": spec[1]}
-            elif not isinstance(spec, dict):
-                spec = {"default": spec}
+            if not isinstance(spec, dict):
+                default, text = spec if isinstance(spec, tuple) else (spec, None)
+                spec = {"default": default, "help": text}
             if spec.get("default") is False:
                 spec = {"action": "store_true", **spec}
             else:
