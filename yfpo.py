@@ -2163,9 +2163,10 @@ def main(argv=None, strict=False):
                 devnull = on_exit.enter_context(open(os.devnull, "w"))
                 on_exit.enter_context(contextlib.redirect_stdout(devnull))
         try:
+            # every rank would do it all
             if distributed and (getattr(args, "server", None) or args.command == "reproduce"):
                 raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} "
-                                "runs in one process: no torchrun")  # every rank would do it all
+                                "runs in one process: no torchrun")
             args.run(args)
         except (UserError, OSError) as e:  # OSError: a path that cannot be written or read
             if strict:
