@@ -1344,9 +1344,9 @@ def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir,
               "--lr", "1e-3", "--batch-size", "1", "--max-steps", "2", "--max-length", "256",
               "--device", "cpu"]
     assert run(*common, "--grad-accum", "4", "--out", str(tmp_path / "one")) == 0
-    subprocess.run(torchrun(*common, "--grad-accum", "2", "--out", str(tmp_path / "two"),
-                            port="29517"), check=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                   capture_output=True, timeout=300)
+    subprocess.run(torchrun(*common, "--grad-accum", "2", "--out", str(tmp_path / "two")),
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                   timeout=300)
     assert len(metrics(tmp_path / "one")) == len(metrics(tmp_path / "two")) == 2
     for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         for key in ("loss", "loss/neuron", "grad_norm", "grad_norm/dpo", "grad_norm/neuron"):
