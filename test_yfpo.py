@@ -547,9 +547,15 @@ def test_samples_are_seeded_per_sequence_not_per_batch(tiny):
     assert len(set(texts(one))) == 15  # three different samples of each prompt
 
 
-def torchrun(*argv, port="29518"):
+def free_port():
+    with socket.socket() as s:  # a port nobody listens on, once closed
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*argv):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            port, str(HERE / "yfpo.py"), *argv]
+            str(free_port()), str(HERE / "yfpo.py"), *argv]
 
 
 def test_eval_pairs_and_ablate_under_torchrun_write_what_one_process_writes(
@@ -1358,9 +1364,9 @@ def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(tiny_dir,
               "--lr", "1e-3", "--batch-size", "1", "--max-steps", "2", "--max-length", "256",
               "--device", "cpu"]
     assert run(*common, "--grad-accum", "4", "--out", str(tmp_path / "one")) == 0
-    subprocess.run(torchrun(*common, "--grad-accum", "2", "--out", str(tmp_path / "two"),
-                            port="29517"), check=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                   capture_output=True, timeout=300)
+    subprocess.run(torchrun(*common, "--grad-accum", "2", "--out", str(tmp_path / "two")),
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                   timeout=300)
     assert len(metrics(tmp_path / "one")) == len(metrics(tmp_path / "two")) == 2
     for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         for key in ("loss", "loss/neuron", "grad_norm", "grad_norm/dpo", "grad_norm/neuron"):
@@ -1713,9 +1719,7 @@ BAD_INPUTS = {
 
 
 def closed_url():
-    with socket.socket() as s:  # a port nobody listens on, once closed
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def placeholder(name, request, tmp_path):
@@ -1849,7 +1853,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(argv, says, request):
 
 def test_reproduce_refuses_torchrun(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", "29533")):
+                        ("MASTER_PORT", str(free_port()))):
         monkeypatch.setenv(name, value)
     assert_user_error(capsys, tmp_path / "out", "reproduce", "--model", tiny_dir, "--data",
                       data_file, "--out", str(tmp_path / "out"), "--device", "cpu",

@@ -1694,11 +1694,9 @@ def reproduce_stages(args, out):
 
 
 def heldout_rows(scores, seed):
-    """The held-out table's rows from score stages' scores.jsonl ({model: rows}, base among them),
-    against the base model as the reference: implicit-reward accuracy (h > 0) and margin h, gold NLL
-    per token, and per neuron set the margin m = s(chosen) - s(rejected) (base) or its gain over the
-    base model's (the others); each a mean over pairs with a paired bootstrap 95% CI (the same
-    resamples for every cell)."""
+    """The held-out table's rows (see its paragraph in write_report) from score stages'
+    scores.jsonl ({model: rows}, base among them): implicit-reward accuracy (h > 0) and margin h,
+    gold NLL per token, and per neuron set the margin m = s(chosen) - s(rejected) or its gain."""
     def tensors(rows):
         columns = {"logps": [r["logps"] for r in rows],
                    "tokens": [r["chosen_tokens"] for r in rows],
@@ -1803,11 +1801,11 @@ def cmd_plot(args):
 
     def named(folder, name):  # a run's label: its folder too when there are several
         return f"{folder}/{name}" if len(dirs) > 1 else name
-    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): p for d in dirs
+    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): read_jsonl(p) for d in dirs
             for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
     accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text())
                   for d in dirs for p in sorted(d.glob("eval_*/summary.json"))}
-    if not runs or not all(map(read_jsonl, runs.values())):
+    if not runs or not all(runs.values()):
         raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of "
                         "train or reproduce runs")
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
@@ -1815,8 +1813,8 @@ def cmd_plot(args):
     grid = fig.add_gridspec(3, 2 if accuracies else 1)
     for row, key in enumerate(("loss/dpo", "rewards/margins", "neuron/margin")):
         ax = fig.add_subplot(grid[row, 0], xlabel="step" if row == 2 else None, ylabel=key)
-        for label, path in runs.items():
-            ax.plot(*zip(*[(m["step"], m[key]) for m in read_jsonl(path)]), label=label)
+        for label, steps in runs.items():
+            ax.plot(*zip(*[(m["step"], m[key]) for m in steps]), label=label)
         ax.legend()
     if accuracies:
         ax = fig.add_subplot(grid[:, 1], title="GSM8K accuracy, 95% Wilson CI", ylabel="accuracy")
@@ -1844,8 +1842,7 @@ def cmd_reproduce(args):
     load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
                weights=False)
     stages, keys, seconds = reproduce_stages(args, out), {}, {}
-    current = {out / stage for stage, _, _ in stages}
-    for stale in {p.parent for p in out.glob("*/stage.json")} - current:
+    for stale in {p.parent for p in out.glob("*/stage.json")} - {out / s for s, _, _ in stages}:
         shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
     for stage, argv, reads in stages:
         # Skipped if OUT/stage/stage.json shows it finished under this key (its command line, OUT
@@ -1854,22 +1851,22 @@ def cmd_reproduce(args):
         line = ["OUT" + a[len(str(out)):] if a.startswith(str(out) + os.sep) else a for a in argv]
         stamp_of = json.dumps([line, [keys[r] for r in reads]]).encode()
         key = keys[stage] = hashlib.sha256(stamp_of).hexdigest()[:16]
-        stamp_path = out / stage / "stage.json"
-        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
-        if stamp.get("key") == key and "seconds" in stamp:
+        stamp_path, stamp = out / stage / "stage.json", {"key": key, "argv": argv}
+        old = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+        if old.get("key") == key and "seconds" in old:
             print(f"[reproduce] {stage}: done with these settings, skipped")
-            seconds[stage] = stamp["seconds"]
+            seconds[stage] = old["seconds"]
             continue
-        resume = stamp.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
+        resume = old.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
         if not resume:
             shutil.rmtree(out / stage, ignore_errors=True)
-        write_json(stamp_path, {"key": key, "argv": argv})
+        write_json(stamp_path, stamp)
         print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' if resume else ''} -> "
               f"{out / stage}")
         start = time.perf_counter()
         main([*argv, "--out", str(out / stage), *["--resume"] * resume], strict=True)
-        seconds[stage] = round(time.perf_counter() - start, 1)
-        write_json(stamp_path, {"key": key, "argv": argv, "seconds": seconds[stage]})
+        seconds[stage] = stamp["seconds"] = round(time.perf_counter() - start, 1)
+        write_json(stamp_path, stamp)
     write_report(out, args, seconds)
     cmd_plot(argparse.Namespace(dirs=[str(out)], out=out / "report.png"))
     print(f"wrote {out / 'report.md'}")
@@ -1916,8 +1913,8 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
+    trainer = trainers.BpeTrainer(special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  vocab_size=400, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = [*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is 0123456789."]
     bpe.train_from_iterator(texts, trainer)
@@ -1931,9 +1928,7 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
         initializer_range=0.2,  # larger than usual, so greedy outputs differ by prompt
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.update(eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)  # its generation config: eos and pad too
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -1960,9 +1955,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def positive(kind):
-    """An argparse type: a number of this kind above zero."""
+def positive(kind, word=None):
+    """An argparse type: a number of this kind above zero, or the word itself (--gamma's auto)."""
     def parse(text):
+        if text == word:
+            return text
         with contextlib.suppress(ValueError):
             if kind(text) > 0:
                 return kind(text)
@@ -1970,50 +1967,41 @@ def positive(kind):
     return parse
 
 
-positive_int, positive_float = positive(int), positive(float)
-
-
-def gamma_value(text):
-    """--gamma: auto, or a positive number."""
-    return text if text == "auto" else positive_float(text)
-
-
 def build_parser():
     def group(**flags):
-        """A parent parser: flags several commands share, declared once. A flag is given by its
-        default, whose kind sets its type (int or None: a positive whole number, float: positive,
-        str: text, False: a switch), or by a dict of add_argument's keywords."""
+        """A parent parser: flags several commands share, declared once. A flag is its default,
+        (default, help) or a dict of add_argument's keywords; the default's kind sets its type (int
+        or None: a positive whole number, float: positive, str: text, False: a switch)."""
         parser = argparse.ArgumentParser(add_help=False)
         for flag, spec in flags.items():
-            spec = spec if isinstance(spec, dict) else {"default": spec}
+            if not isinstance(spec, dict):
+                default, text = spec if isinstance(spec, tuple) else (spec, None)
+                spec = {"default": default, "help": text}
             if spec.get("default") is False:
                 spec = {"action": "store_true", **spec}
             else:
-                kind = {str: str, float: positive_float}.get(type(spec.get("default")))
-                spec = {"type": kind or positive_int, **spec}
+                kind = {str: str, float: positive(float)}.get(type(spec.get("default")))
+                spec = {"type": kind or positive(int), **spec}
             parser.add_argument("--" + flag.replace("_", "-"), **spec)
         return parser
     common = group(
-        model=dict(default=DEFAULT_MODEL, help="hub id, local Hugging Face folder, or .gguf file"),
-        data=dict(default=DEFAULT_DATA,
-                  help="hub dataset, or a local .jsonl/.json/.parquet file or folder"),
-        seed=dict(type=int, default=0),
-        device=dict(default="auto", help="auto: cuda if available, else cpu"),
+        model=(DEFAULT_MODEL, "hub id, local Hugging Face folder, or .gguf file"),
+        data=(DEFAULT_DATA, "hub dataset, or a local .jsonl/.json/.parquet file or folder"),
+        seed=dict(type=int, default=0), device=("auto", "auto: cuda if available, else cpu"),
         dtype=dict(default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 where the GPU supports it, else float32"),
-        out=dict(default="out", help="folder for this command's files"),
+        out=("out", "folder for this command's files"),
         system=dict(type=str, help="system prompt (default: none)"), trust_remote_code=False)
-    generation = group(max_new_tokens=512, batch_size=dict(
-        help="sequences decoded at once (default: 64 on CPU, 128 on GPU); with --server (eval, "
-             "pairs), requests in flight (default 64)"))
+    generation = group(max_new_tokens=512, batch_size=(None, "sequences decoded at once (default: "
+                       "64 on CPU, 128 on GPU); with --server (eval, pairs), requests in flight "
+                       "(default 64)"))
     loss = group(
-        calibration_pairs=16,  # pairs c is measured on
+        calibration_pairs=(16, "pairs c is measured on"),
         lam=dict(type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO"),
-        gamma=dict(type=gamma_value, default="auto", help="scale of the neuron margin; auto: 1 / "
-                   "std of the reference margins over the pairs"),
-        neuron_margin=dict(choices=["policy", "relative"], default="relative",
-                           help="relative (default, measured: see the README): m - m_ref; policy: "
-                           "m"),
+        gamma=dict(type=positive(float, "auto"), default="auto", help="scale of the neuron "
+                   "margin; auto: 1 / std of the reference margins over the pairs"),
+        neuron_margin=dict(choices=["policy", "relative"], default="relative", help="relative "
+                           "(default, measured: see the README): m - m_ref; policy: m"),
         beta=dict(type=float, default=0.1, help="DPO temperature"),
         yoke=dict(choices=["loss", "reward"], default="reward",
                   help="reward (default, measured): inside DPO's sigmoid; loss: a second term"),
@@ -2032,16 +2020,16 @@ def build_parser():
         p.set_defaults(run=run)
         return p
     command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
-            selection, length, batch_size=4, per_layer=dict(
-                default=False, help="top k/L neurons of every layer instead of the global top k"),
+            selection, length, batch_size=4,
+            per_layer=(False, "top k/L neurons of every layer instead of the global top k"),
             control=dict(type=str, help="non-math question/answer data; its mean relevance is "
                          "subtracted"))
     command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
             generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
             scale=dict(type=float, default=0.0, help="factor on the neurons' activations: 0 "
                        "ablates them"),
-            neurons=dict(type=str, required=True), eval_accuracy=dict(
-                default=False, help="also run the evaluator with and without ablation"),
+            neurons=dict(type=str, required=True),
+            eval_accuracy=(False, "also run the evaluator with and without ablation"),
             control=dict(type=str, help="non-math question/answer data: the NLL rise there too "
                          "(its last rows)"))
     command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
@@ -2050,25 +2038,22 @@ def build_parser():
             from_eval=dict(type=str, help="an eval.jsonl: held-out pairs from its wrong answers, "
                            "no sampling"))
     command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, training, length,
-            max_steps=None, save_every=None,  # a checkpoint every N steps (always one at the end)
+            max_steps=None, save_every=(None, "a checkpoint every N steps (always one at the end)"),
             warmup_ratio=dict(type=float, default=0.1),
             pairs=dict(type=str, help="pairs JSONL (default: OUT/pairs.jsonl)"),
             neurons=dict(type=str, help="neurons.json (default: OUT/neurons.json when it exists)"),
-            batch_size=dict(default=2, help="pairs per micro-batch per process"),
-            resume=dict(default=False, help="continue from OUT/model"),
-            gradient_checkpointing=False, probe_every=dict(help="measure the terms' gradients "
-                                                           "every N steps (default: the first, "
-                                                           "middle and last step)"),
-            allow_overlap=dict(default=False,
-                               help="train on questions the neurons were selected on"))
-    command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation, limit=None,
-            split="test", server=dict(type=str, help="an OpenAI-compatible server's URL (vllm "
-                                      "serve) to generate with"))  # limit: the first N questions
+            batch_size=(2, "pairs per micro-batch per process"),
+            resume=(False, "continue from OUT/model"), gradient_checkpointing=False,
+            probe_every=(None, "measure the terms' gradients every N steps (default: the first, "
+                         "middle and last step)"),
+            allow_overlap=(False, "train on questions the neurons were selected on"))
+    command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation,
+            limit=(None, "the first N questions"), split="test", server=dict(
+                type=str, help="an OpenAI-compatible server's URL (vllm serve) to generate with"))
     command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common,
             length, batch_size=8,
             pairs=dict(type=str, required=True, help="pairs JSONL, e.g. from `pairs --from-eval`"),
-            neurons=dict(type=str, nargs="+", required=True,
-                         help="one or more neurons.json files"))
+            neurons=dict(type=str, nargs="+", required=True, help="one or more neurons.json files"))
     command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md",
             common, generation, loss, selection, sampling, training, length, ablate_samples=200,
             random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None,
@@ -2088,29 +2073,30 @@ def main(argv=None, strict=False):
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # an unreachable hub: one UserError line, no retry log
     distributed = "RANK" in os.environ and hasattr(args, "device")
-    if distributed:  # torchrun: one process per device; rank 0 prints and writes
-        import datetime
-        on_gpu = torch.cuda.is_available() and args.device != "cpu"
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # Rank 0 alone makes train's reference pass while others wait: hours, not NCCL's 10 minutes
-        torch.distributed.init_process_group("nccl" if on_gpu else "gloo",
-                                             timeout=datetime.timedelta(hours=6))
-        sys.stdout = sys.stdout if torch.distributed.get_rank() == 0 else open(os.devnull, "w")
-    try:
-        # every rank would do it all
-        if distributed and (getattr(args, "server", None) or args.command == "reproduce"):
-            raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} runs in "
-                            "one process: no torchrun")
-        args.run(args)
-    except (UserError, OSError) as e:  # OSError: a path that cannot be written or read
-        if strict:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+    with contextlib.ExitStack() as on_exit:
+        if distributed:  # torchrun: one process per device; rank 0 prints and writes
+            import datetime
+            on_gpu = torch.cuda.is_available() and args.device != "cpu"
+            if on_gpu:
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            # Rank 0 alone makes train's reference pass while others wait: hours, not NCCL's 10 min
+            torch.distributed.init_process_group("nccl" if on_gpu else "gloo",
+                                                 timeout=datetime.timedelta(hours=6))
+            on_exit.callback(torch.distributed.destroy_process_group)
+            if torch.distributed.get_rank() > 0:
+                devnull = on_exit.enter_context(open(os.devnull, "w"))
+                on_exit.enter_context(contextlib.redirect_stdout(devnull))
+        try:
+            # every rank would do it all
+            if distributed and (getattr(args, "server", None) or args.command == "reproduce"):
+                raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} "
+                                "runs in one process: no torchrun")
+            args.run(args)
+        except (UserError, OSError) as e:  # OSError: a path that cannot be written or read
+            if strict:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
