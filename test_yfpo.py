@@ -82,47 +82,6 @@ def pairs_file(tiny_dir, data_file, tmp_path_factory):
 
 
 @pytest.fixture
-def fake_server(tiny_dir):
-    """An OpenAI-compatible server on localhost that serves tiny_dir, records each request body and
-    answers n choices (in reverse index order, as a server may) that state an answer and go on."""
-    import http.server
-    import threading
-    requests = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # a model list at /v1/models, a web page anywhere else
-            if self.path == "/v1/models":
-                return self.answer({"object": "list",
-                                    "data": [{"id": tiny_dir, "object": "model"}]})
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"<html>hello</html>")
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests.append(body)
-            self.answer({"choices": [{"index": i,
-                                      "text": f"Sample {i}. The answer is {8 + i}.\nMore.",
-                                      "finish_reason": "length"}
-                                     for i in reversed(range(body["n"]))]})
-
-        def answer(self, obj):
-            data = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    server.shutdown()
-
-
-@pytest.fixture
 def drawn_figures(monkeypatch):
     """The matplotlib Figures saved while the test runs; each is still saved to its file."""
     pytest.importorskip("matplotlib")
@@ -451,7 +410,7 @@ def test_paired_difference_counts_the_questions_only_one_run_got_right():
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation: stopping, batch invariance, seeding, torchrun, a server
+# Generation: stopping, batch invariance, seeding, torchrun
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, stated", [
@@ -579,47 +538,6 @@ def test_eval_pairs_and_ablate_under_torchrun_write_what_one_process_writes(
     for key in one:  # each rank sums its own NLL batches: equal up to the order of the sums
         close = isinstance(one[key], (float, list))
         assert two[key] == (pytest.approx(one[key], rel=1e-6) if close else one[key]), key
-
-
-def test_a_server_is_refused_under_torchrun(tiny_dir, data_file, tmp_path):
-    served = subprocess.run(torchrun("eval", "--model", tiny_dir, "--data", data_file, "--server",
-                                     "http://127.0.0.1:9", "--out", str(tmp_path / "served")),
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True, timeout=300)
-    assert served.returncode != 0 and "--server runs in one process" in served.stderr
-    assert not (tmp_path / "served").exists()
-
-
-def test_eval_through_a_server_sends_the_prompt_ids_and_settings_and_grades_the_reply(
-        tiny, tiny_dir, data_file, fake_server, tmp_path):
-    url, requests = fake_server
-    _, tokenizer = tiny
-    assert run("eval", "--model", tiny_dir, "--data", data_file, "--limit", "3", "--max-new-tokens",
-               "50", "--server", url + "/v1", "--seed", "5", "--out", str(tmp_path)) == 0
-    assert sorted(r["seed"] for r in requests) == [yfpo.sequence_seed(5, q) for q in range(3)]
-    first = next(r for r in requests if r["seed"] == yfpo.sequence_seed(5, 0))
-    prompt = yfpo.format_prompt(tokenizer, DEMO_ROWS[0]["question"])
-    assert first == {"model": tiny_dir,
-                     "prompt": tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                     "max_tokens": 50, "n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
-                     "min_p": 0.0, "repetition_penalty": 1.0, "seed": yfpo.sequence_seed(5, 0)}
-    rows = yfpo.read_jsonl(tmp_path / "eval.jsonl")
-    assert [r["completion"] for r in rows] == ["Sample 0. The answer is 8.\n"] * 3  # as generate()
-    assert [r["correct"] for r in rows] == [True, False, False]  # gold 8, 48, 105
-    assert rows[0]["stop"] == "answer"
-    assert json.loads((tmp_path / "summary.json").read_text())["server"] == url
-
-
-def test_pairs_through_a_server_asks_n_samples_per_question_in_order(tiny_dir, data_file,
-                                                                       fake_server, tmp_path):
-    url, requests = fake_server
-    assert run("pairs", "--model", tiny_dir, "--data", data_file, "--num-questions", "2",
-               "--samples-per-question", "3", "--temperature", "0.7", "--server", url,
-               "--out", str(tmp_path)) == 0
-    assert len(requests) == 2 and all(r["n"] == 3 and r["temperature"] == 0.7 for r in requests)
-    rows = yfpo.load_pairs(tmp_path / "pairs.jsonl")  # gold 8: sample 0 right, 1 the first wrong
-    assert rows[0]["chosen"][0]["content"] == "Sample 0. The answer is 8.\n"
-    assert rows[0]["rejected"][0]["content"] == "Sample 1. The answer is 9.\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1646,8 +1564,7 @@ def test_plot_overlays_the_runs_of_several_folders(reproduced, tmp_path, drawn_f
 # ---------------------------------------------------------------------------------------------
 # Each case's argv and message name their files by placeholders: {tiny}, {data}, {pairs}, {neurons}
 # (the session's model and files), {out} (a folder path not made yet), {tmp} (the test's folder),
-# {server} (a fake OpenAI-compatible server for tiny), {closed} (a URL nobody listens on), and each
-# name in BAD_INPUTS: a bad file or folder written into tmp_path/NAME/ (or a patch) when named.
+# and each name in BAD_INPUTS: a bad file or folder made in tmp_path/NAME/ (or a patch) when named.
 
 def pair_rows(get):
     return yfpo.read_jsonl(get("pairs_file"))
@@ -1674,14 +1591,6 @@ def gpt2_model(folder, get):  # an architecture attnlrp does not support, with t
     return folder
 
 
-def gguf_without_its_packages(folder, get):  # a .gguf model where the gguf package is not installed
-    real = yfpo.importlib.util.find_spec
-    get("monkeypatch").setattr(yfpo.importlib.util, "find_spec",
-                               lambda name, *rest: None if name == "gguf" else real(name, *rest))
-    (folder / "model.gguf").write_bytes(b"GGUF")
-    return folder / "model.gguf"
-
-
 def flex_attention_model(folder, get):  # tiny, loaded with an attention that takes no packed mask
     load = yfpo.load_model
 
@@ -1700,7 +1609,6 @@ BAD_INPUTS = {
     "no_marker": written("bad.jsonl",
                          lambda get: jsonl(DEMO_ROWS[0], {"question": "q", "answer": "5"})),
     "a_file": written("out", lambda get: "x"),
-    "gguf_without_its_packages": gguf_without_its_packages,
     "gpt2_model": gpt2_model,
     "neurons_99_wide": written("neurons.json", neurons_with(intermediate_size=99)),
     "neurons_5_layers": written("n.json", neurons_with(num_layers=5)),
@@ -1718,26 +1626,20 @@ BAD_INPUTS = {
 }
 
 
-def closed_url():
-    return f"http://127.0.0.1:{free_port()}"
-
-
 def placeholder(name, request, tmp_path):
     fixtures = {"tiny": "tiny_dir", "data": "data_file", "pairs": "pairs_file",
                 "neurons": "neurons_file"}
     if name in fixtures:
         return request.getfixturevalue(fixtures[name])
-    if name == "server":
-        return request.getfixturevalue("fake_server")[0]
     if name in BAD_INPUTS:
         (tmp_path / name).mkdir()
         return BAD_INPUTS[name](tmp_path / name, request.getfixturevalue)
-    return {"out": tmp_path / "out", "tmp": tmp_path, "closed": closed_url()}[name]
+    return {"out": tmp_path / "out", "tmp": tmp_path}[name]
 
 
 def assert_bad_input(request, argv, says):
     """Run a case with its placeholders filled in: a user error (see assert_user_error) that leaves
-    every file it named as it was and sends the server nothing."""
+    every file it named as it was."""
     tmp_path, capsys = request.getfixturevalue("tmp_path"), request.getfixturevalue("capsys")
     names = set(re.findall(r"\{(\w+)\}", argv + says))
     order = sorted(names, key=lambda name: (name in BAD_INPUTS, name))  # fixtures before patches
@@ -1747,8 +1649,6 @@ def assert_bad_input(request, argv, says):
     assert_user_error(capsys, tmp_path / "out", *[a.format(**filled) for a in argv.split()],
                       says=says.format(**filled))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == inputs
-    if "server" in names:
-        assert not request.getfixturevalue("fake_server")[1]
 
 
 EVAL = "eval --model {tiny} --data {data} --out {out} "
@@ -1767,24 +1667,13 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
     ("eval: an answer without its marker", EVAL + "--data {no_marker}",
      "row 2: the answer has no '#### N'"),
     ("eval: hub data, offline", EVAL + "--data no-such-org/no-such-data",
-     "offline, pass a local file"),
+     "offline, pass --data /path/to/test.jsonl"),
     ("eval: --limit 0", EVAL + "--limit 0", "--limit: must be a positive int"),
     ("eval: a negative --limit", EVAL + "--limit -3", "--limit: must be a positive int"),
     ("eval: no model folder", EVAL + "--model {tmp}/no-model", "model path does not exist"),
     ("eval: a hub model, offline", EVAL + "--model no-such-org/no-such-model",
-     "offline, pass a local folder or .gguf file"),
-    ("eval: a gguf model without its packages", EVAL + "--model {gguf_without_its_packages}",
-     "needs the optional packages: pip install gguf accelerate"),
+     "offline, pass a local folder"),
     ("eval: out is an existing file", EVAL + "--out {a_file}", "is an existing file"),
-    # a server
-    ("eval: an unreachable server", EVAL + "--server {closed}",
-     "is not an OpenAI-compatible server"),
-    ("eval: a server that is not OpenAI's", EVAL + "--server {server}/nothing-here",
-     "is not an OpenAI-compatible server"),
-    ("eval: a server of another model", EVAL + "--model {data} --server {server}",
-     "serves {tiny}, not --model {data}"),
-    ("ablate: --server", ABLATE + "--server {server}", "unrecognized arguments: --server"),
-    ("identify: --server", IDENTIFY + "--server {server}", "unrecognized arguments: --server"),
     # identify and ablate
     ("identify: --num-samples 0", "identify --model {tiny} --num-samples 0 --out {out}",
      "--num-samples: must be a positive int"),
@@ -1794,7 +1683,7 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
      "supported: llama, qwen2, qwen3"),
     ("identify: hub data, offline, names the train split",
      IDENTIFY + "--data no-such-org/no-such-data",
-     "offline, pass a local file: --data /path/to/train.jsonl"),
+     "offline, pass --data /path/to/train.jsonl"),
     ("ablate: neurons of another shape", ABLATE + "--neurons {neurons_99_wide}",
      "was made for 2 layers x 99 neurons but the model has 2 x 128"),
     ("ablate: one random seed", ABLATE + "--random-seeds 1",

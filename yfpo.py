@@ -1,19 +1,12 @@
 #!/usr/bin/env python
 """yfpo: Yoked Feature Preference Optimization (arXiv 2605.11906), the reference implementation.
 
-DPO for math reasoning plus a reward read from the model's own "math neurons", in commands that
-follow the method: identify (AttnLRP relevance of every MLP neuron) -> ablate (the causal check) ->
-pairs -> train -> eval and score, then reproduce (all of it, with a report), plot and demo.
-The file reads top to bottom in the order of the method: files, model, data, grading, generation,
-statistics and evaluation, neurons, pairs, losses, training, eval and score, reproduce, demo, and
-the command line; a section calls only the ones above it (reproduce and demo run stages through
-main). The functions the README calls public stand alone."""
+DPO for math reasoning plus a reward read from the model's own "math neurons". Its sections follow
+the method, from files and the model to reproduce and the CLI; each calls only those above."""
 import argparse
 import collections
 import contextlib
-import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -22,7 +15,6 @@ import shutil
 import sys
 import time
 import types
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -42,8 +34,7 @@ class UserError(Exception):
 
 
 # --- Files: every output is written whole (a temporary name, then a rename) -----------------------
-def rank_and_world():
-    """(rank, number of processes): (0, 1) unless launched by torchrun."""
+def rank_and_world():  # (rank, number of processes): (0, 1) unless launched by torchrun
     import torch.distributed as dist
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -77,14 +68,12 @@ def read_jsonl(path, numbered=False):
         try:
             rows += [(lineno, json.loads(line))] if line.strip() else []
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that "
-                            "line") from None
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix that line") from None
     return rows if numbered else [row for _, row in rows]
 
 
-def looks_like_path(name):
-    """A name that can only mean a local file (hub ids are 'name' or 'org/name', no extension)."""
-    suffixes = (".json", ".jsonl", ".parquet", ".gguf", ".pt")
+def looks_like_path(name):  # a name only a local file has (hub ids are 'org/name', no extension)
+    suffixes = (".json", ".jsonl", ".parquet", ".pt")
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in suffixes
 
 
@@ -103,24 +92,16 @@ def pick_device(name):
 
 def pick_dtype(name, device):
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        name = "bfloat16" if bf16 else "float32"
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return getattr(torch, name)
 
 
 def load_model(name, device, dtype, trust_remote_code=False, weights=True):
-    """(model, tokenizer) from a hub id, a local Hugging Face folder or a .gguf file; with
-    weights=False the model is None."""
+    """(model, tokenizer) of a hub id or a local Hugging Face folder; weights=False: model None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(name).exists() and looks_like_path(name):
-        raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder, a .gguf "
-                        "file or a hub id")
-    if Path(name).is_file() and name.endswith(".gguf"):  # transformers reads it with these two
-        if not all(map(importlib.util.find_spec, ("gguf", "accelerate"))):
-            raise UserError("loading a .gguf file needs the optional packages: pip install gguf "
-                            "accelerate")
-        name, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
+        raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder or hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
@@ -128,7 +109,7 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local "
-                        "folder or .gguf file") from None
+                        "folder") from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model and model.to(device).eval(), tokenizer
 
@@ -137,8 +118,7 @@ def decoder_layers(model):  # the transformer blocks of a (possibly DDP-wrapped)
     return getattr(model, "module", model).get_decoder().layers
 
 
-def model_shape(model):
-    """(layers, MLP neurons per layer)."""
+def model_shape(model):  # (layers, MLP neurons per layer)
     layers = decoder_layers(model)
     return len(layers), layers[0].mlp.down_proj.in_features
 
@@ -146,29 +126,26 @@ def model_shape(model):
 # --- Data: GSM8K rows, gold answers, prompts, tokenized batches -----------------------------------
 def load_rows(data, split, config=None):
     """Rows of a local .jsonl/.json/.parquet file, a folder holding SPLIT.*, or a hub dataset."""
-    path = Path(data)
+    path, formats = Path(data), (".jsonl", ".json", ".parquet")
     if path.is_dir():  # SPLIT.jsonl, or shards such as SPLIT-00000-of-00002.parquet
-        found = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")
+        found = sorted(p for p in path.iterdir() if p.suffix in formats
                        and (p.stem == split or p.stem.startswith(split + "-")))
         if not found:
-            raise UserError(f"no {split}.jsonl, {split}.json or {split}.parquet in {data}; add one "
-                            "or pass the file itself")
+            raise UserError(f"no {split}.jsonl/.json/.parquet in {data}; add one or pass the file")
         return [row for shard in found for row in load_rows(str(shard), split)]
-    if path.is_file() and path.suffix == ".jsonl":
-        return read_jsonl(path)  # our reader: its errors name the line
-    if path.is_file() and path.suffix not in (".json", ".parquet"):
+    if path.is_file() and path.suffix not in formats:
         raise UserError(f"{path}: unknown data format; use .jsonl, .json or .parquet")
     if looks_like_path(data) and not path.is_file():
-        raise UserError(f"data file missing: {data}; pass an existing .jsonl/.json/.parquet file "
-                        "or folder")
+        raise UserError(f"data file missing: {data}; pass an existing .jsonl/.json/.parquet file")
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)  # our reader: its errors name the line
     import datasets
     try:  # a .json (JSON lines, or one list of rows) or .parquet file, or a hub dataset
         if path.is_file():
             return list(datasets.load_dataset(path.suffix[1:], data_files=data, split="train"))
         return list(datasets.load_dataset(data, config, split=split))
     except Exception as e:  # datasets raises many types for "unreachable", "unknown", "malformed"
-        fix = ("fix the file" if path.is_file() else
-               f"offline, pass a local file: --data /path/to/{split}.jsonl")
+        fix = "fix the file" if path.is_file() else f"offline, pass --data /path/to/{split}.jsonl"
         raise UserError(f"could not load '{data}' ({type(e).__name__}); {fix}") from None
 
 
@@ -179,15 +156,13 @@ def load_gsm8k(data, split, require_gold=True):
     for i, row in enumerate(rows, 1):
         missing = [k for k in ("question", "answer") if not isinstance(row, dict) or k not in row]
         if missing:
-            raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need "
-                            "'question' and 'answer'")
+            raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need both")
         question, answer = row["question"], row["answer"]
-        if not isinstance(question, str) or not isinstance(answer, str) or not question.strip():
-            raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text, and the "
-                            "question not empty")
+        if not (isinstance(question, str) and isinstance(answer, str) and question.strip()):
+            raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text, the question "
+                            "not empty")
         if require_gold and "####" not in answer:
-            raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; end it with "
-                            "'#### <number>'")
+            raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; add one")
         row["gold"], row["index"] = parse_gold(answer) if require_gold else None, i - 1
     if not rows:
         raise UserError(f"{data}: no rows in split '{split}'")
@@ -241,9 +216,8 @@ def tokenize_example(tokenizer, prompt, completion, max_length):
         full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
         full_ids += [tokenizer.eos_token_id]
     if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise UserError("the tokenized prompt is not a prefix of prompt + completion; this "
-                        "tokenizer or chat template cannot be split into prompt and completion "
-                        "(TRL would fail the same way)")
+        raise UserError("the tokenized prompt is not a prefix of prompt + completion; this chat "
+                        "template cannot be split into prompt and completion (nor can TRL)")
     return prompt_ids, full_ids[len(prompt_ids):max(max_length, len(prompt_ids))]
 
 
@@ -257,9 +231,8 @@ def collate(examples, pad_id):
     for b, (p, c) in enumerate(examples):
         input_ids[b, :len(p) + len(c)], attention_mask[b, :len(p) + len(c)] = torch.tensor(p + c), 1
         loss_mask[b, len(p) - 1:len(p) + len(c) - 1] = 1
-    labels = F.pad(input_ids[:, 1:], (0, 1), value=pad_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "loss_mask": loss_mask}
+    return dict(input_ids=input_ids, attention_mask=attention_mask,
+                labels=F.pad(input_ids[:, 1:], (0, 1), value=pad_id), loss_mask=loss_mask)
 
 
 def to_device(batch, device):
@@ -272,15 +245,13 @@ def batches_of(items, size):
 
 def solution_examples(tokenizer, rows, max_length, system=None):
     """Tokenized (prompt, gold solution) examples as training sees them. Control rows (gold None:
-    non-math text) keep their own form: the question alone as the prompt (no math instruction), the
-    answer whole."""
+    non-math text) keep their own form: the question alone (no instruction), the answer whole."""
     examples = []
     for r in rows:
         math_row = r["gold"] is not None
         prompt = make_prompt(tokenizer, r["question"], system, instruction=math_row)
-        answer = gold_solution(r["answer"]) if math_row else r["answer"]
-        completion = make_completion(tokenizer, answer)
-        examples.append(tokenize_example(tokenizer, prompt, completion, max_length))
+        answer = make_completion(tokenizer, gold_solution(r["answer"]) if math_row else r["answer"])
+        examples.append(tokenize_example(tokenizer, prompt, answer, max_length))
     return examples
 
 
@@ -321,23 +292,16 @@ def is_correct(text, gold):
     return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
 
 
-# --- Generation: batched greedy (or sampled) decoding, in this process or through a server --------
-# Stated: the strict pattern, then a character that cannot continue it ("is 1" must not stop "is 12"
-# of "The answer is 12").
+# --- Generation: batched greedy (or sampled) decoding with continuous batching --------------------
+# Stated: the strict pattern, then a character that cannot continue it (not "is 1" of "is 12").
 ANSWER_STATED = re.compile(STRICT.pattern + r"(?=[^\d.,]|[.,]\D)", re.IGNORECASE)
 STOP_RULE = ('EOS, max_new_tokens, or the strict answer ("The answer is N", "#### N", "\\boxed{N") '
              'once N is complete')
 
 
-def sequence_seed(seed, index):
-    """The seed of sequence `index` (q * num_samples + j): the same on any rank and batch size."""
-    return (seed * 1_000_003 + index) % 2 ** 31
-
-
 class SlotCache:
-    """The KV cache of continuous batching: keys and values [S, H, W, D] per layer, row s one live
-    sequence ending at the shared column `length`, valid [S, W] the columns it owns; each step
-    writes one column in place (no torch.cat)."""
+    """Continuous batching's KV cache: keys and values [S, H, W, D] per layer, row s one sequence
+    ending at the shared column `length`, valid [S, W] its columns; a step writes one, in place."""
 
     def __init__(self, prefill, rows, prompt_width, max_new_tokens):
         k, width = prefill[0][0], prompt_width + max_new_tokens + 64  # k: [1, H, P, D]
@@ -351,8 +315,8 @@ class SlotCache:
         self.keys[layer][:, :, new], self.values[layer][:, :, new] = keys, values
         return self.keys[layer][:, :, :new.stop], self.values[layer][:, :, :new.stop]
 
-    def trim(self):
-        """Drop the leading columns no row owns, 64 or more at a time (a row spans <= W - 64)."""
+    def next_column(self):
+        """Open column `length` to all rows, first dropping the unowned leading columns if >= 64."""
         start = min(int(self.valid.any(0).int().argmax()), self.length - self.prompt_width)
         if start >= 64:
             n = self.length - start
@@ -360,6 +324,7 @@ class SlotCache:
                 t[:, :, :n] = t[:, :, start:self.length].clone()
             self.valid[:, :n], self.valid[:, n:] = self.valid[:, start:self.length].clone(), False
             self.length = n
+        self.valid[:, self.length] = True
 
     def place(self, row, prefill):
         """Row `row` takes a prompt's prefilled [(keys, values) [1, H, P, D] per layer]."""
@@ -381,37 +346,33 @@ class SlotCache:
         return [moves.get(r, r) for r in range(n)]
 
 
-def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     **kwargs):
+def decode_attention(module, query, key, value, mask, scaling=None, dropout=0.0, **kwargs):
     """generate()'s attention: sdpa for a prompt; for one new token (query [B, H, 1, D], key and
     value [B, H_kv, T, D]) the query heads that share a key head become query rows of that head, so
     the cache is read in place, not copied n_rep times by repeat_kv at every step."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     batch, heads, length, dim = query.shape
     if length > 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, **kwargs)
     grouped = query.view(batch, key.shape[1], heads // key.shape[1], dim)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                         scale=scaling)
+    out = F.scaled_dot_product_attention(grouped, key, value, mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate",
              temperature=0.0, num_samples=1, seed=0):
-    """num_samples completions per prompt text, in order, as {text, stop, tokens}; stop is eos,
-    answer or length (STOP_RULE). Greedy, or plain sampling at temperature > 0 with a generator per
-    sequence (the model's generation defaults are not used). Continuous batching: each prompt is
-    prefilled alone, then decoded in a batch of batch_size rows; a row whose sequence ends takes the
-    next waiting one, or leaves. Under torchrun each rank takes every world-th prompt."""
+    """num_samples completions per prompt text, in order, as {text, stop: eos, answer or length
+    (STOP_RULE), tokens}. Greedy, or plain sampling at temperature > 0, one seeded generator per
+    sequence (no model generation defaults). Continuous batching: each prompt is prefilled alone,
+    then decoded among batch_size rows; a row whose sequence ends takes the next waiting one, or
+    leaves. Under torchrun each rank takes every world-th prompt."""
     from transformers import AttentionInterface
-    (rank, world), device = rank_and_world(), model.device
+    (rank, world), device, config = rank_and_world(), model.device, model.config
     eos = model.generation_config.eos_token_id
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    longest_first = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))
-    mine = longest_first[rank::world]  # ranks take turns
+    mine = sorted(range(len(prompts)), key=lambda q: -len(ids[q]))[rank::world]  # longest first
     waiting = [(q, j) for q in mine for j in range(num_samples)][::-1]  # pop() takes the next
     rows, cache, results = [], None, {}
 
@@ -434,12 +395,10 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
             bar.update(1)
         return stop is not None
     AttentionInterface.register("yfpo_decode", decode_attention)
-    bar = tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample",
-               disable=rank > 0)
-    with bar, contextlib.ExitStack() as restore:  # on exit: attention restored, then bar closed
-        restore.callback(setattr, model.config, "_attn_implementation",
-                         model.config._attn_implementation)
-        model.config._attn_implementation = "yfpo_decode"
+    with tqdm(total=len(waiting), desc=desc, unit="q" if num_samples == 1 else "sample",
+              disable=rank > 0) as bar, contextlib.ExitStack() as restore:
+        restore.callback(setattr, config, "_attn_implementation", config._attn_implementation)
+        config._attn_implementation = "yfpo_decode"
         while waiting or rows:
             free = [r for r, s in enumerate(rows) if s is None] + list(range(len(rows), batch_size))
             while free and waiting:  # refill: prefill the next prompt alone, take its first token
@@ -448,11 +407,10 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                     out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True,
                                 logits_to_keep=1)
                     kv, logits = [layer[:2] for layer in out.past_key_values], out.logits[0, -1]
-                index, generator = q * num_samples + j, None
-                if temperature:  # sampling only: a generator per sequence, freed with it
-                    generator = torch.Generator(device).manual_seed(sequence_seed(seed, index))
+                index = q * num_samples + j  # its seed: the same on any rank and batch size
                 sequence = {"index": index, "tokens": [], "count": 0, "position": len(ids[q]) - 1,
-                            "generator": generator}
+                            "generator": torch.Generator(device)}
+                sequence["generator"].manual_seed((seed * 1_000_003 + index) % 2 ** 31)
                 if not push(sequence, pick(logits[None], [sequence])[0]):
                     cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1),
                                                max(map(len, ids)), max_new_tokens)
@@ -463,14 +421,12 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                 break
             if len(live) < len(rows):  # nothing waits: finished rows leave the batch
                 rows = [rows[r] for r in cache.keep(live)]
-            cache.trim()
-            cache.valid[:, cache.length] = True
+            cache.next_column()  # where this step's keys go
             positions = [[s["position"] + len(s["tokens"])] for s in rows]
-            column = torch.tensor([cache.length], device=device)  # where this step's keys go
             out = model(input_ids=torch.tensor([[s["tokens"][-1]] for s in rows], device=device),
-                        position_ids=torch.tensor(positions, device=device),
+                        position_ids=torch.tensor(positions, device=device), past_key_values=cache,
                         attention_mask=cache.valid[:, None, None, :cache.length + 1],
-                        past_key_values=cache, cache_position=column)
+                        cache_position=torch.tensor([cache.length], device=device))
             cache.length += 1
             for r, token in enumerate(pick(out.logits[:, -1], rows)):
                 if push(rows[r], token):
@@ -482,67 +438,11 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
     return [results[i] for i in range(len(prompts) * num_samples)]
 
 
-def check_server(url, model_name):
-    """The base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp) serving model_name."""
-    base = url.rstrip("/").removesuffix("/v1")
-    try:
-        with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
-            served = [m["id"] for m in json.load(response)["data"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:  # unreachable, not JSON, no model list
-        raise UserError(f"--server {url} is not an OpenAI-compatible server that answers "
-                        f"({type(e).__name__}); start one, e.g. `vllm serve MODEL`, and pass its "
-                        "URL (http://localhost:8000)") from None
-    if model_name not in served:
-        raise UserError(f"--server {url} serves {', '.join(served) or 'no model'}, not --model "
-                        f"{model_name}; name it so")
-    return base
-
-
-def stated_completion(tokenizer, text, finish_reason):
-    """A server's completion as generate() gives it: cut right after it states its answer."""
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    for n in range(1, len(tokens) + 1) if ANSWER_STATED.search(text) else ():
-        prefix = tokenizer.decode(tokens[:n], skip_special_tokens=True)
-        if ANSWER_STATED.search(prefix):
-            return {"text": prefix, "stop": "answer", "tokens": n}
-    return {"text": text, "stop": "length" if finish_reason == "length" else "eos",
-            "tokens": len(tokens)}
-
-
-def server_generate(url, model_name, tokenizer, prompts, in_flight, max_new_tokens, desc="generate",
-                    temperature=0.0, num_samples=1, seed=0):
-    """generate() through an OpenAI-compatible /v1/completions endpoint: the same prompt token ids,
-    sampling settings and per-question seeds, in_flight requests at once, texts cut where generate()
-    would have stopped (stated_completion)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def complete(q):
-        ids = tokenizer(prompts[q], add_special_tokens=False)["input_ids"]
-        body = {"model": model_name, "prompt": ids, "max_tokens": max_new_tokens, "n": num_samples,
-                "temperature": temperature, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
-                "repetition_penalty": 1.0, "seed": sequence_seed(seed, q)}  # no server defaults
-        request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=3600) as response:
-                choices = sorted(json.load(response)["choices"], key=lambda c: c["index"])
-        except (OSError, ValueError, KeyError, TypeError) as e:  # an HTTPError: the server's say
-            detail = e.read().decode()[:200] if hasattr(e, "read") else f"{type(e).__name__}: {e}"
-            raise UserError(f"--server failed on prompt {q} ({detail})") from None
-        bar.update(1)
-        return [stated_completion(tokenizer, c["text"], c.get("finish_reason")) for c in choices]
-    with ThreadPoolExecutor(in_flight) as pool:  # after an error, map cancels the requests not sent
-        with tqdm(total=len(prompts), desc=desc, unit="q") as bar:
-            return [c for per_prompt in pool.map(complete, range(len(prompts))) for c in per_prompt]
-
-
 def sample_completions(model, tokenizer, rows, args, desc, temperature=0.0, num_samples=1):
-    """generate() here, or server_generate() with --server, on the rows' questions."""
+    """generate() on the rows' questions."""
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
-    settings = (args.batch_size, args.max_new_tokens, desc, temperature, num_samples, args.seed)
-    if args.server:
-        return server_generate(args.server, args.model, tokenizer, prompts, *settings)
-    return generate(model, tokenizer, prompts, *settings)
+    return generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc,
+                    temperature, num_samples, args.seed)
 
 
 def generation_summary(completions, args, seconds):
@@ -550,7 +450,7 @@ def generation_summary(completions, args, seconds):
     tokens = sum(c["tokens"] for c in completions)
     stops = dict(collections.Counter(c["stop"] for c in completions))
     return {"stop_rule": STOP_RULE, "stops": stops, "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size, "server": args.server, "processes": rank_and_world()[1],
+            "batch_size": args.batch_size, "processes": rank_and_world()[1],
             "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
 
