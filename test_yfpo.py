@@ -1663,7 +1663,7 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
     ("eval: a row without a question", EVAL + "--data {no_question}",
      "row 1 has no 'question' field"),
     ("eval: an answer that is not text", EVAL + "--data {answer_not_text}",
-     "row 1: 'question' and 'answer' must be text"),
+     "row 1: 'question' (not empty) and 'answer' must be text"),
     ("eval: an answer without its marker", EVAL + "--data {no_marker}",
      "row 2: the answer has no '#### N'"),
     ("eval: hub data, offline", EVAL + "--data no-such-org/no-such-data",

@@ -104,14 +104,13 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
         raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder or hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
-                 if weights else None)
+        model = weights and AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local "
                         "folder") from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return model and model.to(device).eval(), tokenizer
+    return model.to(device).eval() if weights else None, tokenizer
 
 
 def decoder_layers(model):  # the transformer blocks of a (possibly DDP-wrapped) causal LM
@@ -159,8 +158,7 @@ def load_gsm8k(data, split, require_gold=True):
             raise UserError(f"{data}: row {i} has no '{missing[0]}' field; GSM8K rows need both")
         question, answer = row["question"], row["answer"]
         if not (isinstance(question, str) and isinstance(answer, str) and question.strip()):
-            raise UserError(f"{data}: row {i}: 'question' and 'answer' must be text, the question "
-                            "not empty")
+            raise UserError(f"{data}: row {i}: 'question' (not empty) and 'answer' must be text")
         if require_gold and "####" not in answer:
             raise UserError(f"{data}: row {i}: the answer has no '#### N' gold marker; add one")
         row["gold"], row["index"] = parse_gold(answer) if require_gold else None, i - 1
@@ -380,8 +378,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
         if not temperature:
             return logits.argmax(-1).tolist()
         probs = (logits.float() / temperature).softmax(-1)
-        return [int(torch.multinomial(p, 1, generator=s["generator"]))
-                for p, s in zip(probs, sequences)]
+        return [int(p.multinomial(1, generator=s["generator"])) for p, s in zip(probs, sequences)]
 
     def push(sequence, token):  # append a token; True when the sequence has ended (and is recorded)
         sequence["count"] += 1
