@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """yfpo: Yoked Feature Preference Optimization (arXiv 2605.11906), the reference implementation.
 
-DPO for math reasoning plus a reward read from the model's own "math neurons". Its sections follow
-the method, from files and the model to reproduce and the CLI; each calls only those above."""
+DPO for math reasoning plus a reward read from the model's own "math neurons". Sections follow the
+method and call only those above them (but reproduce and demo run their stages through main)."""
 import argparse
 import collections
 import contextlib
@@ -214,8 +214,8 @@ def tokenize_example(tokenizer, prompt, completion, max_length):
         full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
         full_ids += [tokenizer.eos_token_id]
     if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise UserError("the tokenized prompt is not a prefix of prompt + completion; this chat "
-                        "template cannot be split into prompt and completion (nor can TRL)")
+        raise UserError("the tokenized prompt is not a prefix of prompt + completion; this "
+                        "tokenizer or template cannot split them (TRL would fail the same way)")
     return prompt_ids, full_ids[len(prompt_ids):max(max_length, len(prompt_ids))]
 
 
@@ -360,8 +360,8 @@ def decode_attention(module, query, key, value, mask, scaling=None, dropout=0.0,
 @torch.no_grad()
 def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="generate",
              temperature=0.0, num_samples=1, seed=0):
-    """num_samples completions per prompt text, in order, as {text, stop: eos, answer or length
-    (STOP_RULE), tokens}. Greedy, or plain sampling at temperature > 0, one seeded generator per
+    """num_samples completions per prompt text, in order, as {text, stop (eos, answer or length:
+    STOP_RULE), tokens}. Greedy, or plain sampling at temperature > 0 with one seeded generator per
     sequence (no model generation defaults). Continuous batching: each prompt is prefilled alone,
     then decoded among batch_size rows; a row whose sequence ends takes the next waiting one, or
     leaves. Under torchrun each rank takes every world-th prompt."""
