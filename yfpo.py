@@ -595,9 +595,8 @@ def bootstrap_ci(values, seed=0, resamples=2000):
     """95% percentile bootstrap interval of the mean of values [N], resampled from seed: the same
     resamples for any statistic of the same N, so a difference's interval is a paired one."""
     values = torch.as_tensor(values, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(len(values), (resamples, len(values)), generator=generator)
-    means = values[draws].mean(1)
+    g = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(len(values), (resamples, len(values)), generator=g)].mean(1)
     return means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
@@ -741,8 +740,7 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
 def score_neurons(model, batches):
     """(scores, directions), each [L, I] float32, over the samples of batches (see collate):
         score = the mean over samples (with any solution token) of R / the sample's solution tokens
-    (R, G of neuron_relevance): long and short answers weigh alike. direction = -1 where the summed
-    G < 0, else +1: how raising the neuron moves the explained logits, as R's gradient sees it."""
+    (R, G of neuron_relevance), so length does not weigh; direction: the summed G's sign (0: +1)."""
     score, gradient, count = 0.0, 0.0, 0
     for batch in batches:
         relevance, grad = neuron_relevance(model, **batch)
@@ -758,8 +756,7 @@ def select_neurons(scores, k, per_layer=False):
     (num_layers, width), k_max = scores.shape, scores.numel()
     if per_layer:
         if not 1 <= k // num_layers <= width:
-            raise UserError(f"--top-k {k} with --per-layer: k // layers must be 1 to {width}; use "
-                            f"{num_layers} to {k_max}")
+            raise UserError(f"--top-k {k} with --per-layer: use {num_layers} to {k_max}")
         top = zip(*scores.topk(k // num_layers, dim=1))  # each layer's (values, indices)
         chosen = [(layer, int(i), float(v)) for layer, row in enumerate(top) for v, i in zip(*row)]
         return sorted(chosen, key=lambda n: -n[2])
@@ -771,8 +768,7 @@ def select_neurons(scores, k, per_layer=False):
 
 @contextlib.contextmanager
 def ablate_neurons(model, neurons, scale=0.0):
-    """Inside the block the neurons [(layer, index, ...)] are multiplied by scale (pre-hooks on
-    down_proj): 0 ablates them, 1.1 amplifies them by 10%."""
+    """Inside the block, neurons [(layer, index, ...)] x scale at down_proj's input (0 ablates)."""
     layers, masks = decoder_layers(model), {}
     for n in neurons:
         masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
@@ -824,10 +820,9 @@ def activation_moments(model, batches):
 
 
 def random_neurons(neurons, mean_abs, generator, bins=10):
-    """A random control for neurons: as many in each layer, none of them. With bins > 1 also
-    matched on scale: a layer's other neurons are cut into `bins` equal-count bins by mean |a|
-    (mean_abs: [L, I]; fewer where the layer has under bins x its selected count), each selected
-    neuron matched by a draw without replacement from its own bin. Returns [(layer, index)]."""
+    """A random control for neurons: [(layer, index)], as many in each layer, none of them. bins > 1
+    matches scale too: a draw without replacement per selected neuron from its bin, the layer's
+    others cut by mean_abs [L, I] into `bins` equal-count bins (fewer if under bins x its count)."""
     chosen, control = {(n[0], n[1]) for n in neurons}, []
     for layer in sorted({n[0] for n in neurons}):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
@@ -860,7 +855,6 @@ def compare_with_random(nll_base, nll_selected, nll_random):
 
 
 def solution_batches(tokenizer, rows, args, device, batch_size):
-    """The rows' (prompt, gold solution) examples (solution_examples) as collate batches."""
     examples = solution_examples(tokenizer, rows, args.max_length, args.system)
     return [to_device(collate(chunk, tokenizer.pad_token_id), device)
             for chunk in batches_of(examples, batch_size)]
@@ -910,9 +904,7 @@ def cmd_identify(args):
                                 "intermediate_size": width, **extra,
                                 "scoring_seconds": round(seconds, 2), "neurons": entries})
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; neurons per layer: "
-          f"{counts}; direction differs from the mean activation's sign for {disagree} of "
-          f"{len(neurons)}; train questions {rows[0]['index']}-{rows[-1]['index']}; wrote "
-          f"{out / 'neurons.json'} and {out / 'random_neurons.json'} (its matched random control)")
+          f"{counts}; wrote {out / 'neurons.json'} and its random control")
 
 
 def cmd_ablate(args):
@@ -924,12 +916,10 @@ def cmd_ablate(args):
     control = control[-args.num_samples:]
     out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
-    # The control rows are formatted as identify formats them: the question alone, the answer whole.
     texts = {text: solution_batches(tokenizer, r, args, device, args.nll_batch_size)
              for text, r in (("math", rows), ("control", control)) if r}
     mean_abs = activation_moments(model, texts["math"])[2]  # per neuron, for the matched control
     seeds = range(args.seed, args.seed + args.random_seeds)
-    # Random sets matched on layer and scale (10 bins of mean |a|), or on layer only (1 bin)
     controls = {name: [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins)
                        for s in seeds] for name, bins in (("matched", 10), ("unmatched", 1))}
 
@@ -943,27 +933,24 @@ def cmd_ablate(args):
     random = {name: [scaled(c) for c in tqdm(sets, desc=f"ablate random {name}", unit="set")]
               for name, sets in controls.items()}
     selected = mean_abs_of(neurons)  # 0 if they never fire: then the controls' ratio is None
-    ratio = {name: sum(map(mean_abs_of, sets)) / len(sets) / selected if selected else None
-             for name, sets in controls.items()}
-    parts = {}
-    for text in texts:
-        parts[text] = part = {"nll_base": base[text], "nll_ablated": ablated[text],
-                              "rise": ablated[text] - base[text]}
+    result = {"neurons": args.neurons, "data": args.data, "split": args.split,
+              "num_samples": len(rows), "num_neurons": len(neurons), "scale": args.scale,
+              "random_seeds": args.random_seeds}
+    for text in texts:  # math's fields go in result, the control text's in result["control"]
+        part = result if text == "math" else result.setdefault("control", {
+            "data": args.control, "num_samples": len(control),
+            "rows": [r["index"] for r in control]})
+        part.update(nll_base=base[text], nll_ablated=ablated[text], rise=ablated[text] - base[text])
         print(f"{text} NLL per solution token: base {base[text]:.4f}, neurons x {args.scale:g} "
               f"{ablated[text]:.4f} (rise {part['rise']:+.4f})")
-        for name, nlls in random.items():
-            c = compare_with_random(base[text], ablated[text], [nll[text] for nll in nlls])
-            part["random_" + name] = {**c, "mean_abs_ratio": ratio[name]}
-            scale = "?" if ratio[name] is None else f"{ratio[name]:.2f}"
+        for name, sets in controls.items():
+            c = compare_with_random(base[text], ablated[text], [nll[text] for nll in random[name]])
+            ratio = sum(map(mean_abs_of, sets)) / len(sets) / selected if selected else None
+            part["random_" + name] = {**c, "mean_abs_ratio": ratio}
+            scale = "?" if ratio is None else f"{ratio:.2f}"
             print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
                   f"mean |a| x {scale}), z {c['z'] and round(c['z'], 2)}, "
                   + (c["note"] or f"ratio {c['ratio']:.2f}"))
-    result = {"neurons": args.neurons, "data": args.data, "split": args.split,
-              "num_samples": len(rows), "num_neurons": len(neurons), "scale": args.scale,
-              "random_seeds": args.random_seeds, **parts["math"]}
-    if control:
-        result["control"] = {"data": args.control, "num_samples": len(control),
-                             "rows": [r["index"] for r in control], **parts["control"]}
     if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
         base = evaluate(model, tokenizer, rows, args)
         with ablate_neurons(model, neurons, args.scale):
@@ -980,9 +967,8 @@ def cmd_ablate(args):
 
 # --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers ---------------
 def make_pairs(tokenizer, rows, samples, system=None):
-    """Pairs from graded samples (samples[q]: the completions of rows[q]): chosen = a correct
-    sample, else the gold solution (chosen_is_gold); rejected = an incorrect one; none when all are
-    correct. Returns (TRL-format pairs, counts)."""
+    """TRL-format pairs and counts from graded samples (samples[q]: rows[q]'s completions): chosen =
+    a right one, else the gold solution (chosen_is_gold); rejected = a wrong one (none: no pair)."""
     pairs, counts = [], collections.Counter(questions=len(rows))
     for q, (row, texts) in enumerate(zip(rows, samples)):
         right = [t for t in texts if is_correct(t, row["gold"])]
@@ -996,18 +982,6 @@ def make_pairs(tokenizer, rows, samples, system=None):
                           "rejected": make_completion(tokenizer, wrong[0]),
                           "question_index": q, "chosen_is_gold": not right})
     return pairs, dict(counts, pairs=len(pairs))
-
-
-def heldout_pairs(tokenizer, rows, evaluated, system=None):
-    """Held-out endpoints for teacher-forced scoring: make_pairs on the answers of eval.jsonl rows
-    `evaluated` (one per question of rows), so each wrong one is rejected for the gold solution."""
-    answers = [[] for _ in rows]  # a question not evaluated gives no pair
-    for e in evaluated:
-        if not 0 <= e["index"] < len(rows) or rows[e["index"]]["question"] != e["question"]:
-            raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; pass "
-                            "the --data the eval ran on")
-        answers[e["index"]] = [e["completion"]]
-    return make_pairs(tokenizer, rows, answers, system)[0]
 
 
 def load_pairs(path):
@@ -1039,8 +1013,14 @@ def cmd_pairs(args):
                             "there; run `python yfpo.py eval` first")
         split, out = json.loads(summary.read_text())["split"], check_out_dir(args.out)
         tokenizer = load_model(args.model, None, None, args.trust_remote_code, weights=False)[1]
-        pairs = heldout_pairs(tokenizer, load_gsm8k(args.data, split), read_jsonl(args.from_eval),
-                              args.system)
+        rows = load_gsm8k(args.data, split)
+        answers = [[] for _ in rows]  # the eval's answer to each question; none: no pair
+        for e in read_jsonl(args.from_eval):
+            if not 0 <= e["index"] < len(rows) or rows[e["index"]]["question"] != e["question"]:
+                raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; "
+                                "pass the --data the eval ran on")
+            answers[e["index"]] = [e["completion"]]
+        pairs = make_pairs(tokenizer, rows, answers, args.system)[0]  # wrong ones against gold
         print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split})")
     else:
         out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
