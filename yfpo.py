@@ -610,10 +610,10 @@ def paired_difference(shared):
 
 # --- Evaluation: teacher-forced log-probs and NLL, greedy accuracy --------------------------------
 def completion_logps(logits, labels, mask):
-    """Summed log-probabilities of the completion tokens, [B] float32: logits [B, T, V]; labels,
-    mask [B, T] (labels[b, t]: the token position t predicts); sum_t mask[b, t] * log softmax(
-    logits[b, t])[labels[b, t]]. labels and mask [B, T, S] read S label sets off the same logits
-    into [B, S]: the log-normalizer computed once, no [B, T, V] log-prob tensor made."""
+    """[B] float32: sum_t mask[b, t] * log softmax(logits[b, t])[labels[b, t]], the summed log-probs
+    of the completion tokens; logits [B, T, V], labels and mask [B, T] (labels[b, t]: the token t
+    predicts). labels and mask [B, T, S] read S label sets off the same logits into [B, S], with one
+    log-normalizer and no [B, T, V] log-prob tensor."""
     if labels.dim() == 2:
         return completion_logps(logits, labels[..., None], mask[..., None])[:, 0]
     logits = logits.float()
@@ -959,8 +959,7 @@ def cmd_ablate(args):
         result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"],
                       accuracy_paired=p)
         print(f"accuracy: base {base[0]['accuracy']:.4f}, neurons x {args.scale:g} "
-              f"{ablated[0]['accuracy']:.4f}; right only with: {p['only_this_correct']}, without: "
-              f"{p['only_other_correct']}; McNemar p {p['mcnemar_p']:.2g}")
+              f"{ablated[0]['accuracy']:.4f}; McNemar p {p['mcnemar_p']:.2g}")
     write_json(out / "ablation.json", result)
     print(f"wrote {out / 'ablation.json'}")
 
@@ -968,7 +967,7 @@ def cmd_ablate(args):
 # --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers ---------------
 def make_pairs(tokenizer, rows, samples, system=None):
     """TRL-format pairs and counts from graded samples (samples[q]: rows[q]'s completions): chosen =
-    a right one, else the gold solution (chosen_is_gold); rejected = a wrong one (none: no pair)."""
+    a right one, else the gold solution (chosen_is_gold); rejected = a wrong one, or no pair."""
     pairs, counts = [], collections.Counter(questions=len(rows))
     for q, (row, texts) in enumerate(zip(rows, samples)):
         right = [t for t in texts if is_correct(t, row["gold"])]
