@@ -684,8 +684,8 @@ def start_command(args, split, limit):
 @contextlib.contextmanager
 def attnlrp(model):
     """Inside the block, lxt's AttnLRP rules (Achtibat et al., 2024, "AttnLRP: Attention-Aware
-    Layer-wise Relevance Propagation for Transformers") patch the model's modeling module and
-    classes for the whole process; on exit all is put back, so training never runs patched."""
+    Layer-wise Relevance Propagation for Transformers") patch the modeling module (its MLP, its
+    RMSNorm) and torch's Dropout process-wide; on exit all is put back: training runs unpatched."""
     if model.config.model_type not in LRP_ARCHITECTURES:
         raise UserError(f"model type '{model.config.model_type}' is not supported; supported: "
                         f"{', '.join(LRP_ARCHITECTURES)}")
@@ -740,7 +740,7 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
 def score_neurons(model, batches):
     """(scores, directions), each [L, I] float32, over the samples of batches (see collate):
         score = the mean over samples (with any solution token) of R / the sample's solution tokens
-    (R, G of neuron_relevance), so length does not weigh; direction: the summed G's sign (0: +1)."""
+    (R, G of neuron_relevance); direction = sign(sum of G), +1 at 0: the way raising it moves F."""
     score, gradient, count = 0.0, 0.0, 0
     for batch in batches:
         relevance, grad = neuron_relevance(model, **batch)
@@ -947,10 +947,9 @@ def cmd_ablate(args):
             c = compare_with_random(base[text], ablated[text], [nll[text] for nll in random[name]])
             ratio = sum(map(mean_abs_of, sets)) / len(sets) / selected if selected else None
             part["random_" + name] = {**c, "mean_abs_ratio": ratio}
-            scale = "?" if ratio is None else f"{ratio:.2f}"
             print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
-                  f"mean |a| x {scale}), z {c['z'] and round(c['z'], 2)}, "
-                  + (c["note"] or f"ratio {c['ratio']:.2f}"))
+                  f"mean |a| x {'?' if ratio is None else f'{ratio:.2f}'}), "
+                  f"z {c['z'] and round(c['z'], 2)}, " + (c["note"] or f"ratio {c['ratio']:.2f}"))
     if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
         base = evaluate(model, tokenizer, rows, args)
         with ablate_neurons(model, neurons, args.scale):
