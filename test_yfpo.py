@@ -925,11 +925,16 @@ def test_pairs_writes_trl_conversational_rows(tiny_dir, data_file, tmp_path):
     assert all(r["chosen_is_gold"] and r["rejected"][0]["role"] == "assistant" for r in rows)
 
 
-def test_heldout_pairs_refuse_an_eval_row_outside_the_data():
-    rows = [dict(r, index=i) for i, r in enumerate(DEMO_ROWS)]
-    last = {"index": -1, "question": rows[-1]["question"], "correct": False, "completion": "7"}
-    with pytest.raises(yfpo.UserError, match="eval row -1 is not question -1"):
-        yfpo.heldout_pairs(None, rows, [last])
+def test_pairs_from_eval_refuses_an_eval_row_outside_the_data(tiny_dir, data_file, tmp_path,
+                                                              capsys):
+    evaluated = tmp_path / "eval" / "eval.jsonl"
+    evaluated.parent.mkdir()
+    evaluated.with_name("summary.json").write_text(json.dumps({"split": "test"}))
+    evaluated.write_text(jsonl({"index": -1, "question": DEMO_ROWS[-1]["question"],
+                                "correct": False, "completion": "7"}))
+    assert_user_error(capsys, tmp_path / "out", "pairs", "--model", tiny_dir, "--data", data_file,
+                      "--from-eval", str(evaluated), "--out", str(tmp_path / "out"),
+                      says="eval row -1 is not question -1")
 
 
 # ---------------------------------------------------------------------------------------------

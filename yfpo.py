@@ -469,18 +469,16 @@ def mcnemar_exact(only_a, only_b):
 
 
 def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
-    """The smallest accuracy difference the exact McNemar test detects with `power` at `alpha`,
-    given that `discordant` of `total` questions are discordant (conditioned on that count): with
-    only_a ~ Binomial(discordant, pi), the difference is (2 pi - 1) * discordant / total. None when
-    no split is significant."""
+    """The smallest accuracy difference the exact McNemar test detects with `power` at `alpha`
+    given `discordant` of `total` questions discordant: with only_a ~ Binomial(discordant, pi), it
+    is (2 pi - 1) * discordant / total. None when no split is significant."""
     k = torch.arange(discordant + 1, dtype=torch.float64)
     log_comb = math.lgamma(discordant + 1) - torch.lgamma(k + 1) - torch.lgamma(discordant - k + 1)
 
     def pmf(pi):  # P(only_a = k) for every k
         return (log_comb + k * math.log(pi) + (discordant - k) * math.log1p(-pi)).exp()
-    # It rejects where mcnemar_exact(k, discordant - k) <= alpha: k <= edge, and the mirror.
     edge = int((2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1] <= alpha).sum()) - 1  # -1: nowhere
-    region = (k <= edge) | (k >= discordant - edge)
+    region = (k <= edge) | (k >= discordant - edge)  # where mcnemar_exact(k, n - k) <= alpha
     lo, hi = 0.5, 1 - 1e-12
     if pmf(hi)[region].sum() < power:  # also when no split is significant (region empty)
         return None
@@ -491,13 +489,11 @@ def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
 
 
 def bootstrap_ci(values, seed=0, resamples=2000):
-    """95% percentile bootstrap interval of the mean of values [N] over its N pairs, resampled from
-    seed: the same resamples for any statistic of the same N, so a difference's interval is a paired
-    one."""
+    """95% percentile bootstrap interval of the mean of values [N], resampled from seed: the same
+    resamples for any statistic of the same N, so a difference's interval is a paired one."""
     values = torch.as_tensor(values, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(len(values), (resamples, len(values)), generator=generator)
-    means = values[draws].mean(1)
+    g = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(len(values), (resamples, len(values)), generator=g)].mean(1)
     return means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
@@ -511,11 +507,10 @@ def paired_difference(shared):
 
 # --- Evaluation: teacher-forced log-probs and NLL, greedy accuracy --------------------------------
 def completion_logps(logits, labels, mask):
-    """Summed log-probabilities of the completion tokens. logits: [B, T, V]; labels: [B, T],
-    labels[b, t] = the token position t predicts; mask: [B, T]. Returns [B] float32: sum_t
-    mask[b, t] * log softmax(logits[b, t])[labels[b, t]]. labels and mask may also be [B, T, S], S
-    label sets read off the same logits (returns [B, S]); the log-normalizer is computed once for
-    all of them and no [B, T, V] log-prob tensor is made."""
+    """[B] float32: sum_t mask[b, t] * log softmax(logits[b, t])[labels[b, t]], the summed log-probs
+    of the completion tokens; logits [B, T, V], labels and mask [B, T] (labels[b, t]: the token t
+    predicts). labels and mask [B, T, S] read S label sets off the same logits into [B, S], with one
+    log-normalizer and no [B, T, V] log-prob tensor."""
     if labels.dim() == 2:
         return completion_logps(logits, labels[..., None], mask[..., None])[:, 0]
     logits = logits.float()
@@ -553,37 +548,31 @@ def evaluate(model, tokenizer, rows, args):
     """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
     start = time.perf_counter()
     completions = sample_completions(model, tokenizer, rows, args, "eval")
-    results = []
-    for i, (row, c) in enumerate(zip(rows, completions)):
-        answer, rule = extract_answer_rule(c["text"])
-        results.append({"index": i, "question": row["question"], "gold": row["gold"],
-                        "completion": c["text"], "extracted": answer, "rule": rule,
-                        "correct": is_correct(c["text"], row["gold"]), "stop": c["stop"],
-                        "tokens": c["tokens"]})
+    answers = [extract_answer_rule(c["text"]) for c in completions]
+    results = [{"index": i, "question": r["question"], "gold": r["gold"], "completion": c["text"],
+                "extracted": answer, "rule": rule, "correct": is_correct(c["text"], r["gold"]),
+                "stop": c["stop"], "tokens": c["tokens"]}
+               for i, (r, c, (answer, rule)) in enumerate(zip(rows, completions, answers))]
     seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
     correct = sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
     strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
-    summary = {"accuracy": correct / len(results), "accuracy_strict": strict / len(results),
-               "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
-               "prompt_format": "chat_template" if tokenizer.chat_template else "plain",
-               "system": args.system, **generation_summary(completions, args, seconds),
-               "questions_per_s": round(len(results) / seconds, 3)}
-    return summary, results
+    return {"accuracy": correct / len(results), "accuracy_strict": strict / len(results),
+            "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
+            "prompt_format": "chat_template" if tokenizer.chat_template else "plain",
+            "system": args.system, **generation_summary(completions, args, seconds),
+            "questions_per_s": round(len(results) / seconds, 3)}, results
 
 
 def start_command(args, split, limit):
-    """(out, device, rows, model, tokenizer), the out folder checked and the seed set; with
-    --server the server is checked and only the tokenizer loaded."""
+    """(out, device, rows, model, tokenizer), the out folder checked and the seed set."""
     out, device = check_out_dir(args.out), pick_device(args.device)
     torch.manual_seed(args.seed)
     rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
-    args.server = getattr(args, "server", None) and check_server(args.server, args.model)
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
-                                  args.trust_remote_code, weights=not args.server)
     if getattr(args, "batch_size", 0) is None:  # generation's default, measured (see the README)
-        args.batch_size = 64 if args.server else GENERATION_BATCH[device.type]
-    return out, device, rows, model, tokenizer
+        args.batch_size = GENERATION_BATCH[device.type]
+    return out, device, rows, *load_model(args.model, device, pick_dtype(args.dtype, device),
+                                          args.trust_remote_code)
 
 
 # --- Neurons: AttnLRP relevance, selection, the saved set, the causal check (ablation) ------------
@@ -592,9 +581,8 @@ def start_command(args, split, limit):
 @contextlib.contextmanager
 def attnlrp(model):
     """Inside the block, lxt's AttnLRP rules (Achtibat et al., 2024, "AttnLRP: Attention-Aware
-    Layer-wise Relevance Propagation for Transformers") patch the model's modeling module and
-    classes (the MLP, the RMSNorm, torch's Dropout) for the whole process; on exit every attribute
-    they can touch is put back, so training never runs patched."""
+    Layer-wise Relevance Propagation for Transformers") patch the modeling module (its MLP, its
+    RMSNorm) and torch's Dropout process-wide; on exit all is put back: training runs unpatched."""
     if model.config.model_type not in LRP_ARCHITECTURES:
         raise UserError(f"model type '{model.config.model_type}' is not supported; supported: "
                         f"{', '.join(LRP_ARCHITECTURES)}")
@@ -615,12 +603,11 @@ def attnlrp(model):
 
 
 def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
-    """AttnLRP relevance of every MLP neuron for the gold next-token logits, per sample. input_ids,
-    attention_mask, labels, loss_mask: [B, T] (see collate). With z_t the logits at position t,
+    """AttnLRP relevance of every MLP neuron for the gold next-token logits z_t, per sample, over
+    the solution's tokens t; inputs [B, T] (see collate), a_l the input of layer l's down_proj:
         F = sum_{t : loss_mask[t] = 1} z_t[labels[t]],   R_{l,i} = sum_t a_{l,t,i} * dF/da_{l,t,i}
-    over the solution's tokens, a_l the input of layer l's down_proj. Inside attnlrp(model) the
-    gradient follows the AttnLRP rules (R is LRP relevance), outside it is gradient x input
-    (float32; the weights get no gradient). Returns (R, G), each [B, L, I], G = sum_t dF/da."""
+    Inside attnlrp(model) dF/da follows the AttnLRP rules, outside R is gradient x input (float32;
+    the weights get no gradient). Returns (R, G), each [B, L, I], G = sum_t dF/da."""
     layers, found = decoder_layers(model), {}  # found: down_proj module -> (relevance, gradient)
     keep = F.pad(loss_mask, (1, 0))[:, :-1, None].float()  # solution tokens: t + 1 holds label t
 
@@ -637,31 +624,26 @@ def neuron_relevance(model, input_ids, attention_mask, labels, loss_mask):
             undo.callback(p.requires_grad_, p.requires_grad)
         model.requires_grad_(False)  # activation gradients only: nothing kept for the weights'
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-        hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask)
-        hidden = hidden.last_hidden_state
+        hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask)[0]
         # Only the gold logit of each position: z_t[y] = h_t . W_y (+ b_y), no vocabulary matmul.
         head = model.get_output_embeddings()
-        logits = (hidden * head.weight[labels]).sum(-1)
-        if head.bias is not None:
-            logits = logits + head.bias[labels]
+        bias = 0 if head.bias is None else head.bias[labels]
+        logits = (hidden * head.weight[labels]).sum(-1) + bias
         torch.autograd.grad((logits * loss_mask).sum(), embeds)
     relevance, gradient = zip(*[found[layer.mlp.down_proj] for layer in layers])
     return torch.stack(relevance, dim=-2), torch.stack(gradient, dim=-2)
 
 
-def score_neurons(model, batches, progress=None):
+def score_neurons(model, batches):
     """(scores, directions), each [L, I] float32, over the samples of batches (see collate):
         score = the mean over samples (with any solution token) of R / the sample's solution tokens
-    (R, G of neuron_relevance): long and short answers weigh alike. direction = -1 where the summed
-    G < 0, else +1: how raising the neuron moves the explained logits, as R's gradient sees it."""
+    (R, G of neuron_relevance); direction = sign(sum of G), +1 at 0: the way raising it moves F."""
     score, gradient, count = 0.0, 0.0, 0
     for batch in batches:
         relevance, grad = neuron_relevance(model, **batch)
         tokens = batch["loss_mask"].sum(1)
         score = score + (relevance / tokens.clamp_min(1)[:, None, None]).double().sum(0)
         gradient, count = gradient + grad.double().sum(0), count + int((tokens > 0).sum())
-        if progress is not None:
-            progress.update(len(relevance))
     return (score / count).float(), torch.where(gradient < 0, -1.0, 1.0)
 
 
@@ -671,23 +653,19 @@ def select_neurons(scores, k, per_layer=False):
     (num_layers, width), k_max = scores.shape, scores.numel()
     if per_layer:
         if not 1 <= k // num_layers <= width:
-            raise UserError(f"--top-k {k} with --per-layer: k // layers must be 1 to {width}; use "
-                            f"{num_layers} to {k_max}")
-        top = scores.topk(k // num_layers, dim=1)
-        chosen = [(layer, int(i), float(v)) for layer in range(num_layers)
-                  for v, i in zip(top.values[layer], top.indices[layer])]
+            raise UserError(f"--top-k {k} with --per-layer: use {num_layers} to {k_max}")
+        top = zip(*scores.topk(k // num_layers, dim=1))  # each layer's (values, indices)
+        chosen = [(layer, int(i), float(v)) for layer, row in enumerate(top) for v, i in zip(*row)]
         return sorted(chosen, key=lambda n: -n[2])
     if not 1 <= k <= k_max:
-        raise UserError(f"--top-k {k} is not between 1 and the model's {k_max} neurons; pick a "
-                        "smaller k")
+        raise UserError(f"--top-k {k} is not between 1 and the model's {k_max} neurons; lower it")
     top = scores.flatten().topk(k)
     return [(int(i) // width, int(i) % width, float(v)) for v, i in zip(top.values, top.indices)]
 
 
 @contextlib.contextmanager
 def ablate_neurons(model, neurons, scale=0.0):
-    """Inside the block the neurons [(layer, index, ...)] are multiplied by scale (pre-hooks on
-    down_proj): 0 ablates them, 1.1 amplifies them by 10%."""
+    """Inside the block, neurons [(layer, index, ...)] x scale at down_proj's input (0 ablates)."""
     layers, masks = decoder_layers(model), {}
     for n in neurons:
         masks.setdefault(n[0], torch.ones(model_shape(model)[1]))[n[1]] = scale
@@ -700,8 +678,7 @@ def ablate_neurons(model, neurons, scale=0.0):
 
 
 def load_neurons(path, model):
-    """A neurons.json checked against the model: [(layer, index, score, act_mean, act_std,
-    direction)]."""
+    """The [(layer, index, score, act_mean, act_std, direction)] of a neurons.json for model."""
     if not Path(path).is_file():
         raise UserError(f"neurons file missing: {path}; run `python yfpo.py identify` first")
     try:
@@ -710,12 +687,10 @@ def load_neurons(path, model):
         fields = ("layer", "index", "score", "act_mean", "act_std", "direction")
         neurons = [tuple(n[k] for k in fields) for n in saved["neurons"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a neurons file of this identify ({type(e).__name__}: {e}); "
-                        "rerun it") from None
+        raise UserError(f"{path} is not a neurons file of identify ({e!r}); rerun it") from None
     if shape != model_shape(model):
-        layers, width = model_shape(model)
-        raise UserError(f"{path} was made for {shape[0]} layers x {shape[1]} neurons but the model "
-                        f"has {layers} x {width}; run identify with this model")
+        raise UserError("{} was made for {} layers x {} neurons but the model has {} x {}; run "
+                        "identify with this model".format(path, *shape, *model_shape(model)))
     if not neurons:
         raise UserError(f"{path} lists no neurons; run identify with --top-k of at least 1")
     return neurons
@@ -737,17 +712,14 @@ def activation_moments(model, batches):
             keep.append(F.pad(batch["loss_mask"], (1, 0))[:, :-1, None].double())
             model.get_decoder()(batch["input_ids"], attention_mask=batch["attention_mask"])
     tokens = sum(k.sum() for k in keep)
-    sums = torch.stack([sums[layer.mlp.down_proj] for layer in layers], 1) / tokens
-    mean, mean_sq, mean_abs = sums
+    mean, mean_sq, mean_abs = torch.stack([sums[l.mlp.down_proj] for l in layers], 1) / tokens
     return mean.float(), (mean_sq - mean ** 2).clamp_min(0).sqrt().float(), mean_abs.float()
 
 
 def random_neurons(neurons, mean_abs, generator, bins=10):
-    """A random control for a neuron set: as many neurons in each layer as the set has there, none
-    of the set. With bins > 1 they also match on activation scale: a layer's other neurons are cut
-    into `bins` equal-count bins by mean |a| (mean_abs: [L, I]; fewer where the layer has under bins
-    x its selected count), and each selected neuron is matched by a draw, without replacement, from
-    its own bin. bins=1: matched on layer only. Returns [(layer, index)]."""
+    """A random control for neurons: [(layer, index)], as many in each layer, none of them. bins > 1
+    matches scale too: a draw without replacement per selected neuron from its bin, the layer's
+    others cut by mean_abs [L, I] into `bins` equal-count bins (fewer if under bins x its count)."""
     chosen, control = {(n[0], n[1]) for n in neurons}, []
     for layer in sorted({n[0] for n in neurons}):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
@@ -766,103 +738,85 @@ def random_neurons(neurons, mean_abs, generator, bins=10):
 
 
 def compare_with_random(nll_base, nll_selected, nll_random):
-    """The selected set's NLL against random controls' (one NLL per seed): their mean, std (n - 1),
-    rise = mean - nll_base, z = (nll_selected - mean) / std, and ratio = (nll_selected - nll_base) /
-    rise, given only when the random rise is over 3 standard errors (3 std / sqrt(n)) from zero;
-    else None and a note."""
+    """The selected set's NLL against random controls' (one per seed): their mean, std (n - 1),
+    rise = mean - nll_base, z = (nll_selected - mean) / std, and ratio = (nll_selected - nll_base)
+    / rise when the random rise is over 3 standard errors (3 std / sqrt(n)) of zero, else a note."""
     mean = sum(nll_random) / len(nll_random)
     std = torch.tensor(nll_random, dtype=torch.float64).std().item()
     rise, noise = mean - nll_base, 3 * std / math.sqrt(len(nll_random))
-    clear = abs(rise) > noise
-    note = None if clear else (f"random rise {rise:+.3g} is within 3 standard errors ({noise:.3g}) "
-                               "of zero: no ratio")
+    note = None if abs(rise) > noise else (f"random rise {rise:+.3g} is within 3 standard errors "
+                                           f"({noise:.3g}) of zero: no ratio")
     return {"nll": nll_random, "mean": mean, "std": std, "rise": rise,
             "z": (nll_selected - mean) / std if std else None,
-            "ratio": (nll_selected - nll_base) / rise if clear else None, "note": note}
+            "ratio": None if note else (nll_selected - nll_base) / rise, "note": note}
 
 
 def solution_batches(tokenizer, rows, args, device, batch_size):
-    """The rows' (prompt, gold solution) examples (solution_examples) as collate batches."""
     examples = solution_examples(tokenizer, rows, args.max_length, args.system)
     return [to_device(collate(chunk, tokenizer.pad_token_id), device)
             for chunk in batches_of(examples, batch_size)]
 
 
 def cmd_identify(args):
-    """identify: score every MLP neuron with AttnLRP on gold GSM8K solutions, keep the top k. The
-    solutions are the last --num-samples of the train split (pairs samples from its start); beside
-    the set, a random control set matched to it per layer and activation scale."""
+    """identify: score every MLP neuron with AttnLRP on the gold solutions of the last --num-samples
+    train questions; keep the top k, and a random control matched per layer and activation scale."""
     control = load_gsm8k(args.control, "train", require_gold=False) if args.control else []
     control = control[:args.num_samples]
     last = slice(-args.num_samples, None)
     out, device, rows, model, tokenizer = start_command(args, "train", last)
-    with attnlrp(model):
-        select_neurons(torch.zeros(model_shape(model)), args.top_k, args.per_layer)  # k first
+    with attnlrp(model):  # checks the architecture first
+        (num_layers, width), start = model_shape(model), time.perf_counter()
+        select_neurons(torch.zeros(num_layers, width), args.top_k, args.per_layer)  # k first
         math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
-        start = time.perf_counter()
-        with tqdm(total=len(rows) + len(control), desc="identify", unit="sample") as bar:
-            scores, directions = score_neurons(model, math_batches, bar)
-            if control:  # keep what is specific to math, not what any text uses
-                batches = solution_batches(tokenizer, control, args, device, args.batch_size)
-                scores -= score_neurons(model, batches, bar)[0]
-        seconds = time.perf_counter() - start
+        scores, directions = score_neurons(model, tqdm(math_batches, desc="identify", unit="batch"))
+        if control:  # keep what is specific to math, not what any text uses
+            batches = solution_batches(tokenizer, control, args, device, args.batch_size)
+            scores -= score_neurons(model, tqdm(batches, desc="control", unit="batch"))[0]
+    seconds = time.perf_counter() - start
     neurons = select_neurons(scores, args.top_k, args.per_layer)
     mean, std, mean_abs = activation_moments(model, math_batches)
     matched = random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed))
-    num_layers, width = model_shape(model)
     counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
     disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
-    minus_control = " minus the same over the control samples" if control else ""
     selection = {"rule": "per_layer_top_k" if args.per_layer else "global_top_k",
                  "top_k": args.top_k, "num_selected": len(neurons),
-                 "score": "AttnLRP relevance at the down_proj input" + minus_control,
+                 "score": "AttnLRP relevance at the down_proj input"
+                          + (" minus the same over the control samples" if control else ""),
                  "normalization": "per solution token (a sample's relevance / its solution "
                                   "tokens), then the mean over samples",
                  "direction": "sign of the summed AttnLRP gradient on solution tokens",
                  "data": args.data, "split": "train", "num_samples": len(rows),
                  "question_indices": [r["index"] for r in rows], "control": args.control,
                  "num_control_samples": len(control), "max_length": args.max_length}
-
-    def write_neurons(name, chosen, selection, **extra):  # neurons.json or its random control
+    random_rule = {"rule": "random control: as many per layer as neurons.json, matched on mean "
+                           "|a| (10 bins), none of its neurons", "seed": args.seed}
+    for name, chosen, extra in (
+            ("random_neurons.json", matched, {"selection": {**selection, **random_rule}}),
+            ("neurons.json", neurons, {"selection": selection, "counts_per_layer": counts,
+                                       "direction_disagrees_with_mean_sign": disagree})):
         entries = [{"layer": l, "index": i, "score": float(scores[l, i]),
                     "direction": int(directions[l, i]), "act_mean": float(mean[l, i]),
                     "act_std": float(std[l, i])} for l, i, *_ in chosen]
         write_json(out / name, {"model": args.model, "num_layers": num_layers,
-                                "intermediate_size": width, "selection": selection, **extra,
+                                "intermediate_size": width, **extra,
                                 "scoring_seconds": round(seconds, 2), "neurons": entries})
-    random_rule = {"rule": "random control: as many per layer as neurons.json, matched on mean "
-                           "|a| (10 bins), none of its neurons", "seed": args.seed}
-    write_neurons("random_neurons.json", matched, {**selection, **random_rule})
-    write_neurons("neurons.json", neurons, selection, counts_per_layer=counts,
-                  direction_disagrees_with_mean_sign=disagree)
-    histogram = [f"  layer {layer:3d} {count:6d} {'#' * round(40 * count / max(counts))}"
-                 for layer, count in enumerate(counts)]
-    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; selected neurons per "
-          "layer:", *histogram,
-          f"the saved direction differs from the sign of the mean activation for {disagree} of "
-          f"{len(neurons)}",
-          f"train questions {rows[0]['index']}-{rows[-1]['index']}; wrote {out / 'neurons.json'} "
-          f"and {out / 'random_neurons.json'} (the matched random control)", sep="\n")
+    print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; neurons per layer: "
+          f"{counts}; wrote {out / 'neurons.json'} and its random control")
 
 
 def cmd_ablate(args):
     """ablate: does scaling the neurons (0: ablating them) raise the gold NLL more than scaling
-    random, matched ones? With --control also on non-math text (its last rows; identify reads its
-    first): a math-specific set raises the math NLL more than the control text's."""
+    random, matched ones? With --control, also on non-math text (its last rows)."""
     if args.random_seeds < 2:
-        raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2 "
-                        "seeds (default 10)")
+        raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2")
     control = load_gsm8k(args.control, "train", require_gold=False) if args.control else []
     control = control[-args.num_samples:]
     out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
-    texts = {"math": rows, "control": control} if control else {"math": rows}
-    # The control rows are formatted as identify formats them: the question alone, the answer whole.
     texts = {text: solution_batches(tokenizer, r, args, device, args.nll_batch_size)
-             for text, r in texts.items()}
+             for text, r in (("math", rows), ("control", control)) if r}
     mean_abs = activation_moments(model, texts["math"])[2]  # per neuron, for the matched control
     seeds = range(args.seed, args.seed + args.random_seeds)
-    # Random sets matched on layer and scale (10 bins of mean |a|), or on layer only (1 bin)
     controls = {name: [random_neurons(neurons, mean_abs, torch.Generator().manual_seed(s), bins)
                        for s in seeds] for name, bins in (("matched", 10), ("unmatched", 1))}
 
@@ -871,35 +825,28 @@ def cmd_ablate(args):
 
     def scaled(selection):  # the gold NLL of each text with the selection scaled
         with ablate_neurons(model, selection, args.scale):
-            nll = {text: gold_nll(model, batches) for text, batches in texts.items()}
-        bar.update(1)
-        return nll
-    with tqdm(total=2 + 2 * args.random_seeds, desc="ablate", unit="pass") as bar:
-        base, ablated = scaled([]), scaled(neurons)
-        random = {name: [scaled(c) for c in sets] for name, sets in controls.items()}
+            return {text: gold_nll(model, batches) for text, batches in texts.items()}
+    base, ablated = scaled([]), scaled(neurons)
+    random = {name: [scaled(c) for c in tqdm(sets, desc=f"ablate random {name}", unit="set")]
+              for name, sets in controls.items()}
     selected = mean_abs_of(neurons)  # 0 if they never fire: then the controls' ratio is None
-    ratio = {name: sum(map(mean_abs_of, sets)) / len(sets) / selected if selected else None
-             for name, sets in controls.items()}
     result = {"neurons": args.neurons, "data": args.data, "split": args.split,
               "num_samples": len(rows), "num_neurons": len(neurons), "scale": args.scale,
               "random_seeds": args.random_seeds}
-    for text in texts:
-        part = {"nll_base": base[text], "nll_ablated": ablated[text],
-                "rise": ablated[text] - base[text]}
+    for text in texts:  # math's fields go in result, the control text's in result["control"]
+        part = result if text == "math" else result.setdefault("control", {
+            "data": args.control, "num_samples": len(control),
+            "rows": [r["index"] for r in control]})
+        part.update(nll_base=base[text], nll_ablated=ablated[text], rise=ablated[text] - base[text])
         print(f"{text} NLL per solution token: base {base[text]:.4f}, neurons x {args.scale:g} "
               f"{ablated[text]:.4f} (rise {part['rise']:+.4f})")
-        for name, nlls in random.items():
-            c = compare_with_random(base[text], ablated[text], [nll[text] for nll in nlls])
-            part["random_" + name] = {**c, "mean_abs_ratio": ratio[name]}
-            scale = "?" if ratio[name] is None else f"{ratio[name]:.2f}"
+        for name, sets in controls.items():
+            c = compare_with_random(base[text], ablated[text], [nll[text] for nll in random[name]])
+            ratio = sum(map(mean_abs_of, sets)) / len(sets) / selected if selected else None
+            part["random_" + name] = {**c, "mean_abs_ratio": ratio}
             print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
-                  f"mean |a| x {scale}), z {c['z'] and round(c['z'], 2)}, "
-                  + (c["note"] or f"ratio {c['ratio']:.2f}"))
-        if text == "math":
-            result.update(part)
-        else:
-            result["control"] = {"data": args.control, "num_samples": len(control),
-                                 "rows": [r["index"] for r in control], **part}
+                  f"mean |a| x {'?' if ratio is None else f'{ratio:.2f}'}), "
+                  f"z {c['z'] and round(c['z'], 2)}, " + (c["note"] or f"ratio {c['ratio']:.2f}"))
     if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
         base = evaluate(model, tokenizer, rows, args)
         with ablate_neurons(model, neurons, args.scale):
@@ -908,17 +855,15 @@ def cmd_ablate(args):
         result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"],
                       accuracy_paired=p)
         print(f"accuracy: base {base[0]['accuracy']:.4f}, neurons x {args.scale:g} "
-              f"{ablated[0]['accuracy']:.4f}; right only with: {p['only_this_correct']}, without: "
-              f"{p['only_other_correct']}; McNemar p {p['mcnemar_p']:.2g}")
+              f"{ablated[0]['accuracy']:.4f}; McNemar p {p['mcnemar_p']:.2g}")
     write_json(out / "ablation.json", result)
     print(f"wrote {out / 'ablation.json'}")
 
 
 # --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers ---------------
 def make_pairs(tokenizer, rows, samples, system=None):
-    """Pairs from graded samples (samples[q]: the completions of rows[q]): chosen = a correct
-    sample, else the gold solution (chosen_is_gold); rejected = an incorrect one; none when all are
-    correct. Returns (TRL-format pairs, counts)."""
+    """TRL-format pairs and counts from graded samples (samples[q]: rows[q]'s completions): chosen =
+    a right one, else the gold solution (chosen_is_gold); rejected = a wrong one, or no pair."""
     pairs, counts = [], collections.Counter(questions=len(rows))
     for q, (row, texts) in enumerate(zip(rows, samples)):
         right = [t for t in texts if is_correct(t, row["gold"])]
@@ -934,38 +879,22 @@ def make_pairs(tokenizer, rows, samples, system=None):
     return pairs, dict(counts, pairs=len(pairs))
 
 
-def heldout_pairs(tokenizer, rows, evaluated, system=None):
-    """Held-out endpoints for teacher-forced scoring: make_pairs on the answers of eval.jsonl rows
-    `evaluated` (one per question of rows), so each wrong one is rejected for the gold solution."""
-    answers = [[] for _ in rows]  # a question not evaluated gives no pair
-    for e in evaluated:
-        if not 0 <= e["index"] < len(rows) or rows[e["index"]]["question"] != e["question"]:
-            raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; pass "
-                            "the --data the eval ran on")
-        answers[e["index"]] = [e["completion"]]
-    return make_pairs(tokenizer, rows, answers, system)[0]
-
-
 def load_pairs(path):
     """Rows of a pairs JSONL in TRL's format: prompt, chosen, rejected (texts or message lists)."""
     if not Path(path).is_file():
-        raise UserError(f"pairs file missing: {path}; make one with `python yfpo.py pairs` or pass "
-                        "a JSONL path")
+        raise UserError(f"pairs file missing: {path}; make one with `python yfpo.py pairs`")
     rows = read_jsonl(path, numbered=True)
     if not rows:
-        raise UserError(f"{path} holds no pairs; it needs one JSON row per line with prompt, "
-                        "chosen and rejected")
+        raise UserError(f"{path} holds no pairs; write a row of prompt, chosen, rejected per pair")
     for lineno, row in rows:
         for field in ("prompt", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
                 raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs "
                                 "prompt, chosen and rejected")
         if not row["prompt"]:  # its last position predicts the completions' first tokens
-            raise UserError(f"{path}:{lineno}: empty prompt; every pair needs the prompt its "
-                            "completions answer")
+            raise UserError(f"{path}:{lineno}: empty prompt; give the prompt they answer")
         if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
-            raise UserError(f"{path}:{lineno}: mixes text and message lists; use one kind for all "
-                            "three fields")
+            raise UserError(f"{path}:{lineno}: mixes text and message lists; use one kind")
     return [row for _, row in rows]
 
 
@@ -978,17 +907,21 @@ def cmd_pairs(args):
             raise UserError(f"--from-eval {args.from_eval}: no eval.jsonl with its summary.json "
                             "there; run `python yfpo.py eval` first")
         split, out = json.loads(summary.read_text())["split"], check_out_dir(args.out)
-        tokenizer = load_model(args.model, torch.device("cpu"), torch.float32,
-                               args.trust_remote_code, weights=False)[1]
-        pairs = heldout_pairs(tokenizer, load_gsm8k(args.data, split), read_jsonl(args.from_eval),
-                              args.system)
-        print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split} "
-              "split)")
+        tokenizer = load_model(args.model, None, None, args.trust_remote_code, weights=False)[1]
+        rows = load_gsm8k(args.data, split)
+        answers = [[] for _ in rows]  # the eval's answer to each question; none: no pair
+        for e in read_jsonl(args.from_eval):
+            if not 0 <= e["index"] < len(rows) or rows[e["index"]]["question"] != e["question"]:
+                raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; "
+                                "pass the --data the eval ran on")
+            answers[e["index"]] = [e["completion"]]
+        pairs = make_pairs(tokenizer, rows, answers, args.system)[0]  # wrong ones against gold
+        print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split})")
     else:
         out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
         n, start = args.samples_per_question, time.perf_counter()
         samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
-        seconds = max(time.perf_counter() - start, 1e-9)  # unrounded: a server may take < 5 ms
+        seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
         speed = generation_summary(samples, args, seconds)
         pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n),
                                    args.system)
