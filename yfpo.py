@@ -1130,9 +1130,8 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
     reference model's margin as h anchors the log-ratios (relative); h as in dpo_loss.
         yoke "loss":    L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
         yoke "reward":  L = -log sigmoid(beta * h + lam * gamma * m)
-    lam is the neuron term's whole weight (train's lam * c, c making lam a share); lam = 0 gives
-    DPO's loss itself (the margin may then be None). Returns (losses, dpo_losses, neuron_losses or
-    None, chosen_rewards, rejected_rewards), each [B]."""
+    lam: the neuron term's whole weight (train's lam * c); 0 gives DPO itself (margin may be None).
+    Returns (losses, dpo_losses, neuron_losses or None, chosen_rewards, rejected_rewards) [B]."""
     dpo_losses, *rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     neuron_losses = None if neuron_margin is None else -F.logsigmoid(gamma * neuron_margin)
     if lam == 0:
@@ -1147,11 +1146,10 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
 
 class NeuronCapture:
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs). Inside
-    `with NeuronCapture(model, neurons) as capture:`, neurons load_neurons' (layer, index, score,
-    mean, std, direction), each forward makes capture.activations() [B, T, K] (K neurons, in the
-    order given), still attached to the autograd graph, and capture.scores(masks [B, T, S]) their
-    neuron scores [B, S] (S = 2 for packed pairs' neuron_mask: chosen, rejected). Keep it open
-    through backward: gradient checkpointing runs the hooks again there."""
+    `with NeuronCapture(model, neurons) as capture:` (neurons: load_neurons' tuples) each forward
+    makes capture.activations() [B, T, K], in the order given and still attached to the graph, and
+    capture.scores(masks [B, T, S]) the neuron scores [B, S] (packed pairs: chosen, rejected). Keep
+    it open through backward: gradient checkpointing runs the hooks again there."""
 
     def __init__(self, model, neurons):
         self.layers, self.captured = decoder_layers(model), {}
@@ -1202,16 +1200,14 @@ def tokenize_pairs(tokenizer, rows, max_length):
 
 
 def collate_pairs(pairs, pad_id):
-    """B preference pairs, one per row: [prompt | chosen | rejected | padding]. The shared prompt is
-    computed once (TRL: once per completion): rejected tokens attend to the prompt and earlier
-    rejected tokens, not chosen ones, and their positions continue the prompt's, so each completion
-    sees its own context. Returns input_ids, position_ids [B, T]; attention_mask [B, T, T] (True:
-    query t may see key s); labels, loss_mask [B, T, 2] for (chosen, rejected): t predicts
-    labels[b, t, j] where loss_mask[b, t, j] = 1, the last prompt position both first tokens;
-    neuron_mask [B, T, 2]: the completions' own tokens, where their neuron scores are read."""
+    """B preference pairs, one per row: [prompt | chosen | rejected | padding], the prompt computed
+    once (TRL: once per completion). Rejected tokens see the prompt and earlier rejected tokens, at
+    positions continuing the prompt's: each completion sees its own context. Returns input_ids,
+    position_ids [B, T]; attention_mask [B, T, T] (True: query t may see key s); labels, loss_mask
+    [B, T, 2] for (chosen, rejected): t predicts labels[b, t, j] where loss_mask[b, t, j] = 1, the
+    last prompt position both first tokens; neuron_mask [B, T, 2]: each completion's own tokens."""
     size = (len(pairs), max(len(p) + len(c) + len(r) for p, c, r in pairs))
-    input_ids = torch.full(size, pad_id, dtype=torch.long)
-    position_ids = torch.zeros(size, dtype=torch.long)
+    input_ids, position_ids = torch.full(size, pad_id, dtype=torch.long), torch.zeros(size).long()
     segment = torch.full(size, -1)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
     labels, loss_mask = torch.zeros(*size, 2, dtype=torch.long), torch.zeros(*size, 2)
     for b, (p, c, r) in enumerate(pairs):
@@ -1233,8 +1229,7 @@ def collate_pairs(pairs, pad_id):
 
 
 def pair_forward(model, batch, capture=None):
-    """One forward of packed pairs: (log-probs [B, 2], neuron scores [B, 2] or None) as (chosen,
-    rejected); capture: an open NeuronCapture, read in this same forward."""
+    """One forward of packed pairs: log-probs, an open capture's neuron scores (or None), [B, 2]."""
     logps = forward_logps(model, batch)
     return logps, None if capture is None else capture.scores(batch["neuron_mask"])
 
@@ -1309,19 +1304,15 @@ def pair_losses(job, net, indices, weight, path=None):
     net, the neuron term weighted lam * c; path "dpo" or "neuron": the gradient through it alone."""
     with job.autocast:
         logps, scores = pair_forward(net, batch_of(job, indices), job.capture)
-    margin = None
-    if scores is not None:
-        margin = scores[:, 0] - scores[:, 1]
-        if job.args.neuron_margin == "relative":  # m - m_ref, anchored as h anchors the log-ratios
-            margin = margin - job.ref_margins[indices]
+    margin = None if scores is None else scores[:, 0] - scores[:, 1]
+    if margin is not None and job.args.neuron_margin == "relative":  # anchored as h anchors logps
+        margin = margin - job.ref_margins[indices]
     if path == "dpo":
         margin = margin.detach()
     elif path == "neuron":
         logps = logps.detach()
-    ref = job.ref_logps[indices]
-    losses = yfpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], margin, beta=job.args.beta,
-                       lam=weight, gamma=job.gamma, yoke=job.args.yoke)
-    return logps, scores, losses
+    return logps, scores, yfpo_loss(*logps.T, *job.ref_logps[indices].T, margin, beta=job.args.beta,
+                                    lam=weight, gamma=job.gamma, yoke=job.args.yoke)
 
 
 def term_gradients(params, loss_of, chunks):
@@ -1357,13 +1348,12 @@ def measure_terms(job, chunk, weight):
 def calibrate(lam, share_at, linear):
     """The constant c that makes lam a share (--balance share): with the neuron term weighted lam *
     c, its gradient at step 1 is |lam| times the DPO term's, c = ||grad L_dpo|| / ||grad L_neuron||
-    on the reference model (the policy before step 1). share_at(c): the share measured at weight
-    lam * c. Linear in c (--yoke loss; at step 1 also the relative margin, m - m_ref = 0), one
-    measurement is exact; --yoke reward with the policy margin moves the sigmoid with c: repeated
-    to 1e-4."""
+    on the reference model (the policy before step 1); share_at(weight) measures that share. Linear
+    in c (--yoke loss; at step 1 also the relative margin, m - m_ref = 0), one measurement is exact;
+    --yoke reward with the policy margin moves the sigmoid with c: repeated to 1e-4."""
     c = 1.0
     for _ in range(1 if linear else 8):
-        share = share_at(c)
+        share = share_at(lam * c)
         if not share > 0:
             raise UserError("the neuron term has no gradient on the calibration pairs; check "
                             "--neurons, or pass --balance none")
@@ -1391,10 +1381,7 @@ def reference_pass(job):
         if job.neurons and args.lam and args.balance == "share":
             job.model.train()
             chunk = epoch_order(job, 0)[:args.calibration_pairs]
-
-            def share_at(c):  # the neuron term's measured share with weight lam * c
-                return measure_terms(job, chunk, args.lam * c)["neuron/share"]
-            job.c = calibrate(args.lam, share_at,
+            job.c = calibrate(args.lam, lambda w: measure_terms(job, chunk, w)["neuron/share"],
                               linear=args.yoke == "loss" or args.neuron_margin == "relative")
         job.out.mkdir(parents=True, exist_ok=True)
         torch.save({"logps": job.ref_logps.cpu(), "neuron": neuron.cpu(), "gamma": job.gamma,
@@ -1405,9 +1392,8 @@ def reference_pass(job):
     job.ref_logps, job.gamma, job.c = ref["logps"], ref["gamma"], ref["c"]
     job.ref_margins = ref["neuron"][:, 0] - ref["neuron"][:, 1]
     if job.master and job.neurons:
-        how = "1 / std of the reference neuron margins" if args.gamma == "auto" else "--gamma"
-        print(f"gamma {job.gamma:.4g} ({how}); the neuron term's weight lam x c = {args.lam:g} x "
-              f"{job.c:.4g}")
+        print(f"gamma {job.gamma:.4g} (--gamma {args.gamma}); the neuron term's weight lam x c = "
+              f"{args.lam:g} x {job.c:.4g}")
 
 
 def disable_dropout(model):
@@ -1473,12 +1459,10 @@ def optimizer_and_schedule(job):
 
 
 def accumulate(job, model, chunk, weight):
-    """Forward and backward of this rank's micro-batches of one step's pairs `chunk`: the sums of
-    PAIR_METRICS over the step's pairs on all ranks."""
+    """Forward and backward of this rank's micro-batches of `chunk`; PAIR_METRICS' all-rank sums."""
     args, sums = job.args, torch.zeros(len(PAIR_METRICS), device=job.device)
-    for micro in range(args.grad_accum):
-        m = micro * job.world + job.rank  # this rank's; the same pairs for any world size
-        indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
+    for micro in range(args.grad_accum):  # this rank's: the same pairs for any world size
+        indices = batches_of(chunk, args.batch_size)[micro * job.world + job.rank]
         sync = not job.ddp or micro == args.grad_accum - 1
         with contextlib.nullcontext() if sync else model.no_sync():
             logps, scores, terms = pair_losses(job, model, indices, weight)
@@ -1488,10 +1472,9 @@ def accumulate(job, model, chunk, weight):
             losses, dpo_losses, neuron_losses, chosen, rejected = terms
             if scores is None:
                 scores, neuron_losses = logps * 0, losses * 0
-            margin = scores[:, 0] - scores[:, 1]
+            m = scores[:, 0] - scores[:, 1]  # the neuron margin
             values = [losses, dpo_losses, neuron_losses, chosen, rejected, chosen > rejected,
-                      chosen - rejected, *logps.T, *scores.T, margin,
-                      margin - job.ref_margins[indices]]
+                      chosen - rejected, *logps.T, *scores.T, m, m - job.ref_margins[indices]]
             sums += torch.stack([v.float().sum() for v in values])
     if job.ddp:
         torch.distributed.all_reduce(sums)
@@ -1504,25 +1487,24 @@ def train_loop(job):
     weight = args.lam * job.c  # the neuron term's whole weight
     optimizer, scheduler, job.start_step = optimizer_and_schedule(job)
     model = job.model.train()
-    if job.ddp:
-        gpu = [job.device.index] if job.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
+    if job.ddp:  # device_ids None: the model is on this rank's one device
+        model = torch.nn.parallel.DistributedDataParallel(model)
     num_params = sum(p.numel() for p in job.model.parameters())  # job.model: never DDP-wrapped
     peak = peak_flops(job.device) if master else None
     # The steps whose terms' gradients are measured: every --probe-every-th, or first, middle; last
     every, total = args.probe_every, job.total_steps
     probes = set(range(0, total, every) if every else (0, total // 2)) | {total - 1}
     last_saved = job.start_step
-    with tqdm(total=total, initial=job.start_step, desc="train", unit="step",
-              disable=not master) as bar:
-        for step in range(job.start_step, total):
+    with tqdm(range(job.start_step, total), initial=job.start_step, total=total, desc="train",
+              unit="step", disable=not master) as bar:  # closed before an error is printed
+        for step in bar:
             epoch, k = divmod(step, job.steps_per_epoch)
             chunk = epoch_order(job, epoch)[k * job.pairs_per_step:(k + 1) * job.pairs_per_step]
             probe = {}  # the gradient each term contributes, before this step's update
             if master and job.neurons and args.lam and step in probes:
                 probe = measure_terms(job, chunk, weight)
-                tqdm.write(f"step {step + 1}: the terms' gradients (before it): "
-                           + ", ".join(f"{k} {v:.4g}" for k, v in probe.items()))
+                tqdm.write(f"step {step + 1}, the terms' gradients before it: "
+                           + ", ".join(f"{name} {value:.4g}" for name, value in probe.items()))
             t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
             sums = accumulate(job, model, chunk, weight)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1536,18 +1518,16 @@ def train_loop(job):
             seconds = time.perf_counter() - t0
             if master:
                 tokens = sum(len(ids) for i in chunk for ids in job.pairs[i])  # all ranks' pairs
-                metrics = {"step": step + 1, "epoch": epoch,
-                           **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
-                           "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
-                           "learning_rate": learning_rate, "step_time_s": seconds,
-                           "tokens_per_s": tokens / seconds,  # MFU: 6 N FLOPs a trained token
-                           "mfu": peak and 6 * num_params * tokens / seconds / (peak * job.world)}
+                row = {"step": step + 1, "epoch": epoch,
+                       **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
+                       "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
+                       "learning_rate": learning_rate, "step_time_s": seconds,
+                       "tokens_per_s": tokens / seconds,  # MFU: 6 N FLOPs a trained token
+                       "mfu": peak and 6 * num_params * tokens / seconds / (peak * job.world)}
                 with open(job.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                acc=f"{metrics['rewards/accuracies']:.2f}",
-                                neuron_margin=f"{metrics['neuron/margin']:.3f}")
-            bar.update(1)
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
+                                neuron_margin=f"{row['neuron/margin']:.3f}")
             if step + 1 == total or args.save_every and (step + 1) % args.save_every == 0:
                 if master:
                     save_checkpoint(job, optimizer, scheduler, step + 1)
@@ -1597,14 +1577,12 @@ def cmd_score(args):
         captures = {Path(p).stem: hooks.enter_context(NeuronCapture(model, load_neurons(p, model)))
                     for p in args.neurons}
         for chunk in tqdm(batches_of(kept, args.batch_size), desc="score", unit="batch"):
-            batch = to_device(collate_pairs([pair for _, pair in chunk], tokenizer.pad_token_id),
-                              device)
-            logps = forward_logps(model, batch)
-            scores = {name: c.scores(batch["neuron_mask"]) for name, c in captures.items()}
-            results += [{"question_index": row.get("question_index"), "logps": logps[b].tolist(),
-                         "chosen_tokens": len(pair[1]),
-                         "neurons": {name: s[b].tolist() for name, s in scores.items()}}
-                        for b, (row, pair) in enumerate(chunk)]
+            batch = to_device(collate_pairs([p for _, p in chunk], tokenizer.pad_token_id), device)
+            logps = forward_logps(model, batch).tolist()
+            scores = {name: c.scores(batch["neuron_mask"]).tolist() for name, c in captures.items()}
+            results += [{"question_index": row.get("question_index"), "logps": logps[b],
+                         "chosen_tokens": len(c), "neurons": {n: s[b] for n, s in scores.items()}}
+                        for b, (row, (_, c, _)) in enumerate(chunk)]
     write_jsonl(out / "scores.jsonl", results)
     print(f"scored {len(results)} of {len(rows)} pairs; wrote {out / 'scores.jsonl'}")
 
