@@ -1125,9 +1125,8 @@ def neuron_scores(activations, mask, mean, std, direction):
 
 def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_margin=None,
               beta=0.1, lam=0.3, gamma=1.0, yoke="loss"):
-    """The YFPO loss (arXiv 2605.11906): DPO yoked to the neuron margin. Log-probs and the margin
-    are [B]: m = s(x, y_w) - s(x, y_l) (--neuron-margin policy), or m - m_ref, anchored to the
-    reference model's margin as h anchors the log-ratios (relative); h as in dpo_loss.
+    """The YFPO loss (arXiv 2605.11906): DPO (h as in dpo_loss) yoked to the neuron margin [B]
+    m = s(x, y_w) - s(x, y_l) (--neuron-margin policy) or m - m_ref, anchored as h is (relative).
         yoke "loss":    L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
         yoke "reward":  L = -log sigmoid(beta * h + lam * gamma * m)
     lam: the neuron term's whole weight (train's lam * c); 0 gives DPO itself (margin may be None).
@@ -1144,7 +1143,7 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
     return losses, dpo_losses, neuron_losses, *rewards
 
 
-class NeuronCapture:
+class NeuronCapture(contextlib.ExitStack):
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs). Inside
     `with NeuronCapture(model, neurons) as capture:` (neurons: load_neurons' tuples) each forward
     makes capture.activations() [B, T, K], in the order given and still attached to the graph, and
@@ -1152,6 +1151,7 @@ class NeuronCapture:
     it open through backward: gradient checkpointing runs the hooks again there."""
 
     def __init__(self, model, neurons):
+        super().__init__()  # it holds the hooks: leaving the `with` removes them
         self.layers, self.captured = decoder_layers(model), {}
         self.stats = torch.tensor([n[3:] for n in neurons], dtype=torch.float32).T  # mean, std, d
         layers = sorted({n[0] for n in neurons})
@@ -1160,17 +1160,13 @@ class NeuronCapture:
         self.order = torch.tensor([n[0] for n in neurons]).argsort(stable=True).argsort()
 
     def __enter__(self):
-        self.hooks = contextlib.ExitStack()  # closing it removes the hooks
         for layer, index in self.index.items():
             def pre_hook(module, args, layer=layer, index=index):
                 self.captured[layer] = args[0][..., index.to(args[0].device)]
             down_proj = self.layers[layer].mlp.down_proj
-            self.hooks.enter_context(down_proj.register_forward_pre_hook(pre_hook))
+            self.enter_context(down_proj.register_forward_pre_hook(pre_hook))
+        self.callback(self.captured.clear)
         return self
-
-    def __exit__(self, *exc):
-        self.hooks.close()
-        self.captured = {}
 
     def activations(self):
         acts = torch.cat([self.captured[layer] for layer in self.index], dim=-1)
@@ -1192,8 +1188,8 @@ PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/re
 def tokenize_pairs(tokenizer, rows, max_length):
     """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
-        raise UserError("the pairs hold chat messages but this tokenizer has no chat template; "
-                        "write the pairs as text")
+        raise UserError("the pairs are chat messages but the tokenizer has no chat template; "
+                        "write them as text")
     pairs = [(*tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
               tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]) for r in rows]
     return [(p, c, r) for p, c, r in pairs if c and r]
@@ -1262,13 +1258,12 @@ def train_setup(args):
     if (attention := job.model.config._attn_implementation) not in ("eager", "sdpa"):
         raise UserError(f"{attention} attention cannot take packed pairs; use eager or sdpa")
     job.neurons = load_neurons(args.neurons, job.model) if args.neurons else []
-    if job.neurons and not args.allow_overlap:  # on its selection questions, m measures the fit
-        selection = json.loads(Path(args.neurons).read_text()).get("selection", {})
-        asked = {r.get("question_index") for r in rows}
-        shared = sorted(asked.intersection(selection.get("question_indices", [])))
-        if shared:
-            raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
-                            f"{args.neurons} was selected on; pair others or pass --allow-overlap")
+    saved = json.loads(Path(args.neurons).read_text()).get("selection", {}) if job.neurons else {}
+    asked = {r.get("question_index") for r in rows}
+    shared = sorted(asked.intersection(saved.get("question_indices", [])))
+    if shared and not args.allow_overlap:  # on its selection questions, m measures the fit
+        raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
+                        f"{args.neurons} was selected on; pair others or pass --allow-overlap")
     job.pairs = tokenize_pairs(job.tokenizer, rows, args.max_length)
     if not job.pairs:
         raise UserError(f"every pair was truncated away: each prompt fills --max-length "
@@ -1316,11 +1311,10 @@ def pair_losses(job, net, indices, weight, path=None):
 
 
 def term_gradients(params, loss_of, chunks):
-    """How each term of the loss pulls, measured without touching .grad. loss_of(indices, path): the
-    loss of the pairs `indices`, its gradient through "dpo" (the log-probs) or "neuron" (the neuron
-    scores) alone; chunks: micro-batches of pair indices. Returns grad_norm/dpo, grad_norm/neuron,
-    neuron/share = ||g_neuron|| / ||g_dpo|| and grad_cosine = cos(g_dpo, g_neuron): a neuron
-    gradient parallel to DPO's only re-weights DPO."""
+    """How each term of the loss pulls, without touching .grad. loss_of(indices, path): the loss of
+    pairs `indices`, its gradient through "dpo" (the log-probs) or "neuron" (the neuron scores)
+    alone; chunks: micro-batches of indices. Returns grad_norm/dpo, grad_norm/neuron, neuron/share =
+    ||g_neuron|| / ||g_dpo||, grad_cosine = cos(g_dpo, g_neuron) (parallel: it re-weights DPO)."""
     grads = {}
     for path in ("dpo", "neuron"):
         grads[path] = [torch.zeros_like(p) for p in params]
@@ -1355,8 +1349,8 @@ def calibrate(lam, share_at, linear):
     for _ in range(1 if linear else 8):
         share = share_at(lam * c)
         if not share > 0:
-            raise UserError("the neuron term has no gradient on the calibration pairs; check "
-                            "--neurons, or pass --balance none")
+            raise UserError("no neuron-term gradient on the calibration pairs: check --neurons or "
+                            "pass --balance none")
         if abs(share / abs(lam) - 1) < 1e-4:
             break
         c *= abs(lam) / share
