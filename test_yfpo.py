@@ -1113,7 +1113,7 @@ def test_packed_pairs_give_the_log_probs_and_neuron_scores_of_separate_sequences
                (1, 100, 0.0, 0.3, 0.5, 1.0)]  # mean, std, direction)
     with yfpo.NeuronCapture(model, neurons) as capture:
         packed = yfpo.collate_pairs(pairs, tokenizer.pad_token_id)
-        logps, scores = yfpo.pair_forward(model, packed, capture)
+        logps, scores = yfpo.forward_logps(model, packed), capture.scores(packed["neuron_mask"])
         for j in (0, 1):  # chosen, then rejected, as ordinary right-padded sequences
             separate = yfpo.collate([(pair[0], pair[j + 1]) for pair in pairs],
                                     tokenizer.pad_token_id)
@@ -1166,7 +1166,8 @@ def test_logged_term_gradient_norms_equal_norms_computed_by_hand(tiny_dir, pairs
     pairs = yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file), 256)
     batch = yfpo.collate_pairs(pairs, tokenizer.pad_token_id)
     with yfpo.NeuronCapture(model, neurons) as capture:
-        logps, scores = yfpo.pair_forward(model, batch, capture)  # step 1: policy = reference
+        # step 1: the policy is the reference
+        logps, scores = yfpo.forward_logps(model, batch), capture.scores(batch["neuron_mask"])
     ref = logps.detach()
     dpo = yfpo.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=0.1)[0].mean()
     neuron = 0.5 * -torch.nn.functional.logsigmoid(2 * (scores[:, 0] - scores[:, 1])).mean()
@@ -1813,7 +1814,7 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
      "was made for 5 layers x 128 neurons"),
     ("train: --gamma auto with one pair",
      TRAIN + "--pairs {one_pair} --neurons {neurons} --lam 0.3 --batch-size 1 --grad-accum 1",
-     "--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs"),
+     "--gamma auto (1 / std of reference margins) needs 2 pairs; pass --gamma 1"),
     ("train: pairs on the selection questions",
      TRAIN + "--pairs {selection_pairs} --neurons {neurons}",
      "{selection_pairs} uses 4 questions (first: 4) that {neurons} was selected on; pair others or "

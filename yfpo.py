@@ -1224,10 +1224,13 @@ def collate_pairs(pairs, pad_id):
             "neuron_mask": torch.stack([segment == 1, segment == 2], dim=-1).float()}
 
 
-def pair_forward(model, batch, capture=None):
-    """One forward of packed pairs: log-probs, an open capture's neuron scores (or None), [B, 2]."""
-    logps = forward_logps(model, batch)
-    return logps, None if capture is None else capture.scores(batch["neuron_mask"])
+def pair_forward(job, net, indices):
+    """One forward of pairs[indices], packed: log-probs and neuron scores (or None), [b, 2]."""
+    batch = to_device(collate_pairs([job.pairs[i] for i in indices], job.tokenizer.pad_token_id),
+                      job.device)
+    with job.autocast:
+        logps = forward_logps(net, batch)
+        return logps, None if job.capture is None else job.capture.scores(batch["neuron_mask"])
 
 
 def train_setup(args):
@@ -1266,17 +1269,17 @@ def train_setup(args):
                         f"{args.neurons} was selected on; pair others or pass --allow-overlap")
     job.pairs = tokenize_pairs(job.tokenizer, rows, args.max_length)
     if not job.pairs:
-        raise UserError(f"every pair was truncated away: each prompt fills --max-length "
-                        f"{args.max_length}; raise it")
+        raise UserError(f"every pair was truncated away (--max-length {args.max_length}); raise it")
     if args.gamma == "auto" and job.neurons and args.lam and len(job.pairs) < 2:
-        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 "
-                        "pairs; pass --gamma 1")
+        raise UserError("--gamma auto (1 / std of reference margins) needs 2 pairs; pass --gamma 1")
     job.pairs_per_step = args.batch_size * args.grad_accum * job.world
     job.steps_per_epoch = len(job.pairs) // job.pairs_per_step
     if job.steps_per_epoch == 0:
         raise UserError(f"{len(job.pairs)} pairs are fewer than one step's {job.pairs_per_step} "
                         "(batch x accum x processes); lower --batch-size or --grad-accum")
     job.total_steps = min(args.epochs * job.steps_per_epoch, args.max_steps or math.inf)
+    job.orders = [torch.randperm(len(job.pairs), generator=torch.Generator().manual_seed(seed))
+                  for seed in range(args.seed, args.seed + args.epochs)]  # each epoch's order
     # What a checkpoint must share with the run that resumes it: data order, reference and loss.
     run = [job.pairs, job.neurons, job.pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
            args.yoke, args.neuron_margin, args.balance, args.calibration_pairs]
@@ -1284,21 +1287,10 @@ def train_setup(args):
     return job
 
 
-def epoch_order(job, epoch):
-    return torch.randperm(len(job.pairs),
-                          generator=torch.Generator().manual_seed(job.args.seed + epoch))
-
-
-def batch_of(job, indices):
-    return to_device(collate_pairs([job.pairs[i] for i in indices], job.tokenizer.pad_token_id),
-                     job.device)
-
-
 def pair_losses(job, net, indices, weight, path=None):
     """(log-probs [b, 2], neuron scores [b, 2] or None, yfpo_loss(...)) of pairs[indices] through
     net, the neuron term weighted lam * c; path "dpo" or "neuron": the gradient through it alone."""
-    with job.autocast:
-        logps, scores = pair_forward(net, batch_of(job, indices), job.capture)
+    logps, scores = pair_forward(job, net, indices)
     margin = None if scores is None else scores[:, 0] - scores[:, 1]
     if margin is not None and job.args.neuron_margin == "relative":  # anchored as h anchors logps
         margin = margin - job.ref_margins[indices]
@@ -1363,8 +1355,8 @@ def reference_pass(job):
     args = job.args
     if job.master and not args.resume:  # (load_model returns the model in eval mode)
         chunks = batches_of(range(len(job.pairs)), args.batch_size)
-        with torch.no_grad(), job.autocast:
-            ref = [pair_forward(job.model, batch_of(job, chunk), job.capture)
+        with torch.no_grad():
+            ref = [pair_forward(job, job.model, chunk)
                    for chunk in tqdm(chunks, desc="reference", unit="batch")]
         job.ref_logps = torch.cat([lp for lp, _ in ref])
         neuron = torch.cat([lp * 0 if s is None else s for lp, s in ref])
@@ -1374,7 +1366,7 @@ def reference_pass(job):
             job.gamma = 1 / spread if spread > 0 else 1.0
         if job.neurons and args.lam and args.balance == "share":
             job.model.train()
-            chunk = epoch_order(job, 0)[:args.calibration_pairs]
+            chunk = job.orders[0][:args.calibration_pairs]
             job.c = calibrate(args.lam, lambda w: measure_terms(job, chunk, w)["neuron/share"],
                               linear=args.yoke == "loss" or args.neuron_margin == "relative")
         job.out.mkdir(parents=True, exist_ok=True)
@@ -1386,8 +1378,7 @@ def reference_pass(job):
     job.ref_logps, job.gamma, job.c = ref["logps"], ref["gamma"], ref["c"]
     job.ref_margins = ref["neuron"][:, 0] - ref["neuron"][:, 1]
     if job.master and job.neurons:
-        print(f"gamma {job.gamma:.4g} (--gamma {args.gamma}); the neuron term's weight lam x c = "
-              f"{args.lam:g} x {job.c:.4g}")
+        print(f"gamma {job.gamma:.4g} (--gamma {args.gamma}), lam x c = {args.lam:g} x {job.c:.4g}")
 
 
 def disable_dropout(model):
@@ -1406,8 +1397,7 @@ def peak_flops(device):
                  "A10": 125e12, "L4": 121e12}
         return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
     from torch.utils.benchmark import Timer
-    a = torch.randn(1024, 1024)
-    matmul = Timer("a @ a", globals={"a": a}, num_threads=torch.get_num_threads())
+    matmul = Timer("a @ a", "a = torch.randn(1024, 1024)", num_threads=torch.get_num_threads())
     return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
 
 
@@ -1443,7 +1433,7 @@ def optimizer_and_schedule(job):
         state = torch.load(job.checkpoint / "trainer_state.pt", "cpu", weights_only=False)
         if state["run"] != job.run_id:
             raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, "
-                            "batch x accum x processes, seed or loss; use those or a new --out")
+                            "seed, batch x accum x processes or loss; use those or a new --out")
         optimizer.load_state_dict(state["optimizer"])  # no RNG state: without dropout none draws
         scheduler.load_state_dict(state["scheduler"])
     if job.master:  # a new log, or the old one without the steps after the checkpoint (redone)
@@ -1462,14 +1452,13 @@ def accumulate(job, model, chunk, weight):
             logps, scores, terms = pair_losses(job, model, indices, weight)
             # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP: rank mean
             (terms[0].sum() / (args.batch_size * args.grad_accum)).backward()
-        with torch.no_grad():  # PAIR_METRICS, in order; the neuron ones are 0 without neurons
-            losses, dpo_losses, neuron_losses, chosen, rejected = terms
-            if scores is None:
-                scores, neuron_losses = logps * 0, losses * 0
-            m = scores[:, 0] - scores[:, 1]  # the neuron margin
-            values = [losses, dpo_losses, neuron_losses, chosen, rejected, chosen > rejected,
-                      chosen - rejected, *logps.T, *scores.T, m, m - job.ref_margins[indices]]
-            sums += torch.stack([v.float().sum() for v in values])
+        losses, dpo_losses, neuron_losses, chosen, rejected = terms
+        if scores is None:  # the neuron metrics are 0 without neurons
+            scores, neuron_losses = logps * 0, losses * 0
+        m = scores[:, 0] - scores[:, 1]  # the neuron margin
+        values = [losses, dpo_losses, neuron_losses, chosen, rejected, chosen > rejected,
+                  chosen - rejected, *logps.T, *scores.T, m, m - job.ref_margins[indices]]
+        sums += torch.stack([v.detach().float().sum() for v in values])  # PAIR_METRICS, in order
     if job.ddp:
         torch.distributed.all_reduce(sums)
     return sums
@@ -1477,28 +1466,26 @@ def accumulate(job, model, chunk, weight):
 
 def train_loop(job):
     """The optimizer steps from the reference (or a checkpoint, --resume) to total_steps."""
-    args, master = job.args, job.master
-    weight = args.lam * job.c  # the neuron term's whole weight
+    args, weight = job.args, job.args.lam * job.c  # weight: the neuron term's whole weight
     optimizer, scheduler, job.start_step = optimizer_and_schedule(job)
     model = job.model.train()
     if job.ddp:  # device_ids None: the model is on this rank's one device
         model = torch.nn.parallel.DistributedDataParallel(model)
     num_params = sum(p.numel() for p in job.model.parameters())  # job.model: never DDP-wrapped
-    peak = peak_flops(job.device) if master else None
+    peak = peak_flops(job.device) if job.master else None
     # The steps whose terms' gradients are measured: every --probe-every-th, or first, middle; last
     every, total = args.probe_every, job.total_steps
     probes = set(range(0, total, every) if every else (0, total // 2)) | {total - 1}
     last_saved = job.start_step
     with tqdm(range(job.start_step, total), initial=job.start_step, total=total, desc="train",
-              unit="step", disable=not master) as bar:  # closed before an error is printed
+              unit="step", disable=not job.master) as bar:  # closed before an error is printed
         for step in bar:
-            epoch, k = divmod(step, job.steps_per_epoch)
-            chunk = epoch_order(job, epoch)[k * job.pairs_per_step:(k + 1) * job.pairs_per_step]
+            epoch, nth = divmod(step, job.steps_per_epoch)
+            chunk = job.orders[epoch][nth * job.pairs_per_step:(nth + 1) * job.pairs_per_step]
             probe = {}  # the gradient each term contributes, before this step's update
-            if master and job.neurons and args.lam and step in probes:
+            if job.master and job.neurons and args.lam and step in probes:
                 probe = measure_terms(job, chunk, weight)
-                tqdm.write(f"step {step + 1}, the terms' gradients before it: "
-                           + ", ".join(f"{name} {value:.4g}" for name, value in probe.items()))
+                bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4g}" for k, v in probe.items()))
             t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
             sums = accumulate(job, model, chunk, weight)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1510,7 +1497,7 @@ def train_loop(job):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
-            if master:
+            if job.master:
                 tokens = sum(len(ids) for i in chunk for ids in job.pairs[i])  # all ranks' pairs
                 row = {"step": step + 1, "epoch": epoch,
                        **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
@@ -1523,7 +1510,7 @@ def train_loop(job):
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
                                 neuron_margin=f"{row['neuron/margin']:.3f}")
             if step + 1 == total or args.save_every and (step + 1) % args.save_every == 0:
-                if master:
+                if job.master:
                     save_checkpoint(job, optimizer, scheduler, step + 1)
                 last_saved = step + 1
 
@@ -1564,8 +1551,7 @@ def cmd_score(args):
     rows = load_pairs(args.pairs)
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
                                   args.trust_remote_code)
-    kept = [(row, pair) for row in rows
-            for pair in tokenize_pairs(tokenizer, [row], args.max_length)]
+    kept = [(row, p) for row in rows for p in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
         captures = {Path(p).stem: hooks.enter_context(NeuronCapture(model, load_neurons(p, model)))
