@@ -1104,7 +1104,7 @@ def cmd_pairs(args):
 
 # --- Losses: DPO, the neuron score and margin, YFPO -----------------------------------------------
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    """Sigmoid DPO loss (Rafailov et al., 2023, "Direct Preference Optimization"), [B] log-probs:
+    """Sigmoid DPO loss (Rafailov et al., 2023, "Direct Preference Optimization") of [B] log-probs:
         h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
         L = -log sigmoid(beta * h)
     Returns losses, chosen and rejected rewards beta * log(pi/pi_ref) (detached), all [B]."""
@@ -1292,7 +1292,7 @@ def pair_losses(job, net, indices, weight, path=None):
     net, the neuron term weighted lam * c; path "dpo" or "neuron": the gradient through it alone."""
     logps, scores = pair_forward(job, net, indices)
     margin = None if scores is None else scores[:, 0] - scores[:, 1]
-    if margin is not None and job.args.neuron_margin == "relative":  # anchored as h anchors logps
+    if margin is not None and job.args.neuron_margin == "relative":  # m - m_ref, as h anchors logps
         margin = margin - job.ref_margins[indices]
     if path == "dpo":
         margin = margin.detach()
@@ -1554,8 +1554,8 @@ def cmd_score(args):
     kept = [(row, p) for row in rows for p in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
-        captures = {Path(p).stem: hooks.enter_context(NeuronCapture(model, load_neurons(p, model)))
-                    for p in args.neurons}
+        captures = {Path(f).stem: hooks.enter_context(NeuronCapture(model, load_neurons(f, model)))
+                    for f in args.neurons}
         for chunk in tqdm(batches_of(kept, args.batch_size), desc="score", unit="batch"):
             batch = to_device(collate_pairs([p for _, p in chunk], tokenizer.pad_token_id), device)
             logps = forward_logps(model, batch).tolist()
