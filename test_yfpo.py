@@ -1032,18 +1032,18 @@ def test_packed_pairs_give_the_log_probs_and_neuron_scores_of_separate_sequences
     model, tokenizer = tiny
     model.config._attn_implementation = attention
     pairs = yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file)[:3], 256)
-    neurons = [(0, 3), (1, 5), (1, 100)]
-    stats = [torch.tensor(v) for v in ([0.1, -0.2, 0.3], [1.0, 2.0, 0.5], [1.0, -1.0, 1.0])]
-    with yfpo.NeuronCapture(model, neurons, *stats) as capture:
+    neurons = [(0, 3, 0.0, 0.1, 1.0, 1.0), (1, 5, 0.0, -0.2, 2.0, -1.0),  # (layer, index, score,
+               (1, 100, 0.0, 0.3, 0.5, 1.0)]  # mean, std, direction)
+    with yfpo.NeuronCapture(model, neurons) as capture:
         packed = yfpo.collate_pairs(pairs, tokenizer.pad_token_id)
-        logps, scores = yfpo.pair_forward(model, packed, capture)
+        logps, scores = yfpo.forward_logps(model, packed), capture.scores(packed["neuron_mask"])
         for j in (0, 1):  # chosen, then rejected, as ordinary right-padded sequences
             separate = yfpo.collate([(pair[0], pair[j + 1]) for pair in pairs],
                                     tokenizer.pad_token_id)
             expected = yfpo.forward_logps(model, separate)
-            expected_scores = capture.scores(own_token_mask(separate["loss_mask"]))
+            expected_scores = capture.scores(own_token_mask(separate["loss_mask"])[..., None])
             assert torch.allclose(logps[:, j], expected, rtol=1e-5)
-            assert torch.allclose(scores[:, j], expected_scores, rtol=1e-4, atol=1e-6)
+            assert torch.allclose(scores[:, j], expected_scores[:, 0], rtol=1e-4, atol=1e-6)
 
 
 def test_capture_hooks_take_exactly_the_down_proj_inputs(tiny):
@@ -1088,9 +1088,9 @@ def test_logged_term_gradient_norms_equal_norms_computed_by_hand(tiny_dir, pairs
     neurons = yfpo.load_neurons(neurons_file, model)
     pairs = yfpo.tokenize_pairs(tokenizer, yfpo.load_pairs(pairs_file), 256)
     batch = yfpo.collate_pairs(pairs, tokenizer.pad_token_id)
-    stats = (torch.tensor([n[k] for n in neurons]) for k in (3, 4, 5))
-    with yfpo.NeuronCapture(model, neurons, *stats) as capture:
-        logps, scores = yfpo.pair_forward(model, batch, capture)  # step 1: policy = reference
+    with yfpo.NeuronCapture(model, neurons) as capture:
+        # step 1: the policy is the reference
+        logps, scores = yfpo.forward_logps(model, batch), capture.scores(batch["neuron_mask"])
     ref = logps.detach()
     dpo = yfpo.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=0.1)[0].mean()
     neuron = 0.5 * -torch.nn.functional.logsigmoid(2 * (scores[:, 0] - scores[:, 1])).mean()
@@ -1708,11 +1708,11 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
      "was made for 5 layers x 128 neurons"),
     ("train: --gamma auto with one pair",
      TRAIN + "--pairs {one_pair} --neurons {neurons} --lam 0.3 --batch-size 1 --grad-accum 1",
-     "--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 pairs"),
+     "--gamma auto (1 / std of reference margins) needs 2 pairs; pass --gamma 1"),
     ("train: pairs on the selection questions",
      TRAIN + "--pairs {selection_pairs} --neurons {neurons}",
-     "{selection_pairs} uses 4 questions (first: 4) that {neurons} was selected on; pair other "
-     "questions, or pass --allow-overlap"),
+     "{selection_pairs} uses 4 questions (first: 4) that {neurons} was selected on; pair others or "
+     "pass --allow-overlap"),
     ("train: --resume without a checkpoint", TRAIN + "--resume", "--resume: no checkpoint"),
     ("train: no such device", TRAIN + "--device gpu", "--device gpu is not a device"),
     ("train: attention that cannot take the packed mask", TRAIN + "--model {flex_attention_model}",

@@ -934,41 +934,34 @@ def cmd_pairs(args):
 
 # --- Losses: DPO, the neuron score and margin, YFPO -----------------------------------------------
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    """Sigmoid DPO loss (Rafailov et al., 2023, "Direct Preference Optimization"). All inputs [B]
-    summed log-probs.
+    """Sigmoid DPO loss (Rafailov et al., 2023, "Direct Preference Optimization") of [B] log-probs:
         h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
         L = -log sigmoid(beta * h)
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards are beta *
-    log(pi/pi_ref), detached."""
+    Returns losses, chosen and rejected rewards beta * log(pi/pi_ref) (detached), all [B]."""
     chosen_logratio, rejected_logratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
 def neuron_scores(activations, mask, mean, std, direction):
-    """The YFPO neuron score s(x, y) (arXiv 2605.11906) of each sequence: how strongly its
-    completion fires the math neurons. activations: [B, T, K] of the K selected neurons; mask:
-    [B, T], 1 at the completion's own tokens; mean, std, direction: [K] from neurons.json (direction
-    d_k = +1 or -1: the way neuron k raises the logits).
+    """The YFPO neuron score s(x, y) (arXiv 2605.11906): how strongly each completion fires the math
+    neurons. activations: [B, T, K] of the K selected neurons; mask: [B, T], 1 at the completion's
+    own tokens; mean, std, direction d (+1 or -1: the way a neuron raises the logits): [K], saved.
         z_k = d_k * (a_k - mean_k) / std_k   ("more than usual, the helpful way" is positive)
-        s   = mean over masked t and over k of z
-    Returns [B] float32."""
+        s   = mean over masked t and over k of z   ([B] float32)"""
     z = (activations.float() - mean) / std.clamp_min(1e-6) * direction
     return (z.mean(-1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
 def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_margin=None,
               beta=0.1, lam=0.3, gamma=1.0, yoke="loss"):
-    """The YFPO loss (arXiv 2605.11906): DPO yoked to the neuron margin. Log-probs and the margin
-    are [B]: m = s(x, y_w) - s(x, y_l) (--neuron-margin policy), or m - m_ref, anchored to the
-    reference model's margin as h anchors the log-ratios (relative); h as in dpo_loss.
+    """The YFPO loss (arXiv 2605.11906): DPO (h as in dpo_loss) yoked to the neuron margin [B]
+    m = s(x, y_w) - s(x, y_l) (--neuron-margin policy) or m - m_ref, anchored as h is (relative).
         yoke "loss":    L = -log sigmoid(beta * h) + lam * (-log sigmoid(gamma * m))
         yoke "reward":  L = -log sigmoid(beta * h + lam * gamma * m)
-    lam is the neuron term's whole weight: train passes lam * c, c the calibration that makes lam a
-    share. lam = 0 returns the DPO loss itself (the margin may then be None). Returns (losses [B],
-    dpo_losses [B], neuron_losses [B] or None, chosen_rewards [B], rejected_rewards [B])."""
-    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected,
-                                                            ref_chosen, ref_rejected, beta)
+    lam: the neuron term's whole weight (train's lam * c); 0 gives DPO itself (margin may be None).
+    Returns (losses, dpo_losses, neuron_losses or None, chosen_rewards, rejected_rewards) [B]."""
+    dpo_losses, *rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     neuron_losses = None if neuron_margin is None else -F.logsigmoid(gamma * neuron_margin)
     if lam == 0:
         losses = dpo_losses
@@ -977,52 +970,42 @@ def yfpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, neuron_m
     else:  # "reward"
         h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
         losses = -F.logsigmoid(beta * h + lam * gamma * neuron_margin)
-    return losses, dpo_losses, neuron_losses, chosen_rewards, rejected_rewards
+    return losses, dpo_losses, neuron_losses, *rewards
 
 
-class NeuronCapture:
+class NeuronCapture(contextlib.ExitStack):
     """Forward pre-hooks that keep the selected neurons' activations (the down_proj inputs). Inside
-    `with NeuronCapture(model, neurons) as capture:` each forward makes capture.activations()
-    [B, T, K] (K = len(neurons), in the order given), still attached to the autograd graph, and
-    capture.scores(mask) the neuron scores. mean, std, direction [K]: neuron_scores' statistics, by
-    default the saved ones of load_neurons' tuples. Keep it open through backward: gradient
-    checkpointing runs the hooks again there."""
+    `with NeuronCapture(model, neurons) as capture:` (neurons: load_neurons' tuples) each forward
+    makes capture.activations() [B, T, K], in the order given and still attached to the graph, and
+    capture.scores(masks [B, T, S]) the neuron scores [B, S] (packed pairs: chosen, rejected). Keep
+    it open through backward: gradient checkpointing runs the hooks again there."""
 
-    def __init__(self, model, neurons, mean=None, std=None, direction=None):
-        if mean is None and len(neurons[0]) == 6:  # (layer, index, score, mean, std, direction)
-            mean, std, direction = torch.tensor([n[3:] for n in neurons], dtype=torch.float32).T
-        self.layers, self.captured, self.stats = decoder_layers(model), {}, (mean, std, direction)
+    def __init__(self, model, neurons):
+        super().__init__()  # it holds the hooks: leaving the `with` removes them
+        self.layers, self.captured = decoder_layers(model), {}
+        self.stats = torch.tensor([n[3:] for n in neurons], dtype=torch.float32).T  # mean, std, d
         layers = sorted({n[0] for n in neurons})
         self.index = {l: torch.tensor([n[1] for n in neurons if n[0] == l]) for l in layers}
         # Hooks fill the columns layer by layer; this permutation restores the order given.
-        by_layer = sorted(range(len(neurons)), key=lambda k: neurons[k][0])
-        self.order = torch.tensor(by_layer).argsort()
+        self.order = torch.tensor([n[0] for n in neurons]).argsort(stable=True).argsort()
 
     def __enter__(self):
-        self.hooks = contextlib.ExitStack()  # closing it removes the hooks
         for layer, index in self.index.items():
             def pre_hook(module, args, layer=layer, index=index):
                 self.captured[layer] = args[0][..., index.to(args[0].device)]
             down_proj = self.layers[layer].mlp.down_proj
-            self.hooks.enter_context(down_proj.register_forward_pre_hook(pre_hook))
+            self.enter_context(down_proj.register_forward_pre_hook(pre_hook))
+        self.callback(self.captured.clear)
         return self
-
-    def __exit__(self, *exc):
-        self.hooks.close()
-        self.captured = {}
 
     def activations(self):
         acts = torch.cat([self.captured[layer] for layer in self.index], dim=-1)
         return acts[..., self.order.to(acts.device)]
 
-    def scores(self, mask):
-        """The last forward's neuron scores: [B] under a mask [B, T]; [B, 2] under packed pairs'
-        neuron_mask [B, T, 2], (chosen, rejected)."""
+    def scores(self, masks):
         acts = self.activations()
-        stats = [s.to(acts.device) for s in self.stats]
-        if mask.dim() == 2:
-            return neuron_scores(acts, mask, *stats)
-        return torch.stack([neuron_scores(acts, m, *stats) for m in mask.unbind(-1)], dim=-1)
+        stats = self.stats.to(acts.device)
+        return torch.stack([neuron_scores(acts, m, *stats) for m in masks.unbind(-1)], dim=-1)
 
 
 # --- Training: packed pairs, the reference pass, lambda as a share, the loop ----------------------
@@ -1035,24 +1018,22 @@ PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/re
 def tokenize_pairs(tokenizer, rows, max_length):
     """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
-        raise UserError("the pairs hold chat messages but this tokenizer has no chat template; "
-                        "write the pairs as text")
+        raise UserError("the pairs are chat messages but the tokenizer has no chat template; "
+                        "write them as text")
     pairs = [(*tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
               tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]) for r in rows]
     return [(p, c, r) for p, c, r in pairs if c and r]
 
 
 def collate_pairs(pairs, pad_id):
-    """B preference pairs, one per row: [prompt | chosen | rejected | padding]. The shared prompt is
-    computed once (TRL: once per completion): rejected tokens attend to the prompt and earlier
-    rejected tokens, not chosen ones, and their positions continue the prompt's, so each completion
-    sees its own context. Returns input_ids, position_ids [B, T]; attention_mask [B, T, T] (True:
-    query t may see key s); labels, loss_mask [B, T, 2] for (chosen, rejected): t predicts
-    labels[b, t, j] where loss_mask[b, t, j] = 1, the last prompt position both first tokens;
-    neuron_mask [B, T, 2]: the completions' own tokens, where their neuron scores are read."""
+    """B preference pairs, one per row: [prompt | chosen | rejected | padding], the prompt computed
+    once (TRL: once per completion). Rejected tokens see the prompt and earlier rejected tokens, at
+    positions continuing the prompt's: each completion sees its own context. Returns input_ids,
+    position_ids [B, T]; attention_mask [B, T, T] (True: query t may see key s); labels, loss_mask
+    [B, T, 2] for (chosen, rejected): t predicts labels[b, t, j] where loss_mask[b, t, j] = 1, the
+    last prompt position both first tokens; neuron_mask [B, T, 2]: each completion's own tokens."""
     size = (len(pairs), max(len(p) + len(c) + len(r) for p, c, r in pairs))
-    input_ids = torch.full(size, pad_id, dtype=torch.long)
-    position_ids = torch.zeros(size, dtype=torch.long)
+    input_ids, position_ids = torch.full(size, pad_id, dtype=torch.long), torch.zeros(size).long()
     segment = torch.full(size, -1)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
     labels, loss_mask = torch.zeros(*size, 2, dtype=torch.long), torch.zeros(*size, 2)
     for b, (p, c, r) in enumerate(pairs):
@@ -1067,18 +1048,19 @@ def collate_pairs(pairs, pad_id):
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(size[1], size[1], dtype=torch.bool).tril()
     # Every position sees itself, so padding rows are never all-masked (that would make NaNs).
-    itself = torch.eye(size[1], dtype=torch.bool)
-    attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | itself
+    attention = (causal & ((key == query) | (key == 0)) & (key >= 0)) | torch.eye(size[1]).bool()
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention,
             "labels": labels, "loss_mask": loss_mask,
             "neuron_mask": torch.stack([segment == 1, segment == 2], dim=-1).float()}
 
 
-def pair_forward(model, batch, capture=None):
-    """One forward of packed pairs: (log-probs [B, 2], neuron scores [B, 2] or None) as (chosen,
-    rejected); capture: an open NeuronCapture, read in this same forward."""
-    logps = forward_logps(model, batch)
-    return logps, None if capture is None else capture.scores(batch["neuron_mask"])
+def pair_forward(job, net, indices):
+    """One forward of pairs[indices], packed: log-probs and neuron scores (or None), [b, 2]."""
+    batch = to_device(collate_pairs([job.pairs[i] for i in indices], job.tokenizer.pad_token_id),
+                      job.device)
+    with job.autocast:
+        logps = forward_logps(net, batch)
+        return logps, None if job.capture is None else job.capture.scores(batch["neuron_mask"])
 
 
 def train_setup(args):
@@ -1091,50 +1073,43 @@ def train_setup(args):
         job.device = torch.device("cuda", torch.cuda.current_device())
     dtype = pick_dtype(args.dtype, job.device)
     if dtype == torch.float16:
-        raise UserError("train supports --dtype float32 or bfloat16 (float16 would need loss "
-                        "scaling)")
+        raise UserError("train takes --dtype float32 or bfloat16 (float16 needs loss scaling)")
     job.autocast = torch.autocast(job.device.type, dtype=dtype, enabled=dtype != torch.float32)
     pairs_path = args.pairs or job.out / "pairs.jsonl"
     rows = load_pairs(pairs_path)  # the pairs first: without them nothing matters
     if not args.neurons and (job.out / "neurons.json").is_file():
         args.neurons = str(job.out / "neurons.json")
     if args.lam != 0 and not args.neurons:
-        raise UserError(f"--lam {args.lam} needs --neurons FILE (from `yfpo.py identify`); --lam 0 "
-                        "trains plain DPO")
+        raise UserError(f"--lam {args.lam} needs --neurons (from identify); --lam 0 is plain DPO")
     job.checkpoint, job.cache = job.out / "model", job.out / "reference.pt"
     resumable = (job.checkpoint / "trainer_state.pt").is_file() and job.cache.is_file()
     if args.resume and not resumable:
-        raise UserError(f"--resume: no checkpoint in {job.checkpoint} (or no {job.cache}); start "
-                        "without --resume")
+        raise UserError(f"--resume: no checkpoint ({job.checkpoint}, {job.cache}); drop --resume")
     torch.manual_seed(args.seed)
     job.model, job.tokenizer = load_model(str(job.checkpoint) if args.resume else args.model,
                                           job.device, torch.float32, args.trust_remote_code)
-    if job.model.config._attn_implementation not in ("eager", "sdpa"):  # packed pairs' masks
-        raise UserError(f"{job.model.config._attn_implementation} attention cannot take packed "
-                        "pairs; use eager or sdpa")
+    if (attention := job.model.config._attn_implementation) not in ("eager", "sdpa"):
+        raise UserError(f"{attention} attention cannot take packed pairs; use eager or sdpa")
     job.neurons = load_neurons(args.neurons, job.model) if args.neurons else []
-    if job.neurons and not args.allow_overlap:  # on its selection questions, m measures the fit
-        selection = json.loads(Path(args.neurons).read_text()).get("selection", {})
-        asked = {r["question_index"] for r in rows if "question_index" in r}
-        shared = sorted(asked & set(selection.get("question_indices", [])))
-        if shared:
-            raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
-                            f"{args.neurons} was selected on; pair other questions, or pass "
-                            "--allow-overlap")
+    saved = json.loads(Path(args.neurons).read_text()).get("selection", {}) if job.neurons else {}
+    asked = {r.get("question_index") for r in rows}
+    shared = sorted(asked.intersection(saved.get("question_indices", [])))
+    if shared and not args.allow_overlap:  # on its selection questions, m measures the fit
+        raise UserError(f"{pairs_path} uses {len(shared)} questions (first: {shared[0]}) that "
+                        f"{args.neurons} was selected on; pair others or pass --allow-overlap")
     job.pairs = tokenize_pairs(job.tokenizer, rows, args.max_length)
     if not job.pairs:
-        raise UserError(f"every pair was truncated away: each prompt alone fills --max-length "
-                        f"{args.max_length}; raise it")
+        raise UserError(f"every pair was truncated away (--max-length {args.max_length}); raise it")
     if args.gamma == "auto" and job.neurons and args.lam and len(job.pairs) < 2:
-        raise UserError("--gamma auto (1 / std of the pairs' reference neuron margins) needs 2 "
-                        "pairs; pass --gamma 1")
+        raise UserError("--gamma auto (1 / std of reference margins) needs 2 pairs; pass --gamma 1")
     job.pairs_per_step = args.batch_size * args.grad_accum * job.world
     job.steps_per_epoch = len(job.pairs) // job.pairs_per_step
     if job.steps_per_epoch == 0:
-        raise UserError(f"{len(job.pairs)} pairs are fewer than one optimizer step takes "
-                        f"({job.pairs_per_step} = batch x accum x processes); lower --batch-size "
-                        "or --grad-accum")
+        raise UserError(f"{len(job.pairs)} pairs are fewer than one step's {job.pairs_per_step} "
+                        "(batch x accum x processes); lower --batch-size or --grad-accum")
     job.total_steps = min(args.epochs * job.steps_per_epoch, args.max_steps or math.inf)
+    job.orders = [torch.randperm(len(job.pairs), generator=torch.Generator().manual_seed(seed))
+                  for seed in range(args.seed, args.seed + args.epochs)]  # each epoch's order
     # What a checkpoint must share with the run that resumes it: data order, reference and loss.
     run = [job.pairs, job.neurons, job.pairs_per_step, args.seed, args.lam, args.beta, args.gamma,
            args.yoke, args.neuron_margin, args.balance, args.calibration_pairs]
@@ -1142,43 +1117,26 @@ def train_setup(args):
     return job
 
 
-def epoch_order(job, epoch):
-    return torch.randperm(len(job.pairs),
-                          generator=torch.Generator().manual_seed(job.args.seed + epoch))
-
-
-def batch_of(job, indices):
-    return to_device(collate_pairs([job.pairs[i] for i in indices], job.tokenizer.pad_token_id),
-                     job.device)
-
-
 def pair_losses(job, net, indices, weight, path=None):
     """(log-probs [b, 2], neuron scores [b, 2] or None, yfpo_loss(...)) of pairs[indices] through
-    net, the neuron term weighted `weight` (lam * c). path "dpo" or "neuron": the gradient flows
-    through the log-probs alone, or through the neuron scores alone (for term_gradients)."""
-    with job.autocast:
-        logps, scores = pair_forward(net, batch_of(job, indices), job.capture)
-    margin = None
-    if scores is not None:
-        margin = scores[:, 0] - scores[:, 1]
-        if job.args.neuron_margin == "relative":  # m - m_ref, anchored as h anchors the log-ratios
-            margin = margin - job.ref_margins[indices]
+    net, the neuron term weighted lam * c; path "dpo" or "neuron": the gradient through it alone."""
+    logps, scores = pair_forward(job, net, indices)
+    margin = None if scores is None else scores[:, 0] - scores[:, 1]
+    if margin is not None and job.args.neuron_margin == "relative":  # m - m_ref, as h anchors logps
+        margin = margin - job.ref_margins[indices]
     if path == "dpo":
         margin = margin.detach()
     elif path == "neuron":
         logps = logps.detach()
-    ref = job.ref_logps[indices]
-    losses = yfpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], margin, beta=job.args.beta,
-                       lam=weight, gamma=job.gamma, yoke=job.args.yoke)
-    return logps, scores, losses
+    return logps, scores, yfpo_loss(*logps.T, *job.ref_logps[indices].T, margin, beta=job.args.beta,
+                                    lam=weight, gamma=job.gamma, yoke=job.args.yoke)
 
 
 def term_gradients(params, loss_of, chunks):
-    """How each term of the loss pulls, measured without touching .grad. loss_of(indices, path) is
-    the loss of the pairs `indices` with its gradient through one path: "dpo" (the log-probs alone)
-    or "neuron" (the neuron scores alone); chunks: micro-batches of pair indices. Returns
-    grad_norm/dpo, grad_norm/neuron, neuron/share = ||g_neuron|| / ||g_dpo||, and grad_cosine =
-    cos(g_dpo, g_neuron): a neuron gradient parallel to DPO's only re-weights DPO."""
+    """How each term of the loss pulls, without touching .grad. loss_of(indices, path): the loss of
+    pairs `indices`, its gradient through "dpo" (the log-probs) or "neuron" (the neuron scores)
+    alone; chunks: micro-batches of indices. Returns grad_norm/dpo, grad_norm/neuron, neuron/share =
+    ||g_neuron|| / ||g_dpo||, grad_cosine = cos(g_dpo, g_neuron) (parallel: it re-weights DPO)."""
     grads = {}
     for path in ("dpo", "neuron"):
         grads[path] = [torch.zeros_like(p) for p in params]
@@ -1205,17 +1163,16 @@ def measure_terms(job, chunk, weight):
 
 def calibrate(lam, share_at, linear):
     """The constant c that makes lam a share (--balance share): with the neuron term weighted lam *
-    c, its gradient at step 1 is |lam| times the DPO term's, c = ||grad L_dpo|| / ||grad L_neuron||,
-    measured on the reference model (the policy before step 1). share_at(c) measures the share with
-    weight lam * c. Where the share is linear in c (--yoke loss; at step 1 also the relative margin,
-    m - m_ref = 0) one measurement is exact; --yoke reward with the policy margin moves the sigmoid
-    with c, so it repeats to 1e-4."""
+    c, its gradient at step 1 is |lam| times the DPO term's, c = ||grad L_dpo|| / ||grad L_neuron||
+    on the reference model (the policy before step 1); share_at(weight) measures that share. Linear
+    in c (--yoke loss; at step 1 also the relative margin, m - m_ref = 0), one measurement is exact;
+    --yoke reward with the policy margin moves the sigmoid with c: repeated to 1e-4."""
     c = 1.0
     for _ in range(1 if linear else 8):
-        share = share_at(c)
+        share = share_at(lam * c)
         if not share > 0:
-            raise UserError("the neuron term has no gradient on the calibration pairs; check "
-                            "--neurons, or pass --balance none")
+            raise UserError("no neuron-term gradient on the calibration pairs: check --neurons or "
+                            "pass --balance none")
         if abs(share / abs(lam) - 1) < 1e-4:
             break
         c *= abs(lam) / share
@@ -1224,43 +1181,34 @@ def calibrate(lam, share_at, linear):
 
 def reference_pass(job):
     """Before step 1, on rank 0: the reference log-probs and neuron scores of every pair (no second
-    model in memory), gamma, and the calibration c; saved in OUT/reference.pt, which --resume and
-    the other ranks read."""
+    model in memory), gamma and the calibration c; OUT/reference.pt, read by all ranks, --resume."""
     args = job.args
     if job.master and not args.resume:  # (load_model returns the model in eval mode)
         chunks = batches_of(range(len(job.pairs)), args.batch_size)
-        with torch.no_grad(), job.autocast:
-            ref = [pair_forward(job.model, batch_of(job, chunk), job.capture)
+        with torch.no_grad():
+            ref = [pair_forward(job, job.model, chunk)
                    for chunk in tqdm(chunks, desc="reference", unit="batch")]
-        logps = torch.cat([lp for lp, _ in ref])
+        job.ref_logps = torch.cat([lp for lp, _ in ref])
         neuron = torch.cat([lp * 0 if s is None else s for lp, s in ref])
-        job.ref_logps, job.ref_margins = logps, neuron[:, 0] - neuron[:, 1]
-        job.gamma, job.c = args.gamma, 1.0
+        job.ref_margins, job.gamma, job.c = neuron[:, 0] - neuron[:, 1], args.gamma, 1.0
         if args.gamma == "auto":  # gamma * m of order 1, as beta * h is (1 where m does not vary)
             spread = job.ref_margins.std().item() if job.neurons else 0.0
             job.gamma = 1 / spread if spread > 0 else 1.0
         if job.neurons and args.lam and args.balance == "share":
             job.model.train()
-            chunk = epoch_order(job, 0)[:args.calibration_pairs]
-
-            def share_at(c):  # the neuron term's measured share with weight lam * c
-                return measure_terms(job, chunk, args.lam * c)["neuron/share"]
-            job.c = calibrate(args.lam, share_at,
+            chunk = job.orders[0][:args.calibration_pairs]
+            job.c = calibrate(args.lam, lambda w: measure_terms(job, chunk, w)["neuron/share"],
                               linear=args.yoke == "loss" or args.neuron_margin == "relative")
-            print(f"calibration on {len(chunk)} pairs: c = {job.c:.4g}, so that at step 1 the "
-                  f"neuron term's gradient is {abs(args.lam):g} x the DPO term's")
         job.out.mkdir(parents=True, exist_ok=True)
-        torch.save({"logps": logps.cpu(), "neuron": neuron.cpu(), "gamma": job.gamma, "c": job.c},
-                   job.cache)
+        torch.save({"logps": job.ref_logps.cpu(), "neuron": neuron.cpu(), "gamma": job.gamma,
+                    "c": job.c}, job.cache)
     if job.ddp:
         torch.distributed.barrier()
     ref = torch.load(job.cache, map_location=job.device)
     job.ref_logps, job.gamma, job.c = ref["logps"], ref["gamma"], ref["c"]
     job.ref_margins = ref["neuron"][:, 0] - ref["neuron"][:, 1]
     if job.master and job.neurons:
-        how = "1 / std of the reference neuron margins" if args.gamma == "auto" else "--gamma"
-        print(f"gamma {job.gamma:.4g} ({how}); the neuron term's weight lam x c = {args.lam:g} x "
-              f"{job.c:.4g}")
+        print(f"gamma {job.gamma:.4g} (--gamma {args.gamma}), lam x c = {args.lam:g} x {job.c:.4g}")
 
 
 def disable_dropout(model):
@@ -1279,76 +1227,68 @@ def peak_flops(device):
                  "A10": 125e12, "L4": 121e12}
         return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
     from torch.utils.benchmark import Timer
-    a = torch.randn(1024, 1024)
-    matmul = Timer("a @ a", globals={"a": a}, num_threads=torch.get_num_threads())
+    matmul = Timer("a @ a", "a = torch.randn(1024, 1024)", num_threads=torch.get_num_threads())
     return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
 
 
 def save_checkpoint(job, optimizer, scheduler, step):
     """OUT/model: save_pretrained weights and tokenizer plus trainer_state.pt, swapped in whole."""
-    final, tmp, old = job.checkpoint, job.out / "model.tmp", job.out / "model.old"
+    tmp, old = job.out / "model.tmp", job.out / "model.old"
     shutil.rmtree(tmp, ignore_errors=True)
     job.model.save_pretrained(tmp)
     job.tokenizer.save_pretrained(tmp)
     torch.save({"run": job.run_id, "c": job.c, "step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
+    if job.checkpoint.exists():
+        os.replace(job.checkpoint, old)
+    os.replace(tmp, job.checkpoint)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def optimizer_and_schedule(job):
-    """(optimizer, scheduler, first step): AdamW and lr_factor, restored with --resume; the metrics
-    log started, or cut back to the checkpoint's step."""
+    """(optimizer, scheduler, first step): AdamW and a linear warmup to 1 then a cosine decay to 0,
+    restored with --resume; the metrics log started, or cut back to the checkpoint's step."""
     args = job.args
     optimizer = torch.optim.AdamW(job.model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = math.ceil(args.warmup_ratio * job.total_steps)
 
     def lr_factor(step):  # the learning rate's factor at optimizer step `step` (from 0)
-        if step < warmup:  # 1) linear warmup to 1
+        if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, job.total_steps - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress))  # 2) cosine decay to 0
+        return 0.5 * (1 + math.cos(math.pi * progress))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    start_step = 0
+    state = {"step": 0}
     if args.resume:
         state = torch.load(job.checkpoint / "trainer_state.pt", "cpu", weights_only=False)
         if state["run"] != job.run_id:
             raise UserError(f"--resume: {job.checkpoint} was trained with other pairs, neurons, "
-                            "batch x accum x processes, seed or loss settings; resume with the "
-                            "same ones, or a new --out")
+                            "seed, batch x accum x processes or loss; use those or a new --out")
         optimizer.load_state_dict(state["optimizer"])  # no RNG state: without dropout none draws
         scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
     if job.master:  # a new log, or the old one without the steps after the checkpoint (redone)
         kept = read_jsonl(job.out / "metrics.jsonl") if args.resume else []
-        write_jsonl(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= start_step])
-    return optimizer, scheduler, start_step
+        write_jsonl(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= state["step"]])
+    return optimizer, scheduler, state["step"]
 
 
 def accumulate(job, model, chunk, weight):
-    """Forward and backward of this rank's micro-batches of one step's pairs `chunk`. Returns the
-    sums of PAIR_METRICS over the step's pairs on all ranks."""
-    args = job.args
-    sums = torch.zeros(len(PAIR_METRICS), device=job.device)
-    for micro in range(args.grad_accum):
-        m = micro * job.world + job.rank  # this rank's; the same pairs for any world size
-        indices = chunk[m * args.batch_size:(m + 1) * args.batch_size]
+    """Forward and backward of this rank's micro-batches of `chunk`; PAIR_METRICS' all-rank sums."""
+    args, sums = job.args, torch.zeros(len(PAIR_METRICS), device=job.device)
+    for micro in range(args.grad_accum):  # this rank's: the same pairs for any world size
+        indices = batches_of(chunk, args.batch_size)[micro * job.world + job.rank]
         sync = not job.ddp or micro == args.grad_accum - 1
         with contextlib.nullcontext() if sync else model.no_sync():
             logps, scores, terms = pair_losses(job, model, indices, weight)
-            losses, dpo_losses, neuron_losses, chosen, rejected = terms
             # Sum / pairs per rank per step (batch 1 x accum 4 == batch 4 x accum 1); DDP: rank mean
-            (losses.sum() / (args.batch_size * args.grad_accum)).backward()
-        with torch.no_grad():  # in the order of PAIR_METRICS; neuron metrics are 0 without neurons
-            if scores is None:
-                scores, neuron_losses = logps * 0, losses * 0
-            margin = scores[:, 0] - scores[:, 1]
-            values = [losses, dpo_losses, neuron_losses, chosen, rejected, chosen > rejected,
-                      chosen - rejected, *logps.T, *scores.T, margin,
-                      margin - job.ref_margins[indices]]
-            sums += torch.stack([v.float().sum() for v in values])
+            (terms[0].sum() / (args.batch_size * args.grad_accum)).backward()
+        losses, dpo_losses, neuron_losses, chosen, rejected = terms
+        if scores is None:  # the neuron metrics are 0 without neurons
+            scores, neuron_losses = logps * 0, losses * 0
+        m = scores[:, 0] - scores[:, 1]  # the neuron margin
+        values = [losses, dpo_losses, neuron_losses, chosen, rejected, chosen > rejected,
+                  chosen - rejected, *logps.T, *scores.T, m, m - job.ref_margins[indices]]
+        sums += torch.stack([v.detach().float().sum() for v in values])  # PAIR_METRICS, in order
     if job.ddp:
         torch.distributed.all_reduce(sums)
     return sums
@@ -1356,31 +1296,26 @@ def accumulate(job, model, chunk, weight):
 
 def train_loop(job):
     """The optimizer steps from the reference (or a checkpoint, --resume) to total_steps."""
-    args, master = job.args, job.master
-    weight = args.lam * job.c  # the neuron term's whole weight
+    args, weight = job.args, job.args.lam * job.c  # weight: the neuron term's whole weight
     optimizer, scheduler, job.start_step = optimizer_and_schedule(job)
     model = job.model.train()
-    if job.ddp:
-        gpu = [job.device.index] if job.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
+    if job.ddp:  # device_ids None: the model is on this rank's one device
+        model = torch.nn.parallel.DistributedDataParallel(model)
     num_params = sum(p.numel() for p in job.model.parameters())  # job.model: never DDP-wrapped
-    peak = peak_flops(job.device) if master else None
+    peak = peak_flops(job.device) if job.master else None
     # The steps whose terms' gradients are measured: every --probe-every-th, or first, middle; last
     every, total = args.probe_every, job.total_steps
     probes = set(range(0, total, every) if every else (0, total // 2)) | {total - 1}
     last_saved = job.start_step
-    with tqdm(total=job.total_steps, initial=job.start_step, desc="train", unit="step",
-              disable=not master) as bar:
-        for step in range(job.start_step, job.total_steps):
-            epoch, k = divmod(step, job.steps_per_epoch)
-            chunk = epoch_order(job, epoch)[k * job.pairs_per_step:(k + 1) * job.pairs_per_step]
+    with tqdm(range(job.start_step, total), initial=job.start_step, total=total, desc="train",
+              unit="step", disable=not job.master) as bar:  # closed before an error is printed
+        for step in bar:
+            epoch, nth = divmod(step, job.steps_per_epoch)
+            chunk = job.orders[epoch][nth * job.pairs_per_step:(nth + 1) * job.pairs_per_step]
             probe = {}  # the gradient each term contributes, before this step's update
-            if master and job.neurons and args.lam and step in probes:
+            if job.master and job.neurons and args.lam and step in probes:
                 probe = measure_terms(job, chunk, weight)
-                tqdm.write(f"step {step + 1}: gradient norm of the DPO term "
-                           f"{probe['grad_norm/dpo']:.4g}, of the weighted neuron term "
-                           f"{probe['grad_norm/neuron']:.4g} ({probe['neuron/share']:.2%} of the "
-                           f"DPO term's, cosine {probe['grad_cosine']:+.3f})")
+                bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4g}" for k, v in probe.items()))
             t0, learning_rate = time.perf_counter(), scheduler.get_last_lr()[0]
             sums = accumulate(job, model, chunk, weight)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1392,24 +1327,20 @@ def train_loop(job):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
-            if master:
+            if job.master:
                 tokens = sum(len(ids) for i in chunk for ids in job.pairs[i])  # all ranks' pairs
-                metrics = {"step": step + 1, "epoch": epoch,
-                           **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
-                           "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
-                           "learning_rate": learning_rate, "step_time_s": seconds,
-                           "tokens_per_s": tokens / seconds,
-                           # MFU: 6 N FLOPs per trained token (forward + backward), over all peaks.
-                           "mfu": peak and 6 * num_params * tokens / seconds / (peak * job.world)}
+                row = {"step": step + 1, "epoch": epoch,
+                       **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
+                       "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
+                       "learning_rate": learning_rate, "step_time_s": seconds,
+                       "tokens_per_s": tokens / seconds,  # MFU: 6 N FLOPs a trained token
+                       "mfu": peak and 6 * num_params * tokens / seconds / (peak * job.world)}
                 with open(job.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                acc=f"{metrics['rewards/accuracies']:.2f}",
-                                neuron_margin=f"{metrics['neuron/margin']:.3f}")
-            bar.update(1)
-            due = args.save_every and (step + 1) % args.save_every == 0
-            if due or step + 1 == job.total_steps:
-                if master:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
+                                neuron_margin=f"{row['neuron/margin']:.3f}")
+            if step + 1 == total or args.save_every and (step + 1) % args.save_every == 0:
+                if job.master:
                     save_checkpoint(job, optimizer, scheduler, step + 1)
                 last_saved = step + 1
 
@@ -1426,8 +1357,7 @@ def cmd_train(args):
         train_loop(job)
     if job.master:
         print(f"trained {job.total_steps - job.start_step} steps ({len(job.pairs)} pairs, "
-              f"{job.pairs_per_step} per step); wrote {job.out / 'metrics.jsonl'} and "
-              f"{job.checkpoint}")
+              f"{job.pairs_per_step} per step); wrote metrics.jsonl and model/ in {job.out}")
 
 
 # --- Eval and score: greedy accuracy, and teacher-forced endpoints of pairs -----------------------
@@ -1439,35 +1369,30 @@ def cmd_eval(args):
                    seed=args.seed)
     write_jsonl(out / "eval.jsonl", results)
     write_json(out / "summary.json", summary)
-    print(f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}), 95% CI "
-          f"[{summary['ci_low']:.4f}, {summary['ci_high']:.4f}], {summary['questions_per_s']} "
-          "questions/s")
+    print("accuracy {accuracy:.4f} ({correct}/{total}), 95% CI [{ci_low:.4f}, {ci_high:.4f}], "
+          "{questions_per_s} questions/s".format(**summary))
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
 
 
 def cmd_score(args):
-    """score: teacher-forced endpoints of pairs (held-out ones from `pairs --from-eval`): per pair
-    the log-probs of chosen and rejected, the chosen token count, and both neuron scores under every
-    --neurons set, all read off one forward per batch."""
+    """score: per pair (held-out ones from `pairs --from-eval`) the log-probs of chosen and
+    rejected, the chosen token count, and both neuron scores of every --neurons set: one forward."""
     out, device = check_out_dir(args.out), pick_device(args.device)
     rows = load_pairs(args.pairs)
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
                                   args.trust_remote_code)
-    sets = {Path(path).stem: load_neurons(path, model) for path in args.neurons}
-    kept = [(row, pair) for row in rows
-            for pair in tokenize_pairs(tokenizer, [row], args.max_length)]
+    kept = [(row, p) for row in rows for p in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
-        captures = {name: hooks.enter_context(NeuronCapture(model, n)) for name, n in sets.items()}
+        captures = {Path(f).stem: hooks.enter_context(NeuronCapture(model, load_neurons(f, model)))
+                    for f in args.neurons}
         for chunk in tqdm(batches_of(kept, args.batch_size), desc="score", unit="batch"):
-            batch = to_device(collate_pairs([pair for _, pair in chunk], tokenizer.pad_token_id),
-                              device)
-            logps = forward_logps(model, batch)
-            scores = {name: c.scores(batch["neuron_mask"]) for name, c in captures.items()}
-            results += [{"question_index": row.get("question_index"), "logps": logps[b].tolist(),
-                         "chosen_tokens": len(pair[1]),
-                         "neurons": {name: s[b].tolist() for name, s in scores.items()}}
-                        for b, (row, pair) in enumerate(chunk)]
+            batch = to_device(collate_pairs([p for _, p in chunk], tokenizer.pad_token_id), device)
+            logps = forward_logps(model, batch).tolist()
+            scores = {name: c.scores(batch["neuron_mask"]).tolist() for name, c in captures.items()}
+            results += [{"question_index": row.get("question_index"), "logps": logps[b],
+                         "chosen_tokens": len(c), "neurons": {n: s[b] for n, s in scores.items()}}
+                        for b, (row, (_, c, _)) in enumerate(chunk)]
     write_jsonl(out / "scores.jsonl", results)
     print(f"scored {len(results)} of {len(rows)} pairs; wrote {out / 'scores.jsonl'}")
 
