@@ -1643,17 +1643,9 @@ def cmd_score(args):
 
 
 # --- Reproduce: the paper's experiment in one restartable command, its report and figure ----------
-def reproduce_runs(args):
-    """[(name, seed, lam, neuron file stem)]: DPO, YFPO and YFPO on the matched random neurons (its
-    own c: the same dose), for every seed."""
-    arms = (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
-            ("yfpo_random", args.lam, "random_neurons"))
-    return [(name + (f"_seed{seed}" if args.seeds > 1 else ""), seed, lam, stem)
-            for seed in range(args.seed, args.seed + args.seeds) for name, lam, stem in arms]
-
-
 def reproduce_stages(args, out):
-    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S."""
+    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S. Its runs, for
+    every seed: DPO, YFPO, and YFPO on the matched random neurons (its own c: the same dose)."""
     def flags(*names, **values):  # --name value for args.name of every name, and every value given
         values = {**{name: getattr(args, name) for name in names}, **values}
         return [x for k, v in values.items() if v is not None
@@ -1673,12 +1665,15 @@ def reproduce_stages(args, out):
     stages = [("identify", ["identify", *common, *identify], []),
               ("ablate", ["ablate", *generation, *ablate], ["identify"]),
               ("pairs", ["pairs", *generation, *sample], [])]
-    runs = reproduce_runs(args)
-    for run, seed, lam, stem in runs:
-        arm = flags(seed=seed, pairs=out / "pairs" / "pairs.jsonl", neurons=sets[stem], lam=lam)
-        stages.append(("train_" + run, ["train", *common, *arm, *train], ["identify", "pairs"]))
-    models = [("base", None, [])] + [(run, out / f"train_{run}" / "model", [f"train_{run}"])
-                                     for run, _, _, _ in runs]
+    arms = (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
+            ("yfpo_random", args.lam, "random_neurons"))
+    models = [("base", None, [])]  # (run, its --model, the stage that trains it)
+    for seed in range(args.seed, args.seed + args.seeds):
+        for arm, lam, stem in arms:
+            run = arm + (f"_seed{seed}" if args.seeds > 1 else "")
+            own = flags(seed=seed, pairs=out / "pairs" / "pairs.jsonl", neurons=sets[stem], lam=lam)
+            stages.append((f"train_{run}", ["train", *common, *own, *train], ["identify", "pairs"]))
+            models.append((run, out / f"train_{run}" / "model", [f"train_{run}"]))
     evaluate = flags(limit=args.eval_limit)  # then a trained model's --model: the last one wins
     stages += [("eval_" + run, ["eval", *generation, *evaluate, *flags(model=model)], reads)
                for run, model, reads in models]
@@ -1703,33 +1698,31 @@ def write_report(out, args, seconds):
     def tensors(rows):  # float64 over pairs: logps, tokens and each neuron set's scores
         rows = [{"logps": r["logps"], "tokens": r["chosen_tokens"], **r["neurons"]} for r in rows]
         return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]}
-    evals = {s[5:]: (json.loads((out / s / "summary.json").read_text()),
-                     read_jsonl(out / s / "eval.jsonl"))
+    evals = {s[5:]: json.loads((out / s / "summary.json").read_text())
              for s in seconds if s.startswith("eval_")}
-    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):] for run, *_ in reproduce_runs(args)}
+    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):] for run in evals if run != "base"}
 
     def versus(name, other):  # name's accuracy minus other's on the same questions: McNemar, reach
         if other in (None, name):
             return "—"
-        shared = zip(evals[name][1], evals[other][1])
-        d = paired_difference([(a["correct"], b["correct"]) for a, b in shared])
+        rows = [read_jsonl(out / f"eval_{run}" / "eval.jsonl") for run in (name, other)]
+        d = paired_difference([(a["correct"], b["correct"]) for a, b in zip(*rows)])
         a, b = d["only_this_correct"], d["only_other_correct"]
         reach = mcnemar_detectable(a + b, d["shared"])
         reach = "none" if reach is None else f"{reach:.3f}"
         return f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}; {a} vs {b}; detectable {reach})"
     settings = ", ".join(f"`{k}={v}`" for k, v in vars(args).items()
                          if k not in ("run", "command", "out"))
-    lines = ["# YFPO reproduction", "", "Settings: " + settings, "",
-             "Paired tests: exact McNemar p; the questions only this / only the other model got "
-             "right; the smallest difference detectable at 80% power (alpha 0.05) given that "
-             "discordance.", *table("model", "accuracy", "95% CI", "strict", "correct / total",
-                                    "vs base", "vs DPO")]
-    for name, (s, _) in evals.items():
+    lines = ["# YFPO reproduction", "", "Settings: " + settings, "", "Paired tests: exact McNemar "
+             "p; the questions only this / only the other model got right; the smallest difference "
+             "detectable at 80% power (alpha 0.05) given that discordance.", *table(
+                 "model", "accuracy", "95% CI", "strict", "correct / total", "vs base", "vs DPO")]
+    for name, s in evals.items():
         lines.append(f"| {name} | {s['accuracy']:.4f} | [{s['ci_low']:.4f}, {s['ci_high']:.4f}] | "
                      f"{s['accuracy_strict']:.4f} | {s['correct']} / {s['total']} | "
                      f"{versus(name, 'base')} | {versus(name, dpo_of.get(name))} |")
     for name in ("dpo", "yfpo", "yfpo_random") if args.seeds > 1 else ():
-        acc = torch.tensor([s["accuracy"] for run, (s, _) in evals.items()
+        acc = torch.tensor([s["accuracy"] for run, s in evals.items()
                             if run.rsplit("_seed", 1)[0] == name], dtype=torch.float64)
         lines.append(f"\n{name} over {args.seeds} seeds: accuracy {acc.mean():.4f} ± "
                      f"{acc.std():.4f} (std)")
@@ -1811,8 +1804,7 @@ def cmd_plot(args):
 
 
 def cmd_reproduce(args):
-    """reproduce: identify -> ablate -> pairs -> train DPO, YFPO and YFPO-random on the same pairs
-    -> eval all four -> held-out endpoints -> report. Each stage runs as its command line would."""
+    """reproduce: every stage of reproduce_stages, each run as its command line, then the report."""
     out = check_out_dir(args.out)
     inputs = [(args.data, "train", True), (args.data, "test", True)]
     inputs += [(args.control, "train", False)] if args.control else []
@@ -1886,8 +1878,7 @@ CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['co
 
 
 def build_tiny_model(path, seed=0, model_type="qwen2"):
-    """A tiny random causal LM (2 layers, 128 neurons each) and a byte-level BPE tokenizer with a
-    ChatML template, trained on the spot on the demo problems, saved as a Hugging Face folder."""
+    """A tiny random LM (2 layers, 128 neurons each) and a ChatML BPE tokenizer of DEMO_PROBLEMS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
@@ -1901,14 +1892,13 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
                                         model_input_names=["input_ids", "attention_mask"])
-    config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
-        initializer_range=0.2,  # larger than usual, so greedy outputs differ by prompt
+    config = AutoConfig.for_model(  # a large initializer_range: greedy outputs differ by prompt
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, head_dim=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=None,
+        max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.2,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)  # the model's generation config: eos and pad too
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)  # generation config: eos, pad
     tokenizer.save_pretrained(path)
     return path
 
@@ -1948,9 +1938,8 @@ def positive(kind, word=None):
 
 def build_parser():
     def group(**flags):
-        """A parent parser of flags several commands share. A flag is its default, (default, help)
-        or add_argument's keywords; the default's kind sets its type (int or None: a positive
-        whole number, float: positive, str: text, False: a switch)."""
+        """A parent parser. A flag is its default, (default, help) or add_argument's keywords; the
+        default sets its type (int or None: positive int, float: positive, False: a switch)."""
         parser = argparse.ArgumentParser(add_help=False)
         for flag, spec in flags.items():
             if not isinstance(spec, dict):
@@ -1988,10 +1977,8 @@ def build_parser():
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def command(name, run, help, *parents, **flags):  # a subcommand; its own flags as in group
-        p = commands.add_parser(name, parents=[*parents, group(**flags)], help=help)
-        p.set_defaults(run=run)
-        return p
+    def command(name, run, help, *parents, **own):  # a subcommand; its own flags as in group
+        commands.add_parser(name, parents=[*parents, group(**own)], help=help).set_defaults(run=run)
     command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
             selection, length, batch_size=4, per_layer=(False, "the top k/L of every layer"),
             control=dict(help="non-math question/answer data; its mean relevance is subtracted"))
@@ -2019,9 +2006,9 @@ def build_parser():
             common, generation, loss, selection, sampling, training, length, ablate_samples=200,
             random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None,
             control=dict(help="identify's non-math question/answer data, subtracted"))
-    plot = command("plot", cmd_plot, "overlay the training dynamics (and accuracies) of train or "
-                   "reproduce folders", out=dict(help="default: DIR/training.png, the first DIR"))
-    plot.add_argument("dirs", nargs="+")
+    command("plot", cmd_plot, "overlay the training dynamics (and accuracies) of train or "
+            "reproduce folders", out=dict(help="default: DIR/training.png, the first DIR"))
+    commands.choices["plot"].add_argument("dirs", nargs="+")
     command("demo", cmd_demo, "all stages on a tiny random model, offline", out="demo",
             seed=dict(type=int, default=0))
     return parser
