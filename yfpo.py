@@ -1742,8 +1742,7 @@ def write_report(out, args, seconds):
         lines.append(f"| {stage[6:]} | {last['step']} | {last['c']:.4g} | {share} | {cosine} | "
                      f"{last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | "
                      f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | {norms} |")
-    scores = {s[6:]: read_jsonl(out / s / "scores.jsonl")
-              for s in seconds if s.startswith("score_")}
+    scores = {s[6:]: read_jsonl(out / s / "scores.jsonl") for s in seconds if s.startswith("score")}
     if scores and scores["base"]:
         lines += ["", f"Held-out endpoints: {len(scores['base'])} test questions the base model "
                   "got wrong, gold solution as chosen, its own answer as rejected, teacher-forced, "
@@ -1806,15 +1805,13 @@ def cmd_plot(args):
 def cmd_reproduce(args):
     """reproduce: every stage of reproduce_stages, each run as its command line, then the report."""
     out = check_out_dir(args.out)
-    inputs = [(args.data, "train", True), (args.data, "test", True)]
-    inputs += [(args.control, "train", False)] if args.control else []
-    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs][0]  # fail early
+    inputs = [(args.data, "train", True), (args.data, "test", True), (args.control, "train", False)]
+    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs if data][0]
     if args.num_samples + args.num_questions > len(train_rows):
         raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} "
-                        f"exceed the {len(train_rows)} train questions: identify reads the last, "
-                        "pairs the first; lower one")
+                        f"overlap in the {len(train_rows)} train questions; lower one")
     load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
-               weights=False)
+               weights=False)  # the data and the model checked before any stage runs
     stages, keys, seconds = reproduce_stages(args, out), {}, {}
     for stale in {p.parent for p in out.glob("*/stage.json")} - {out / s for s, _, _ in stages}:
         shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
