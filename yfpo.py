@@ -1650,10 +1650,9 @@ def reproduce_stages(args, out):
         values = {**{name: getattr(args, name) for name in names}, **values}
         return [x for k, v in values.items() if v is not None
                 for x in ("--" + k.replace("_", "-"), str(v))]
-    # A stage's own flags come after these, and win.
     common = flags("model", "data", "seed", "device", "dtype", "system")
     common += ["--trust-remote-code"] * args.trust_remote_code
-    generation = common + flags("batch_size", "max_new_tokens")
+    generation = common + flags("batch_size", "max_new_tokens")  # then a stage's own, which win
     sets = {stem: str(out / "identify" / f"{stem}.json") for stem in ("neurons", "random_neurons")}
     identify = flags("num_samples", "top_k", "max_length", "control")
     ablate = flags(neurons=sets["neurons"], num_samples=args.ablate_samples)
@@ -1692,8 +1691,7 @@ def write_report(out, args, seconds):
         return ["", "| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
 
     def cell(values):  # mean [paired bootstrap 95% CI]
-        low, high = bootstrap_ci(values, args.seed)
-        return f"{values.mean():.4f} [{low:.4f}, {high:.4f}]"
+        return "{:.4f} [{:.4f}, {:.4f}]".format(values.mean(), *bootstrap_ci(values, args.seed))
 
     def tensors(rows):  # float64 over pairs: logps, tokens and each neuron set's scores
         rows = [{"logps": r["logps"], "tokens": r["chosen_tokens"], **r["neurons"]} for r in rows]
@@ -1881,21 +1879,19 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  vocab_size=400, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = [*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is 0123456789."]
-    bpe.train_from_iterator(texts, trainer)
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size=400,
+        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
                                         model_input_names=["input_ids", "attention_mask"])
-    config = AutoConfig.for_model(  # a large initializer_range: greedy outputs differ by prompt
+    torch.manual_seed(seed)  # initializer_range 0.2, above usual: greedy outputs differ by prompt
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(  # generation config: eos, pad too
         model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, head_dim=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=None,
-        max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.2,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)  # generation config: eos, pad
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=2048, initializer_range=0.2)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
