@@ -1698,7 +1698,8 @@ def write_report(out, args, seconds):
         return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]}
     evals = {s[5:]: json.loads((out / s / "summary.json").read_text())
              for s in seconds if s.startswith("eval_")}
-    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):] for run in evals if run != "base"}
+    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):]  # lam 0: every run is DPO
+              for run in evals if run != "base" and args.lam}
 
     def versus(name, other):  # name's accuracy minus other's on the same questions: McNemar, reach
         if other in (None, name):
@@ -1961,8 +1962,8 @@ def build_parser():
         beta=dict(type=float, default=0.1, help="DPO temperature"),
         yoke=dict(choices=["loss", "reward"], default="reward",
                   help="reward (default, measured): inside DPO's sigmoid; loss: a second term"),
-        balance=dict(choices=["share", "none"], default="share", help="share: c calibrated so "
-                     "that the neuron term's step-1 gradient is lam x DPO's; none: c = 1"))
+        balance=dict(choices=["share", "none"], default="share", help="share: the term weighs "
+                     "lam * c, c set so that its step-1 gradient is lam x DPO's; none: c = 1"))
     # The defaults reproduce passes on to identify, pairs and train; max_length is every stage's.
     length, selection = group(max_length=512), group(num_samples=256, top_k=1000)
     sampling = group(num_questions=2000, samples_per_question=4, temperature=0.8)
@@ -1978,7 +1979,7 @@ def build_parser():
     command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
             generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
             scale=dict(type=float, default=0.0, help="on the neurons' activations: 0 ablates"),
-            neurons=dict(required=True), eval_accuracy=(False, "accuracy with and without too"),
+            neurons=dict(required=True), eval_accuracy=(False, "also accuracy with and without"),
             control=dict(help="non-math question/answer data: the NLL rise there too (last rows)"))
     command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
             sampling, from_eval=dict(help="an eval.jsonl: held-out pairs from its wrong answers"))
@@ -2000,7 +2001,7 @@ def build_parser():
             random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None,
             control=dict(help="identify's non-math question/answer data, subtracted"))
     command("plot", cmd_plot, "overlay the training dynamics (and accuracies) of train or "
-            "reproduce folders", out=dict(help="default: DIR/training.png, the first DIR"))
+            "reproduce folders", out=dict(help="default: training.png in the first DIR"))
     commands.choices["plot"].add_argument("dirs", nargs="+")
     command("demo", cmd_demo, "all stages on a tiny random model, offline", out="demo",
             seed=dict(type=int, default=0))
