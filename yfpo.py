@@ -1868,9 +1868,6 @@ DEMO_PROBLEMS = [
     ("A class has 14 girls and 16 boys. How many students are there?",
      "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
 ]
-CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                   "<|im_end|>\n{% endfor %}"
-                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def build_tiny_model(path, seed=0, model_type="qwen2"):
@@ -1884,9 +1881,11 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
     bpe.train_from_iterator(texts, trainers.BpeTrainer(
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size=400,
         show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
-                                        model_input_names=["input_ids", "attention_mask"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_input_names=["input_ids", "attention_mask"], chat_template=(  # ChatML
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
     torch.manual_seed(seed)  # initializer_range 0.2, above usual: greedy outputs differ by prompt
     AutoModelForCausalLM.from_config(AutoConfig.for_model(  # generation config: eos, pad too
         model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, head_dim=16,
@@ -1918,19 +1917,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def positive(kind, word=None):
-    """An argparse type: a number of this kind above zero, or the word itself (--gamma's auto)."""
-    def parse(text):
-        if text == word:
-            return text
-        with contextlib.suppress(ValueError):
-            if kind(text) > 0:
-                return kind(text)
-        raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'")
-    return parse
-
-
 def build_parser():
+    def positive(kind, word=None):  # an argparse type: above zero, or the word (--gamma's auto)
+        def parse(text):
+            if text == word:
+                return text
+            with contextlib.suppress(ValueError):
+                if kind(text) > 0:
+                    return kind(text)
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'")
+        return parse
+
     def group(**flags):
         """A parent parser. A flag is its default, (default, help) or add_argument's keywords; the
         default sets its type (int or None: positive int, float: positive, False: a switch)."""
