@@ -1912,12 +1912,11 @@ def cmd_demo(args):
 
 
 # --- Command line ---------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser():
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit code 2
+            self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
     def positive(kind, word=None):  # an argparse type: above zero, or the word (--gamma's auto)
         def parse(text):
             if text == word:
