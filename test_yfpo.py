@@ -1726,8 +1726,8 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
      "--neurons {neurons_5_layers}", "was made for 5 layers x 128 neurons"),
     # reproduce: before any stage
     ("reproduce: identify and pairs questions that overlap", REPRODUCE_CPU +
-     "--num-samples 8 --num-questions 8", "--num-samples 8 + --num-questions 8 exceed the 12 train "
-     "questions: identify reads the last, pairs the first; lower one"),
+     "--num-samples 8 --num-questions 8",
+     "--num-samples 8 + --num-questions 8 overlap in the 12 train questions; lower one"),
     ("reproduce: --eval-limit 0", REPRODUCE_CPU + "--eval-limit 0",
      "--eval-limit: must be a positive int"),
     ("reproduce: --seeds 0", REPRODUCE_CPU + "--seeds 0", "--seeds: must be a positive int"),

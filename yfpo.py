@@ -1398,146 +1398,122 @@ def cmd_score(args):
 
 
 # --- Reproduce: the paper's experiment in one restartable command, its report and figure ----------
-def reproduce_runs(args):
-    """[(name, seed, lam, neuron file stem)]: DPO, YFPO and YFPO on the matched random neurons (its
-    own c: the same dose), for every seed."""
-    arms = (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
-            ("yfpo_random", args.lam, "random_neurons"))
-    return [(name + (f"_seed{seed}" if args.seeds > 1 else ""), seed, lam, stem)
-            for seed in range(args.seed, args.seed + args.seeds) for name, lam, stem in arms]
-
-
 def reproduce_stages(args, out):
-    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S."""
+    """The experiment as [(stage, argv, the stages it reads)]; stage S writes OUT/S. Its runs, for
+    every seed: DPO, YFPO, and YFPO on the matched random neurons (its own c: the same dose)."""
     def flags(*names, **values):  # --name value for args.name of every name, and every value given
         values = {**{name: getattr(args, name) for name in names}, **values}
         return [x for k, v in values.items() if v is not None
                 for x in ("--" + k.replace("_", "-"), str(v))]
     common = flags("model", "data", "seed", "device", "dtype", "system")
     common += ["--trust-remote-code"] * args.trust_remote_code
-    # A stage's own flags come after these, and win.
-    generation = common + flags("batch_size", "max_new_tokens")
+    generation = common + flags("batch_size", "max_new_tokens")  # then a stage's own, which win
     sets = {stem: str(out / "identify" / f"{stem}.json") for stem in ("neurons", "random_neurons")}
-    pairs, heldout = str(out / "pairs" / "pairs.jsonl"), str(out / "heldout" / "pairs.jsonl")
     identify = flags("num_samples", "top_k", "max_length", "control")
     ablate = flags(neurons=sets["neurons"], num_samples=args.ablate_samples)
     ablate += flags("max_length", "random_seeds", "control")
     sample = flags("num_questions", "temperature", "samples_per_question")
+    train = flags("lr", "beta", "gamma", "yoke", "neuron_margin", "balance", "calibration_pairs",
+                  "epochs", "grad_accum", batch_size=args.train_batch_size)
+    train += flags("max_length", "save_every")
     stages = [("identify", ["identify", *common, *identify], []),
               ("ablate", ["ablate", *generation, *ablate], ["identify"]),
               ("pairs", ["pairs", *generation, *sample], [])]
-    runs = reproduce_runs(args)
-    for run, seed, lam, stem in runs:
-        train = (flags(seed=seed, pairs=pairs, neurons=sets[stem], lam=lam)
-                 + flags("lr", "beta", "gamma", "yoke", "neuron_margin", "balance",
-                         "calibration_pairs", "epochs", "grad_accum")
-                 + flags(batch_size=args.train_batch_size) + flags("max_length", "save_every"))
-        stages.append(("train_" + run, ["train", *common, *train], ["identify", "pairs"]))
-    models = [("base", None, [])] + [(run, out / f"train_{run}" / "model", [f"train_{run}"])
-                                     for run, _, _, _ in runs]
-    for run, model, reads in models:  # a trained model's --model comes last, and the last one wins
-        stages.append(("eval_" + run, ["eval", *generation, *flags(limit=args.eval_limit,
-                                                                   model=model)], reads))
-    # Held-out endpoints: test questions the base model got wrong, gold chosen, its answer rejected
-    base_eval = str(out / "eval_base" / "eval.jsonl")
-    stages.append(("heldout", ["pairs", *common, "--from-eval", base_eval], ["eval_base"]))
+    arms = (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
+            ("yfpo_random", args.lam, "random_neurons"))
+    models = [("base", None, [])]  # (run, its --model, the stage that trains it)
+    for seed in range(args.seed, args.seed + args.seeds):
+        for arm, lam, stem in arms:
+            run = arm + (f"_seed{seed}" if args.seeds > 1 else "")
+            own = flags(seed=seed, pairs=out / "pairs" / "pairs.jsonl", neurons=sets[stem], lam=lam)
+            stages.append((f"train_{run}", ["train", *common, *own, *train], ["identify", "pairs"]))
+            models.append((run, out / f"train_{run}" / "model", [f"train_{run}"]))
+    evaluate = flags(limit=args.eval_limit)  # then a trained model's --model: the last one wins
+    stages += [("eval_" + run, ["eval", *generation, *evaluate, *flags(model=model)], reads)
+               for run, model, reads in models]
+    base_eval = out / "eval_base" / "eval.jsonl"  # held-out pairs: its wrong answers against gold
+    stages.append(("heldout", ["pairs", *common, "--from-eval", str(base_eval)], ["eval_base"]))
+    score = flags(pairs=out / "heldout" / "pairs.jsonl", max_length=args.max_length)
     for run, model, reads in models:
-        score = flags(pairs=heldout, max_length=args.max_length, model=model)
-        stages.append(("score_" + run, ["score", *common, *score, "--neurons", *sets.values()],
-                       ["identify", "heldout", *reads]))
+        stages.append(("score_" + run, ["score", *common, *score, *flags(model=model), "--neurons",
+                                        *sets.values()], ["identify", "heldout", *reads]))
     return stages
 
 
-def heldout_rows(scores, seed):
-    """The held-out table's rows (see its paragraph in write_report) from score stages'
-    scores.jsonl ({model: rows}, base among them): implicit-reward accuracy (h > 0) and margin h,
-    gold NLL per token, and per neuron set the margin m = s(chosen) - s(rejected) or its gain."""
-    def tensors(rows):
-        columns = {"logps": [r["logps"] for r in rows],
-                   "tokens": [r["chosen_tokens"] for r in rows],
-                   **{name: [r["neurons"][name] for r in rows] for name in rows[0]["neurons"]}}
-        return {k: torch.tensor(v, dtype=torch.float64) for k, v in columns.items()}
-
-    def cell(values):
-        low, high = bootstrap_ci(values, seed)
-        return f"{values.mean():.4f} [{low:.4f}, {high:.4f}]"
-    chosen_minus_rejected = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    base, lines = tensors(scores["base"]), []
-    for name, rows in scores.items():
-        t = tensors(rows)
-        h = (t["logps"] - base["logps"]) @ chosen_minus_rejected
-        reward = "— | —" if name == "base" else f"{cell((h > 0).double())} | {cell(h)}"
-        margins = [(t[s] - (0 if name == "base" else base[s])) @ chosen_minus_rejected
-                   for s in ("neurons", "random_neurons")]
-        lines.append(f"| {name} | {reward} | {cell(-t['logps'][:, 0] / t['tokens'])} | "
-                     f"{cell(margins[0])} | {cell(margins[1])} |")
-    return lines
-
-
 def write_report(out, args, seconds):
-    """OUT/report.md: settings, accuracies with 95% CIs, paired tests and what they can detect,
-    training dynamics with the neuron term's share, held-out endpoints, ablation, wall times."""
-    def table(*columns):  # a Markdown table's header and rule
-        return ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
-    evals = {s[5:]: (json.loads((out / s / "summary.json").read_text()),
-                     read_jsonl(out / s / "eval.jsonl"))
+    """OUT/report.md: accuracies, paired tests, training, held-out endpoints, ablation, times."""
+    def table(*columns):  # a Markdown table's header and rule, after a blank line
+        return ["", "| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
+
+    def cell(values):  # mean [paired bootstrap 95% CI]
+        return "{:.4f} [{:.4f}, {:.4f}]".format(values.mean(), *bootstrap_ci(values, args.seed))
+
+    def tensors(rows):  # float64 over pairs: logps, tokens and each neuron set's scores
+        rows = [{"logps": r["logps"], "tokens": r["chosen_tokens"], **r["neurons"]} for r in rows]
+        return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]}
+    evals = {s[5:]: json.loads((out / s / "summary.json").read_text())
              for s in seconds if s.startswith("eval_")}
-    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):]
-              for run, _, lam, _ in reproduce_runs(args) if lam}
+    dpo_of = {run: "dpo" + run[len(run.split("_seed")[0]):]  # lam 0: every run is DPO
+              for run in evals if run != "base" and args.lam}
 
     def versus(name, other):  # name's accuracy minus other's on the same questions: McNemar, reach
-        shared = zip(evals[name][1], evals[other][1])
-        d = paired_difference([(a["correct"], b["correct"]) for a, b in shared])
+        if other in (None, name):
+            return "—"
+        rows = [read_jsonl(out / f"eval_{run}" / "eval.jsonl") for run in (name, other)]
+        d = paired_difference([(a["correct"], b["correct"]) for a, b in zip(*rows)])
         a, b = d["only_this_correct"], d["only_other_correct"]
         reach = mcnemar_detectable(a + b, d["shared"])
         reach = "none" if reach is None else f"{reach:.3f}"
         return f"{d['difference']:+.4f} (p {d['mcnemar_p']:.3g}; {a} vs {b}; detectable {reach})"
     settings = ", ".join(f"`{k}={v}`" for k, v in vars(args).items()
                          if k not in ("run", "command", "out"))
-    lines = ["# YFPO reproduction", "", "Settings: " + settings, "",
-             "Paired tests: exact McNemar p; the questions only this / only the other model got "
-             "right; the smallest difference detectable at 80% power (alpha 0.05) given that "
-             "discordance.", "", *table("model", "accuracy", "95% CI", "strict",
-                                        "correct / total", "vs base", "vs DPO")]
-    for name, (s, _) in evals.items():
-        vs_base = "—" if name == "base" else versus(name, "base")
-        vs_dpo = versus(name, dpo_of[name]) if name in dpo_of else "—"
+    lines = ["# YFPO reproduction", "", "Settings: " + settings, "", "Paired tests: exact McNemar "
+             "p; the questions only this / only the other model got right; the smallest difference "
+             "detectable at 80% power (alpha 0.05) given that discordance.", *table(
+                 "model", "accuracy", "95% CI", "strict", "correct / total", "vs base", "vs DPO")]
+    for name, s in evals.items():
         lines.append(f"| {name} | {s['accuracy']:.4f} | [{s['ci_low']:.4f}, {s['ci_high']:.4f}] | "
-                     f"{s['accuracy_strict']:.4f} | {s['correct']} / {s['total']} | {vs_base} | "
-                     f"{vs_dpo} |")
+                     f"{s['accuracy_strict']:.4f} | {s['correct']} / {s['total']} | "
+                     f"{versus(name, 'base')} | {versus(name, dpo_of.get(name))} |")
     for name in ("dpo", "yfpo", "yfpo_random") if args.seeds > 1 else ():
-        acc = torch.tensor([s["accuracy"] for run, (s, _) in evals.items()
+        acc = torch.tensor([s["accuracy"] for run, s in evals.items()
                             if run.rsplit("_seed", 1)[0] == name], dtype=torch.float64)
         lines.append(f"\n{name} over {args.seeds} seeds: accuracy {acc.mean():.4f} ± "
                      f"{acc.std():.4f} (std)")
-    lines += ["", *table("training run", "steps", "c", "share first / middle / last",
-                         "cosine first / middle / last", "reward accuracy", "reward margin",
-                         "neuron margin", "its gain over the reference",
-                         "grad norm DPO first / last", "grad norm neuron first / last")]
+    lines += table("training run", "steps", "c", "share first / middle / last",
+                   "cosine first / middle / last", "reward accuracy", "reward margin",
+                   "neuron margin", "its gain over the reference", "grad norm DPO first / last",
+                   "grad norm neuron first / last")
     for stage in (s for s in seconds if s.startswith("train_")):
         steps = read_jsonl(out / stage / "metrics.jsonl")
         last, probes = steps[-1], [m for m in steps if "neuron/share" in m]
-        probes = [probes[0], probes[len(probes) // 2], probes[-1]] if probes else []
+        probes = probes and [probes[0], probes[len(probes) // 2], probes[-1]]
         dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"  # lam 0: all is DPO's
-        norms = [f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—"
-                 for k in (dpo, "grad_norm/neuron")]
+        norms = " | ".join(f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—"
+                           for k in (dpo, "grad_norm/neuron"))
         share, cosine = (" / ".join(f"{p[k]:.3g}" for p in probes) or "—"
                          for k in ("neuron/share", "grad_cosine"))
         lines.append(f"| {stage[6:]} | {last['step']} | {last['c']:.4g} | {share} | {cosine} | "
                      f"{last['rewards/accuracies']:.3f} | {last['rewards/margins']:.4f} | "
-                     f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | "
-                     f"{norms[0]} | {norms[1]} |")
-    scores = {s[6:]: read_jsonl(out / s / "scores.jsonl")
-              for s in seconds if s.startswith("score_")}
+                     f"{last['neuron/margin']:.4f} | {last['neuron/margin_gain']:+.4f} | {norms} |")
+    scores = {s[6:]: read_jsonl(out / s / "scores.jsonl") for s in seconds if s.startswith("score")}
     if scores and scores["base"]:
         lines += ["", f"Held-out endpoints: {len(scores['base'])} test questions the base model "
                   "got wrong, gold solution as chosen, its own answer as rejected, teacher-forced, "
                   "the base model as the reference; mean [paired bootstrap 95% CI] over pairs. The "
                   "neuron-margin columns are the specificity test: the base row is the margin "
-                  "itself, the others its gain over base.", "",
+                  "itself, the others its gain over base.",
                   *table("model", "reward accuracy", "reward margin h", "gold NLL per token",
-                         "neuron margin: selected set", "neuron margin: random set"),
-                  *heldout_rows(scores, args.seed)]
+                         "neuron margin: selected set", "neuron margin: random set")]
+        chosen_minus_rejected = torch.tensor([1.0, -1.0], dtype=torch.float64)
+        base = tensors(scores["base"])
+        for name, rows in scores.items():  # h: the reward margin (implicit, base the reference)
+            t, gain = tensors(rows), name != "base"  # base's row: the margins; the others: gains
+            h, selected, random = ((t[k] - base[k] if gain else t[k]) @ chosen_minus_rejected
+                                   for k in ("logps", "neurons", "random_neurons"))
+            reward = f"{cell((h > 0).double())} | {cell(h)}" if gain else "— | —"
+            lines.append(f"| {name} | {reward} | {cell(-t['logps'][:, 0] / t['tokens'])} | "
+                         f"{cell(selected)} | {cell(random)} |")
     ab = json.loads((out / "ablate" / "ablation.json").read_text())
     for text, r in [("math", ab), ("control", ab.get("control"))][:1 + ("control" in ab)]:
         m = r["random_matched"]
@@ -1545,7 +1521,7 @@ def write_report(out, args, seconds):
                   f"{r.get('num_samples', ab['num_samples'])} solutions): NLL {r['nll_base']:.4f} "
                   f"-> {r['nll_ablated']:.4f} (rise {r['rise']:+.4f}); matched random neurons: "
                   f"rise {m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}"]
-    lines += ["", *table("stage", "wall time (s)"), *(f"| {s} | {t} |" for s, t in seconds.items()),
+    lines += [*table("stage", "wall time (s)"), *(f"| {s} | {t} |" for s, t in seconds.items()),
               f"| all | {sum(seconds.values()):.1f} |"]
     write_text(out / "report.md", "\n".join(lines) + "\n")
 
@@ -1553,12 +1529,10 @@ def write_report(out, args, seconds):
 def cmd_plot(args):
     """plot: figure 2 of train or reproduce folders: DPO loss, reward, neuron margin; accuracies."""
     dirs = [Path(d) for d in args.dirs]
-
-    def named(folder, name):  # a run's label: its folder too when there are several
-        return f"{folder}/{name}" if len(dirs) > 1 else name
-    runs = {named(d, p.parent.resolve().name.removeprefix("train_")): read_jsonl(p) for d in dirs
+    prefix = {d: f"{d}/" if len(dirs) > 1 else "" for d in dirs}  # of its runs' labels
+    runs = {prefix[d] + p.parent.resolve().name.removeprefix("train_"): read_jsonl(p) for d in dirs
             for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
-    accuracies = {named(d, p.parent.name[5:]): json.loads(p.read_text())
+    accuracies = {prefix[d] + p.parent.name[5:]: json.loads(p.read_text())
                   for d in dirs for p in sorted(d.glob("eval_*/summary.json"))}
     if not runs or not all(runs.values()):
         raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of "
@@ -1575,34 +1549,29 @@ def cmd_plot(args):
         ax = fig.add_subplot(grid[:, 1], title="GSM8K accuracy, 95% Wilson CI", ylabel="accuracy")
         ci = torch.tensor([[s["ci_low"], s["accuracy"], s["ci_high"]] for s in accuracies.values()],
                           dtype=torch.float64)
-        below_above = ci.diff(dim=1).T.tolist()
-        ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=below_above, capsize=8)
-    out = Path(args.out or Path(args.dirs[0]) / "training.png")
+        ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=ci.diff(dim=1).T.tolist(), capsize=8)
+    out = Path(args.out or dirs[0] / "training.png")
     fig.savefig(tmp := out.with_name(f"{out.stem}.tmp{out.suffix}"), dpi=120)
     os.replace(tmp, out)
     print(f"wrote {out}")
 
 
 def cmd_reproduce(args):
-    """reproduce: identify -> ablate -> pairs -> train DPO, YFPO and YFPO-random on the same pairs
-    -> eval all four -> held-out endpoints -> report. Each stage runs as its command line would."""
+    """reproduce: every stage of reproduce_stages, each run as its command line, then the report."""
     out = check_out_dir(args.out)
-    inputs = [(args.data, "train", True), (args.data, "test", True)]
-    inputs += [(args.control, "train", False)] if args.control else []
-    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs][0]  # fail early
+    inputs = [(args.data, "train", True), (args.data, "test", True), (args.control, "train", False)]
+    train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs if data][0]
     if args.num_samples + args.num_questions > len(train_rows):
         raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} "
-                        f"exceed the {len(train_rows)} train questions: identify reads the last, "
-                        "pairs the first; lower one")
+                        f"overlap in the {len(train_rows)} train questions; lower one")
     load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
-               weights=False)
+               weights=False)  # the data and the model checked before any stage runs
     stages, keys, seconds = reproduce_stages(args, out), {}, {}
     for stale in {p.parent for p in out.glob("*/stage.json")} - {out / s for s, _, _ in stages}:
         shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
     for stage, argv, reads in stages:
-        # Skipped if OUT/stage/stage.json shows it finished under this key (its command line, OUT
-        # aside, and the keys of what it reads); a training cut short under it resumes from its
-        # checkpoint; anything else is redone from scratch.
+        # Skipped if OUT/stage/stage.json shows it done under this key (its command line, OUT aside,
+        # and the keys of what it reads); a training cut short resumes; the rest is redone.
         line = ["OUT" + a[len(str(out)):] if a.startswith(str(out) + os.sep) else a for a in argv]
         stamp_of = json.dumps([line, [keys[r] for r in reads]]).encode()
         key = keys[stage] = hashlib.sha256(stamp_of).hexdigest()[:16]
@@ -1616,8 +1585,7 @@ def cmd_reproduce(args):
         if not resume:
             shutil.rmtree(out / stage, ignore_errors=True)
         write_json(stamp_path, stamp)
-        print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' if resume else ''} -> "
-              f"{out / stage}")
+        print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' * resume} -> {out / stage}")
         start = time.perf_counter()
         main([*argv, "--out", str(out / stage), *["--resume"] * resume], strict=True)
         seconds[stage] = stamp["seconds"] = round(time.perf_counter() - start, 1)
@@ -1655,36 +1623,30 @@ DEMO_PROBLEMS = [
     ("A class has 14 girls and 16 boys. How many students are there?",
      "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
 ]
-CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                   "<|im_end|>\n{% endfor %}"
-                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def build_tiny_model(path, seed=0, model_type="qwen2"):
-    """A tiny random causal LM (2 layers, 128 neurons each) and a byte-level BPE tokenizer with a
-    ChatML template, trained on the spot on the demo problems, saved as a Hugging Face folder."""
+    """A tiny random LM (2 layers, 128 neurons each) and a ChatML BPE tokenizer of DEMO_PROBLEMS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  vocab_size=400, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = [*map("\n".join, DEMO_PROBLEMS), INSTRUCTION, "The answer is 0123456789."]
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
-                                        model_input_names=["input_ids", "attention_mask"])
-    config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
-        initializer_range=0.2,  # larger than usual, so greedy outputs differ by prompt
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)  # its generation config: eos and pad too
-    model.save_pretrained(path)
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size=400,
+        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_input_names=["input_ids", "attention_mask"], chat_template=(  # ChatML
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
+    torch.manual_seed(seed)  # initializer_range 0.2, above usual: greedy outputs differ by prompt
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(  # generation config: eos, pad too
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, head_dim=16,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=2048, initializer_range=0.2)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -1705,38 +1667,31 @@ def cmd_demo(args):
 
 
 # --- Command line ---------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def positive(kind, word=None):
-    """An argparse type: a number of this kind above zero, or the word itself (--gamma's auto)."""
-    def parse(text):
-        if text == word:
-            return text
-        with contextlib.suppress(ValueError):
-            if kind(text) > 0:
-                return kind(text)
-        raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'")
-    return parse
-
-
 def build_parser():
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit code 2
+            self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def positive(kind, word=None):  # an argparse type: above zero, or the word (--gamma's auto)
+        def parse(text):
+            if text == word:
+                return text
+            with contextlib.suppress(ValueError):
+                if kind(text) > 0:
+                    return kind(text)
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got '{text}'")
+        return parse
+
     def group(**flags):
-        """A parent parser: flags several commands share, declared once. A flag is its default,
-        (default, help) or a dict of add_argument's keywords; the default's kind sets its type (int
-        or None: a positive whole number, float: positive, str: text, False: a switch)."""
+        """A parent parser. A flag is its default, (default, help) or add_argument's keywords; the
+        default sets its type (int or None: positive int, float: positive, False: a switch)."""
         parser = argparse.ArgumentParser(add_help=False)
         for flag, spec in flags.items():
             if not isinstance(spec, dict):
                 default, text = spec if isinstance(spec, tuple) else (spec, None)
-                spec = {"default": default, "help": text}
-            if spec.get("default") is False:
-                spec = {"action": "store_true", **spec}
-            else:
-                kind = {str: str, float: positive(float)}.get(type(spec.get("default")))
-                spec = {"type": kind or positive(int), **spec}
+                kind = {str: str, float: positive(float)}.get(type(default), positive(int))
+                spec = {"default": default, "help": text,
+                        **({"action": "store_true"} if default is False else {"type": kind})}
             parser.add_argument("--" + flag.replace("_", "-"), **spec)
         return parser
     common = group(
@@ -1745,24 +1700,21 @@ def build_parser():
         seed=dict(type=int, default=0), device=("auto", "auto: cuda if available, else cpu"),
         dtype=dict(default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 where the GPU supports it, else float32"),
-        out=("out", "folder for this command's files"),
-        system=dict(type=str, help="system prompt (default: none)"), trust_remote_code=False)
-    generation = group(max_new_tokens=512, batch_size=(None, "sequences decoded at once (default: "
-                       "64 on CPU, 128 on GPU); with --server (eval, pairs), requests in flight "
-                       "(default 64)"))
+        out="out", system=dict(help="system prompt (default: none)"), trust_remote_code=False)
+    generation = group(max_new_tokens=512, batch_size=(
+        None, "sequences decoded at once (default: 64 on CPU, 128 on GPU)"))
     loss = group(
         calibration_pairs=(16, "pairs c is measured on"),
         lam=dict(type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO"),
-        gamma=dict(type=positive(float, "auto"), default="auto", help="scale of the neuron "
-                   "margin; auto: 1 / std of the reference margins over the pairs"),
-        neuron_margin=dict(choices=["policy", "relative"], default="relative", help="relative "
-                           "(default, measured: see the README): m - m_ref; policy: m"),
+        gamma=dict(type=positive(float, "auto"), default="auto",
+                   help="neuron margin scale; auto: 1 / std of the pairs' reference margins"),
+        neuron_margin=dict(choices=["policy", "relative"], default="relative",
+                           help="relative (default, see the README): m - m_ref; policy: m"),
         beta=dict(type=float, default=0.1, help="DPO temperature"),
         yoke=dict(choices=["loss", "reward"], default="reward",
                   help="reward (default, measured): inside DPO's sigmoid; loss: a second term"),
-        balance=dict(choices=["share", "none"], default="share", help="share: the neuron term "
-                     "weighs lam * c, c calibrated so that its step-1 gradient is lam x DPO's; "
-                     "none: c = 1"))
+        balance=dict(choices=["share", "none"], default="share", help="share: the term weighs "
+                     "lam * c, c set so that its step-1 gradient is lam x DPO's; none: c = 1"))
     # The defaults reproduce passes on to identify, pairs and train; max_length is every stage's.
     length, selection = group(max_length=512), group(num_samples=256, top_k=1000)
     sampling = group(num_questions=2000, samples_per_question=4, temperature=0.8)
@@ -1770,53 +1722,38 @@ def build_parser():
     parser = Parser(prog="yfpo.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def command(name, run, help, *parents, **flags):  # a subcommand; its own flags as in group
-        p = commands.add_parser(name, parents=[*parents, group(**flags)], help=help)
-        p.set_defaults(run=run)
-        return p
+    def command(name, run, help, *parents, **own):  # a subcommand; its own flags as in group
+        commands.add_parser(name, parents=[*parents, group(**own)], help=help).set_defaults(run=run)
     command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
-            selection, length, batch_size=4,
-            per_layer=(False, "top k/L neurons of every layer instead of the global top k"),
-            control=dict(type=str, help="non-math question/answer data; its mean relevance is "
-                         "subtracted"))
+            selection, length, batch_size=4, per_layer=(False, "the top k/L of every layer"),
+            control=dict(help="non-math question/answer data; its mean relevance is subtracted"))
     command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
             generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
-            scale=dict(type=float, default=0.0, help="factor on the neurons' activations: 0 "
-                       "ablates them"),
-            neurons=dict(type=str, required=True),
-            eval_accuracy=(False, "also run the evaluator with and without ablation"),
-            control=dict(type=str, help="non-math question/answer data: the NLL rise there too "
-                         "(its last rows)"))
+            scale=dict(type=float, default=0.0, help="on the neurons' activations: 0 ablates"),
+            neurons=dict(required=True), eval_accuracy=(False, "also accuracy with and without"),
+            control=dict(help="non-math question/answer data: the NLL rise there too (last rows)"))
     command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
-            sampling, server=dict(type=str, help="an OpenAI-compatible server's URL (vllm serve) "
-                                  "to sample from"),
-            from_eval=dict(type=str, help="an eval.jsonl: held-out pairs from its wrong answers, "
-                           "no sampling"))
+            sampling, from_eval=dict(help="an eval.jsonl: held-out pairs from its wrong answers"))
     command("train", cmd_train, "DPO + lam * neuron-margin loss", common, loss, training, length,
             max_steps=None, save_every=(None, "a checkpoint every N steps (always one at the end)"),
-            warmup_ratio=dict(type=float, default=0.1),
-            pairs=dict(type=str, help="pairs JSONL (default: OUT/pairs.jsonl)"),
-            neurons=dict(type=str, help="neurons.json (default: OUT/neurons.json when it exists)"),
+            warmup_ratio=dict(type=float, default=0.1), pairs=dict(help="default: OUT/pairs.jsonl"),
+            neurons=dict(help="default: OUT/neurons.json if it exists"),
             batch_size=(2, "pairs per micro-batch per process"),
             resume=(False, "continue from OUT/model"), gradient_checkpointing=False,
-            probe_every=(None, "measure the terms' gradients every N steps (default: the first, "
-                         "middle and last step)"),
+            probe_every=(None, "the terms' gradients every N steps (default: first, middle, last)"),
             allow_overlap=(False, "train on questions the neurons were selected on"))
     command("eval", cmd_eval, "GSM8K exact match, greedy", common, generation,
-            limit=(None, "the first N questions"), split="test", server=dict(
-                type=str, help="an OpenAI-compatible server's URL (vllm serve) to generate with"))
+            limit=(None, "the first N questions"), split="test")
     command("score", cmd_score, "teacher-forced log-probs and neuron scores of pairs", common,
-            length, batch_size=8,
-            pairs=dict(type=str, required=True, help="pairs JSONL, e.g. from `pairs --from-eval`"),
-            neurons=dict(type=str, nargs="+", required=True, help="one or more neurons.json files"))
+            length, batch_size=8, pairs=dict(required=True, help="e.g. from `pairs --from-eval`"),
+            neurons=dict(nargs="+", required=True, help="one or more neurons.json files"))
     command("reproduce", cmd_reproduce, "the paper's experiment, every stage, into OUT/report.md",
             common, generation, loss, selection, sampling, training, length, ablate_samples=200,
             random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None,
-            control=dict(type=str, help="identify's non-math question/answer data, subtracted"))
-    p = command("plot", cmd_plot,
-                "overlay the training dynamics (and accuracies) of train or reproduce folders",
-                out=dict(type=str, help="the figure (default: DIR/training.png for the first DIR)"))
-    p.add_argument("dirs", nargs="+")
+            control=dict(help="identify's non-math question/answer data, subtracted"))
+    command("plot", cmd_plot, "overlay the training dynamics (and accuracies) of train or "
+            "reproduce folders", out=dict(help="default: training.png in the first DIR"))
+    commands.choices["plot"].add_argument("dirs", nargs="+")
     command("demo", cmd_demo, "all stages on a tiny random model, offline", out="demo",
             seed=dict(type=int, default=0))
     return parser
@@ -1842,10 +1779,8 @@ def main(argv=None, strict=False):
                 devnull = on_exit.enter_context(open(os.devnull, "w"))
                 on_exit.enter_context(contextlib.redirect_stdout(devnull))
         try:
-            # every rank would do it all
-            if distributed and (getattr(args, "server", None) or args.command == "reproduce"):
-                raise UserError(f"{'reproduce' if args.command == 'reproduce' else '--server'} "
-                                "runs in one process: no torchrun")
+            if distributed and args.command == "reproduce":  # every rank would run every stage
+                raise UserError("reproduce runs in one process: no torchrun")
             args.run(args)
         except (UserError, OSError) as e:  # OSError: a path that cannot be written or read
             if strict:
