@@ -1695,7 +1695,7 @@ def build_parser():
             parser.add_argument("--" + flag.replace("_", "-"), **spec)
         return parser
     common = group(
-        model=(DEFAULT_MODEL, "hub id, local Hugging Face folder, or .gguf file"),
+        model=(DEFAULT_MODEL, "hub id or local Hugging Face folder"),
         data=(DEFAULT_DATA, "hub dataset, or a local .jsonl/.json/.parquet file or folder"),
         seed=dict(type=int, default=0), device=("auto", "auto: cuda if available, else cpu"),
         dtype=dict(default="auto", choices=["auto", "float32", "bfloat16", "float16"],
