@@ -1334,9 +1334,10 @@ REPRODUCE = ["--num-samples", "4", "--top-k", "16", "--ablate-samples", "4", "--
              "--lr", "1e-4", "--train-batch-size", "2", "--grad-accum", "1", "--epochs", "2",
              "--max-length", "256", "--save-every", "2", "--eval-limit", "6", "--device", "cpu",
              "--control"]
-STAGES = ["identify", "ablate", "pairs", "train_dpo", "train_yfpo", "train_yfpo_random",
-          "eval_base", "eval_dpo", "eval_yfpo", "eval_yfpo_random", "heldout", "score_base",
-          "score_dpo", "score_yfpo", "score_yfpo_random"]
+# The base model's stages first, then each arm whole (trained, evaluated, scored) before the next
+STAGES = ["identify", "ablate", "pairs", "eval_base", "heldout", "score_base",
+          "train_dpo", "eval_dpo", "score_dpo", "train_yfpo", "eval_yfpo", "score_yfpo",
+          "train_yfpo_random", "eval_yfpo_random", "score_yfpo_random"]
 
 
 def reproduce(tiny_dir, data_file, out, *extra):
@@ -1487,14 +1488,14 @@ def test_changing_lam_reruns_only_the_yfpo_training_and_its_eval(tiny_dir, data_
     assert "lam=0.5" in (copy / "report.md").read_text() and not (copy / "train_dpo_seed7").exists()
 
 
-@pytest.mark.parametrize("where", ["after pairs", "inside training"])
+@pytest.mark.parametrize("where", ["before training", "inside training"])
 def test_an_interrupted_run_started_again_gives_the_same_report(where, tiny_dir, data_file,
                                                                 reproduced, tmp_path, monkeypatch,
                                                                 capsys):
     def interrupt(*args):
         raise KeyboardInterrupt
     real = yfpo.save_checkpoint
-    if where == "after pairs":
+    if where == "before training":
         monkeypatch.setattr(yfpo, "cmd_train", interrupt)
     else:  # killed right after train_dpo's first checkpoint (step 2 of 6)
         monkeypatch.setattr(yfpo, "save_checkpoint", lambda *args: (real(*args), interrupt()))
@@ -1504,7 +1505,7 @@ def test_an_interrupted_run_started_again_gives_the_same_report(where, tiny_dir,
     capsys.readouterr()
     assert reproduce(tiny_dir, data_file, tmp_path) == 0
     printed = capsys.readouterr().out
-    assert stages_run(printed) == (STAGES[3:], ["identify", "ablate", "pairs"])
+    assert stages_run(printed) == (STAGES[6:], STAGES[:6])
     assert ("train_dpo (resuming its checkpoint)" in printed) == (where == "inside training")
     assert without_wall_times((tmp_path / "report.md").read_text()) == \
         without_wall_times((reproduced / "report.md").read_text())

@@ -1421,22 +1421,24 @@ def reproduce_stages(args, out):
               ("pairs", ["pairs", *generation, *sample], [])]
     arms = (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
             ("yfpo_random", args.lam, "random_neurons"))
-    models = [("base", None, [])]  # (run, its --model, the stage that trains it)
+    runs = []  # (run, its train command line)
     for seed in range(args.seed, args.seed + args.seeds):
         for arm, lam, stem in arms:
-            run = arm + (f"_seed{seed}" if args.seeds > 1 else "")
             own = flags(seed=seed, pairs=out / "pairs" / "pairs.jsonl", neurons=sets[stem], lam=lam)
-            stages.append((f"train_{run}", ["train", *common, *own, *train], ["identify", "pairs"]))
-            models.append((run, out / f"train_{run}" / "model", [f"train_{run}"]))
+            runs.append((arm + (f"_seed{seed}" if args.seeds > 1 else ""), [*common, *own, *train]))
     evaluate = flags(limit=args.eval_limit)  # then a trained model's --model: the last one wins
-    stages += [("eval_" + run, ["eval", *generation, *evaluate, *flags(model=model)], reads)
-               for run, model, reads in models]
-    base_eval = out / "eval_base" / "eval.jsonl"  # held-out pairs: its wrong answers against gold
-    stages.append(("heldout", ["pairs", *common, "--from-eval", str(base_eval)], ["eval_base"]))
     score = flags(pairs=out / "heldout" / "pairs.jsonl", max_length=args.max_length)
-    for run, model, reads in models:
-        stages.append(("score_" + run, ["score", *common, *score, *flags(model=model), "--neurons",
-                                        *sets.values()], ["identify", "heldout", *reads]))
+    base_eval = out / "eval_base" / "eval.jsonl"  # held-out pairs: its wrong answers against gold
+    stages += [("eval_base", ["eval", *generation, *evaluate], []),
+               ("heldout", ["pairs", *common, "--from-eval", str(base_eval)], ["eval_base"]),
+               ("score_base", ["score", *common, *score, "--neurons", *sets.values()],
+                ["identify", "heldout"])]
+    for run, train_argv in runs:  # each trained, evaluated, scored in turn: a cut run keeps arms
+        model = flags(model=out / f"train_{run}" / "model")
+        stages += [(f"train_{run}", ["train", *train_argv], ["identify", "pairs"]),
+                   (f"eval_{run}", ["eval", *generation, *evaluate, *model], [f"train_{run}"]),
+                   (f"score_{run}", ["score", *common, *score, *model, "--neurons", *sets.values()],
+                    ["identify", "heldout", f"train_{run}"])]
     return stages
 
 
