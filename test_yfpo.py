@@ -339,13 +339,13 @@ def test_collate_masks_exactly_the_positions_that_predict_completion_tokens():
     ("In 2023 she was 30 years old and the answer is 31", "31"),
 ])
 def test_extract_answer_reads_the_last_stated_answer_else_the_last_number(text, expected):
-    assert yfpo.extract_answer(text) == expected
+    assert yfpo.extract_answer(text)[0] == expected
 
 
 def test_extract_answer_names_the_rule_that_fired():
-    assert yfpo.extract_answer_rule("so 4 then The answer is 5.") == ("5", "strict")
-    assert yfpo.extract_answer_rule("so 4 then 5") == ("5", "flexible")
-    assert yfpo.extract_answer_rule("nothing") == (None, None)
+    assert yfpo.extract_answer("so 4 then The answer is 5.") == ("5", "strict")
+    assert yfpo.extract_answer("so 4 then 5") == ("5", "flexible")
+    assert yfpo.extract_answer("nothing") == (None, None)
 
 
 @pytest.mark.parametrize("text, gold, expected", [

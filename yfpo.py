@@ -266,9 +266,9 @@ def normalize_number(text):
     return text.replace(",", "").replace("$", "").replace("%", "").rstrip(".")
 
 
-def extract_answer_rule(text):
-    """(answer, rule): 'strict' for the number right after the last "The answer is", "####" or
-    "\\boxed{"; else 'flexible' for the last number in the text; (None, None) when there is none."""
+def extract_answer(text):
+    """(answer, rule): the number right after the last "The answer is", "####" or "\\boxed{" and
+    'strict', else the last number ('1234', '-3.5') and 'flexible'; (None, None) if none."""
     strict = STRICT.findall(text)
     numbers = strict or FLEXIBLE.findall(text)
     if not numbers:
@@ -276,15 +276,10 @@ def extract_answer_rule(text):
     return normalize_number(numbers[-1]), "strict" if strict else "flexible"
 
 
-def extract_answer(text):
-    """The final numeric answer of a completion as a string ('1234', '-3.5'), or None."""
-    return extract_answer_rule(text)[0]
-
-
 def is_correct(text, gold):
     """True when the extracted answer equals the gold number numerically ('18.00' == '18')."""
     try:
-        answer, gold = float(extract_answer(text)), float(normalize_number(gold))
+        answer, gold = float(extract_answer(text)[0]), float(normalize_number(gold))
     except (TypeError, ValueError):  # no answer, or not a number
         return False
     return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
@@ -548,7 +543,7 @@ def evaluate(model, tokenizer, rows, args):
     """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
     start = time.perf_counter()
     completions = sample_completions(model, tokenizer, rows, args, "eval")
-    answers = [extract_answer_rule(c["text"]) for c in completions]
+    answers = [extract_answer(c["text"]) for c in completions]
     results = [{"index": i, "question": r["question"], "gold": r["gold"], "completion": c["text"],
                 "extracted": answer, "rule": rule, "correct": is_correct(c["text"], r["gold"]),
                 "stop": c["stop"], "tokens": c["tokens"]}
