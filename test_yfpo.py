@@ -77,7 +77,7 @@ def pairs_file(tiny_dir, data_file, tmp_path_factory):
                      "chosen": yfpo.make_completion(tokenizer, gold),
                      "rejected": yfpo.make_completion(tokenizer, wrong)})
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    yfpo.write_jsonl(path, rows)
+    yfpo.write(path, rows)
     return str(path)
 
 
@@ -222,22 +222,22 @@ def test_load_local_jsonl_adds_gold(data_file):
 
 
 def test_load_folder_picks_the_split_file(tmp_path):
-    yfpo.write_jsonl(tmp_path / "train.jsonl", DEMO_ROWS[:3])
-    yfpo.write_jsonl(tmp_path / "test.jsonl", DEMO_ROWS[3:5])
+    yfpo.write(tmp_path / "train.jsonl", DEMO_ROWS[:3])
+    yfpo.write(tmp_path / "test.jsonl", DEMO_ROWS[3:5])
     assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "test")] == ["15", "32"]
 
 
 def test_load_folder_reads_every_shard_of_the_split_only(tmp_path):
-    yfpo.write_jsonl(tmp_path / "train-00000-of-00002.jsonl", DEMO_ROWS[:2])
-    yfpo.write_jsonl(tmp_path / "train-00001-of-00002.jsonl", DEMO_ROWS[2:3])
-    yfpo.write_jsonl(tmp_path / "trainextra.jsonl", DEMO_ROWS[3:])
+    yfpo.write(tmp_path / "train-00000-of-00002.jsonl", DEMO_ROWS[:2])
+    yfpo.write(tmp_path / "train-00001-of-00002.jsonl", DEMO_ROWS[2:3])
+    yfpo.write(tmp_path / "trainextra.jsonl", DEMO_ROWS[3:])
     assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "train")] == ["8", "48", "105"]
 
 
 def test_load_json_lines_json_list_and_parquet_files(tmp_path):
     datasets = pytest.importorskip("datasets")
     (tmp_path / "list.json").write_text(json.dumps(DEMO_ROWS[:3]))
-    yfpo.write_jsonl(tmp_path / "lines.json", DEMO_ROWS[:3])  # what datasets' to_json writes
+    yfpo.write(tmp_path / "lines.json", jsonl(*DEMO_ROWS[:3]))  # what datasets' to_json writes
     datasets.Dataset.from_list(DEMO_ROWS[:3]).to_parquet(str(tmp_path / "rows.parquet"))
     for name in ("list.json", "lines.json", "rows.parquet"):
         rows = yfpo.load_gsm8k(str(tmp_path / name), "train")

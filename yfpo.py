@@ -45,20 +45,17 @@ def check_out_dir(out):
     return Path(out)
 
 
-def write_text(path, text):
+def write(path, content):
+    """Write path whole on rank 0: text as is, a list to .jsonl a JSON row per line, else JSON."""
+    if isinstance(content, list) and Path(path).suffix == ".jsonl":
+        content = "".join(json.dumps(row) + "\n" for row in content)
+    elif not isinstance(content, str):
+        content = json.dumps(content, indent=2) + "\n"
     if rank_and_world()[0] == 0:  # under torchrun, rank 0 writes
         tmp = Path(path).with_name(Path(path).name + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        tmp.write_text(content)
         os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_jsonl(path, numbered=False):
@@ -792,7 +789,7 @@ def cmd_identify(args):
         entries = [{"layer": l, "index": i, "score": float(scores[l, i]),
                     "direction": int(directions[l, i]), "act_mean": float(mean[l, i]),
                     "act_std": float(std[l, i])} for l, i, *_ in chosen]
-        write_json(out / name, {"model": args.model, "num_layers": num_layers,
+        write(out / name, {"model": args.model, "num_layers": num_layers,
                                 "intermediate_size": width, **extra,
                                 "scoring_seconds": round(seconds, 2), "neurons": entries})
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; neurons per layer: "
@@ -851,7 +848,7 @@ def cmd_ablate(args):
                       accuracy_paired=p)
         print(f"accuracy: base {base[0]['accuracy']:.4f}, neurons x {args.scale:g} "
               f"{ablated[0]['accuracy']:.4f}; McNemar p {p['mcnemar_p']:.2g}")
-    write_json(out / "ablation.json", result)
+    write(out / "ablation.json", result)
     print(f"wrote {out / 'ablation.json'}")
 
 
@@ -923,7 +920,7 @@ def cmd_pairs(args):
         print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
               f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
               f"stops {speed['stops']}")
-    write_jsonl(out / "pairs.jsonl", pairs)
+    write(out / "pairs.jsonl", pairs)
     print(f"wrote {out / 'pairs.jsonl'}")
 
 
@@ -1263,7 +1260,7 @@ def optimizer_and_schedule(job):
         scheduler.load_state_dict(state["scheduler"])
     if job.master:  # a new log, or the old one without the steps after the checkpoint (redone)
         kept = read_jsonl(job.out / "metrics.jsonl") if args.resume else []
-        write_jsonl(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= state["step"]])
+        write(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= state["step"]])
     return optimizer, scheduler, state["step"]
 
 
@@ -1362,8 +1359,8 @@ def cmd_eval(args):
     summary, results = evaluate(model, tokenizer, rows, args)
     summary.update(model=args.model, data=args.data, split=args.split, limit=args.limit,
                    seed=args.seed)
-    write_jsonl(out / "eval.jsonl", results)
-    write_json(out / "summary.json", summary)
+    write(out / "eval.jsonl", results)
+    write(out / "summary.json", summary)
     print("accuracy {accuracy:.4f} ({correct}/{total}), 95% CI [{ci_low:.4f}, {ci_high:.4f}], "
           "{questions_per_s} questions/s".format(**summary))
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
@@ -1388,7 +1385,7 @@ def cmd_score(args):
             results += [{"question_index": row.get("question_index"), "logps": logps[b],
                          "chosen_tokens": len(c), "neurons": {n: s[b] for n, s in scores.items()}}
                         for b, (row, (_, c, _)) in enumerate(chunk)]
-    write_jsonl(out / "scores.jsonl", results)
+    write(out / "scores.jsonl", results)
     print(f"scored {len(results)} of {len(rows)} pairs; wrote {out / 'scores.jsonl'}")
 
 
@@ -1518,7 +1515,7 @@ def write_report(out, args, seconds):
                   f"rise {m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}"]
     lines += [*table("stage", "wall time (s)"), *(f"| {s} | {t} |" for s, t in seconds.items()),
               f"| all | {sum(seconds.values()):.1f} |"]
-    write_text(out / "report.md", "\n".join(lines) + "\n")
+    write(out / "report.md", "\n".join(lines) + "\n")
 
 
 def cmd_plot(args):
@@ -1579,12 +1576,12 @@ def cmd_reproduce(args):
         resume = old.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
         if not resume:
             shutil.rmtree(out / stage, ignore_errors=True)
-        write_json(stamp_path, stamp)
+        write(stamp_path, stamp)
         print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' * resume} -> {out / stage}")
         start = time.perf_counter()
         main([*argv, "--out", str(out / stage), *["--resume"] * resume], strict=True)
         seconds[stage] = stamp["seconds"] = round(time.perf_counter() - start, 1)
-        write_json(stamp_path, stamp)
+        write(stamp_path, stamp)
     write_report(out, args, seconds)
     cmd_plot(argparse.Namespace(dirs=[str(out)], out=out / "report.png"))
     print(f"wrote {out / 'report.md'}")
@@ -1650,8 +1647,8 @@ def cmd_demo(args):
     """demo: `reproduce` on a tiny random model and a dozen built-in problems, offline."""
     out, start = check_out_dir(args.out), time.perf_counter()
     model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
-    write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
-    write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
+    write(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
+    write(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
     small = (f"--device cpu --seed {args.seed} --num-samples 3 --top-k 16 --ablate-samples 4 "
              "--random-seeds 2 --lr 1e-4 --num-questions 5 --samples-per-question 2 "
              "--max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 --save-every 2")
