@@ -633,20 +633,10 @@ def test_select_neurons_global_top_k_is_exact():
     assert yfpo.select_neurons(SCORES, 3) == [(0, 1, 5.0), (1, 2, 4.0), (1, 0, 3.0)]
 
 
-def test_select_neurons_per_layer_takes_k_over_L_from_each_layer():
-    assert yfpo.select_neurons(SCORES, 6, per_layer=True) == \
-        [(0, 1, 5.0), (1, 2, 4.0), (1, 0, 3.0), (0, 3, 2.0), (2, 1, 1.5), (2, 0, 1.0)]
-
-
 def test_select_neurons_rejects_k_beyond_the_model():
     with pytest.raises(yfpo.UserError,
                        match="--top-k 13 is not between 1 and the model's 12 neurons"):
         yfpo.select_neurons(torch.zeros(3, 4), 13)
-
-
-def test_select_neurons_per_layer_rejects_k_below_one_per_layer():
-    with pytest.raises(yfpo.UserError, match="--per-layer"):
-        yfpo.select_neurons(torch.zeros(3, 4), 2, per_layer=True)
 
 
 def test_identify_writes_a_neuron_set_that_round_trips(neurons_file, tiny):
@@ -709,14 +699,6 @@ def test_identify_writes_a_random_control_set_matched_on_layer_and_scale(tiny, d
         assert math.isclose(n["act_mean"], mean[layer, index].item(), rel_tol=1e-4, abs_tol=1e-6)
         assert math.isclose(n["act_std"], std[layer, index].item(), rel_tol=1e-4)
     assert control["selection"]["question_indices"] == list(range(4, 12))
-
-
-def test_identify_per_layer_records_the_neurons_it_kept(tiny_dir, data_file, tmp_path):
-    assert run("identify", "--model", tiny_dir, "--data", data_file, "--num-samples", "4",
-               "--top-k", "5", "--per-layer", "--out", str(tmp_path)) == 0
-    saved = json.loads((tmp_path / "neurons.json").read_text())
-    assert saved["selection"]["top_k"] == 5
-    assert saved["selection"]["num_selected"] == len(saved["neurons"]) == 4
 
 
 def test_identify_selects_the_top_of_score_neurons(tiny, data_file, neurons_file):

@@ -639,16 +639,9 @@ def score_neurons(model, batches):
     return (score / count).float(), torch.where(gradient < 0, -1.0, 1.0)
 
 
-def select_neurons(scores, k, per_layer=False):
-    """The top-k neurons of scores [L, I], as [(layer, index, score)] sorted by score, highest
-    first. Globally across layers, or with per_layer the top k // L of each layer."""
-    (num_layers, width), k_max = scores.shape, scores.numel()
-    if per_layer:
-        if not 1 <= k // num_layers <= width:
-            raise UserError(f"--top-k {k} with --per-layer: use {num_layers} to {k_max}")
-        top = zip(*scores.topk(k // num_layers, dim=1))  # each layer's (values, indices)
-        chosen = [(layer, int(i), float(v)) for layer, row in enumerate(top) for v, i in zip(*row)]
-        return sorted(chosen, key=lambda n: -n[2])
+def select_neurons(scores, k):
+    """The top k of scores [L, I] over all layers: [(layer, index, score)], highest first."""
+    width, k_max = scores.shape[1], scores.numel()
     if not 1 <= k <= k_max:
         raise UserError(f"--top-k {k} is not between 1 and the model's {k_max} neurons; lower it")
     top = scores.flatten().topk(k)
@@ -758,19 +751,19 @@ def cmd_identify(args):
     out, device, rows, model, tokenizer = start_command(args, "train", last)
     with attnlrp(model):  # checks the architecture first
         (num_layers, width), start = model_shape(model), time.perf_counter()
-        select_neurons(torch.zeros(num_layers, width), args.top_k, args.per_layer)  # k first
+        select_neurons(torch.zeros(num_layers, width), args.top_k)  # k first
         math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
         scores, directions = score_neurons(model, tqdm(math_batches, desc="identify", unit="batch"))
         if control:  # keep what is specific to math, not what any text uses
             batches = solution_batches(tokenizer, control, args, device, args.batch_size)
             scores -= score_neurons(model, tqdm(batches, desc="control", unit="batch"))[0]
     seconds = time.perf_counter() - start
-    neurons = select_neurons(scores, args.top_k, args.per_layer)
+    neurons = select_neurons(scores, args.top_k)
     mean, std, mean_abs = activation_moments(model, math_batches)
     matched = random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed))
     counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
     disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
-    selection = {"rule": "per_layer_top_k" if args.per_layer else "global_top_k",
+    selection = {"rule": "global_top_k",
                  "top_k": args.top_k, "num_selected": len(neurons),
                  "score": "AttnLRP relevance at the down_proj input"
                           + (" minus the same over the control samples" if control else ""),
@@ -1717,7 +1710,7 @@ def build_parser():
     def command(name, run, help, *parents, **own):  # a subcommand; its own flags as in group
         commands.add_parser(name, parents=[*parents, group(**own)], help=help).set_defaults(run=run)
     command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
-            selection, length, batch_size=4, per_layer=(False, "the top k/L of every layer"),
+            selection, length, batch_size=4,
             control=dict(help="non-math question/answer data; its mean relevance is subtracted"))
     command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
             generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
