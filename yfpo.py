@@ -75,7 +75,8 @@ def looks_like_path(name):  # a name only a local file has (hub ids are 'org/nam
 
 
 # --- Model and device -----------------------------------------------------------------------------
-def pick_device(name):
+def pick_device(name, dtype):
+    """(device, dtype) of --device and --dtype; auto: cuda if there is one, bfloat16 if it can."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -84,13 +85,10 @@ def pick_device(name):
         raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return device
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return getattr(torch, name)
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float32"
+    return device, getattr(torch, dtype)
 
 
 def load_model(name, device, dtype, trust_remote_code=False, weights=True):
@@ -558,13 +556,12 @@ def evaluate(model, tokenizer, rows, args):
 
 def start_command(args, split, limit):
     """(out, device, rows, model, tokenizer), the out folder checked and the seed set."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
+    out, (device, dtype) = check_out_dir(args.out), pick_device(args.device, args.dtype)
     torch.manual_seed(args.seed)
     rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
     if getattr(args, "batch_size", 0) is None:  # generation's default, measured (see the README)
         args.batch_size = GENERATION_BATCH[device.type]
-    return out, device, rows, *load_model(args.model, device, pick_dtype(args.dtype, device),
-                                          args.trust_remote_code)
+    return out, device, rows, *load_model(args.model, device, dtype, args.trust_remote_code)
 
 
 # --- Neurons: AttnLRP relevance, selection, the saved set, the causal check (ablation) ------------
@@ -1053,10 +1050,9 @@ def train_setup(args):
     job = types.SimpleNamespace(args=args, out=check_out_dir(args.out))
     job.rank, job.world = rank_and_world()  # torchrun: each rank takes every world-th micro-batch
     job.master, job.ddp = job.rank == 0, job.world > 1
-    job.device = pick_device(args.device)
+    job.device, dtype = pick_device(args.device, args.dtype)
     if job.device.type == "cuda":  # this rank's GPU under torchrun
         job.device = torch.device("cuda", torch.cuda.current_device())
-    dtype = pick_dtype(args.dtype, job.device)
     if dtype == torch.float16:
         raise UserError("train takes --dtype float32 or bfloat16 (float16 needs loss scaling)")
     job.autocast = torch.autocast(job.device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -1362,10 +1358,9 @@ def cmd_eval(args):
 def cmd_score(args):
     """score: per pair (held-out ones from `pairs --from-eval`) the log-probs of chosen and
     rejected, the chosen token count, and both neuron scores of every --neurons set: one forward."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
+    out, (device, dtype) = check_out_dir(args.out), pick_device(args.device, args.dtype)
     rows = load_pairs(args.pairs)
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
-                                  args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device, dtype, args.trust_remote_code)
     kept = [(row, p) for row in rows for p in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
