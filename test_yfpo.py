@@ -1301,9 +1301,9 @@ def test_eval_writes_one_graded_row_per_question_and_a_summary(tiny_dir, data_fi
 
 def test_evaluate_gives_a_speed_even_when_the_clock_sees_no_time_pass(tiny, monkeypatch):
     stated = {"text": "The answer is 8.", "stop": "answer", "tokens": 5}
-    monkeypatch.setattr(yfpo, "sample_completions", lambda *args: [stated])
+    monkeypatch.setattr(yfpo, "generate", lambda *args: [stated])
     monkeypatch.setattr(yfpo.time, "perf_counter", lambda: 1.0)
-    args = argparse.Namespace(system=None, max_new_tokens=8, batch_size=1)
+    args = argparse.Namespace(system=None, max_new_tokens=8, batch_size=1, seed=0)
     summary, _ = yfpo.evaluate(None, tiny[1], DEMO_ROWS[:1], args)
     assert summary["correct"] == 1 and summary["questions_per_s"] > 0
 

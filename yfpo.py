@@ -426,20 +426,18 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
 
 
 def sample_completions(model, tokenizer, rows, args, desc, temperature=0.0, num_samples=1):
-    """generate() on the rows' questions."""
+    """generate() on the rows' questions: (completions, seconds, how they were made, ended, ran)."""
+    start = time.perf_counter()
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
-    return generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc,
-                    temperature, num_samples, args.seed)
-
-
-def generation_summary(completions, args, seconds):
-    """How completions were made and ended, and how fast (for summary.json and the screen)."""
+    completions = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc,
+                           temperature, num_samples, args.seed)
+    seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
     tokens = sum(c["tokens"] for c in completions)
     stops = dict(collections.Counter(c["stop"] for c in completions))
-    return {"stop_rule": STOP_RULE, "stops": stops, "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size, "processes": rank_and_world()[1],
-            "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+    return completions, seconds, {
+        "stop_rule": STOP_RULE, "stops": stops, "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size, "processes": rank_and_world()[1], "generated_tokens": tokens,
+        "wall_time_s": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
 
 
 # --- Statistics: what a difference in accuracy can show -------------------------------------------
@@ -536,21 +534,19 @@ def gold_nll(model, batches):
 
 def evaluate(model, tokenizer, rows, args):
     """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
-    start = time.perf_counter()
-    completions = sample_completions(model, tokenizer, rows, args, "eval")
+    completions, seconds, speed = sample_completions(model, tokenizer, rows, args, "eval")
     answers = [extract_answer(c["text"]) for c in completions]
     results = [{"index": i, "question": r["question"], "gold": r["gold"], "completion": c["text"],
                 "extracted": answer, "rule": rule, "correct": is_correct(c["text"], r["gold"]),
                 "stop": c["stop"], "tokens": c["tokens"]}
                for i, (r, c, (answer, rule)) in enumerate(zip(rows, completions, answers))]
-    seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
     correct = sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
     strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
     return {"accuracy": correct / len(results), "accuracy_strict": strict / len(results),
             "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
             "prompt_format": "chat_template" if tokenizer.chat_template else "plain",
-            "system": args.system, **generation_summary(completions, args, seconds),
+            "system": args.system, **speed,
             "questions_per_s": round(len(results) / seconds, 3)}, results
 
 
@@ -901,12 +897,10 @@ def cmd_pairs(args):
         print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split})")
     else:
         out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
-        n, start = args.samples_per_question, time.perf_counter()
-        samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
-        seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
-        speed = generation_summary(samples, args, seconds)
-        pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n),
-                                   args.system)
+        samples, seconds, speed = sample_completions(model, tokenizer, rows, args, "pairs",
+                                                     args.temperature, args.samples_per_question)
+        texts = batches_of([s["text"] for s in samples], args.samples_per_question)
+        pairs, counts = make_pairs(tokenizer, rows, texts, args.system)
         print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
               f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
               f"stops {speed['stops']}")
