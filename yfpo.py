@@ -703,8 +703,7 @@ def random_neurons(neurons, mean_abs, generator, bins=10):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
         pool = torch.tensor([i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen])
         if len(pool) < len(picked):
-            raise UserError(f"layer {layer}: {len(picked)} neurons selected, {len(pool)} others; "
-                            "select fewer (--top-k)")
+            raise UserError(f"layer {layer}: {len(picked)} chosen, {len(pool)} left; lower --top-k")
         num_bins = max(1, min(bins, len(pool) // len(picked)))
         chunks = pool[mean_abs[layer, pool].argsort()].tensor_split(num_bins)
         edges = mean_abs[layer, [int(c[-1]) for c in chunks[:-1]]]  # each bin's top but the last's
@@ -867,8 +866,7 @@ def load_pairs(path):
     for lineno, row in rows:
         for field in ("prompt", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
-                raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs "
-                                "prompt, chosen and rejected")
+                raise UserError(f"{path}:{lineno}: missing field '{field}'; add it to the row")
         if not row["prompt"]:  # its last position predicts the completions' first tokens
             raise UserError(f"{path}:{lineno}: empty prompt; give the prompt they answer")
         if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
@@ -994,8 +992,7 @@ PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/re
 def tokenize_pairs(tokenizer, rows, max_length):
     """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
-        raise UserError("the pairs are chat messages but the tokenizer has no chat template; "
-                        "write them as text")
+        raise UserError("chat-message pairs but no chat template in the tokenizer; write text")
     pairs = [(*tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
               tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]) for r in rows]
     return [(p, c, r) for p, c, r in pairs if c and r]
@@ -1146,8 +1143,7 @@ def calibrate(lam, share_at, linear):
     for _ in range(1 if linear else 8):
         share = share_at(lam * c)
         if not share > 0:
-            raise UserError("no neuron-term gradient on the calibration pairs: check --neurons or "
-                            "pass --balance none")
+            raise UserError("no neuron-term gradient: check --neurons or pass --balance none")
         if abs(share / abs(lam) - 1) < 1e-4:
             break
         c *= abs(lam) / share
@@ -1509,8 +1505,7 @@ def cmd_plot(args):
     accuracies = {prefix[d] + p.parent.name[5:]: json.loads(p.read_text())
                   for d in dirs for p in sorted(d.glob("eval_*/summary.json"))}
     if not runs or not all(runs.values()):
-        raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of "
-                        "train or reproduce runs")
+        raise UserError(f"no training steps in {' '.join(args.dirs)}; pass train/reproduce --out")
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
     fig = Figure(figsize=(12 if accuracies else 7, 8), layout="tight")
     grid = fig.add_gridspec(3, 2 if accuracies else 1)
