@@ -77,7 +77,7 @@ def pairs_file(tiny_dir, data_file, tmp_path_factory):
                      "chosen": yfpo.make_completion(tokenizer, gold),
                      "rejected": yfpo.make_completion(tokenizer, wrong)})
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    yfpo.write_jsonl(path, rows)
+    yfpo.write(path, rows)
     return str(path)
 
 
@@ -222,22 +222,22 @@ def test_load_local_jsonl_adds_gold(data_file):
 
 
 def test_load_folder_picks_the_split_file(tmp_path):
-    yfpo.write_jsonl(tmp_path / "train.jsonl", DEMO_ROWS[:3])
-    yfpo.write_jsonl(tmp_path / "test.jsonl", DEMO_ROWS[3:5])
+    yfpo.write(tmp_path / "train.jsonl", DEMO_ROWS[:3])
+    yfpo.write(tmp_path / "test.jsonl", DEMO_ROWS[3:5])
     assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "test")] == ["15", "32"]
 
 
 def test_load_folder_reads_every_shard_of_the_split_only(tmp_path):
-    yfpo.write_jsonl(tmp_path / "train-00000-of-00002.jsonl", DEMO_ROWS[:2])
-    yfpo.write_jsonl(tmp_path / "train-00001-of-00002.jsonl", DEMO_ROWS[2:3])
-    yfpo.write_jsonl(tmp_path / "trainextra.jsonl", DEMO_ROWS[3:])
+    yfpo.write(tmp_path / "train-00000-of-00002.jsonl", DEMO_ROWS[:2])
+    yfpo.write(tmp_path / "train-00001-of-00002.jsonl", DEMO_ROWS[2:3])
+    yfpo.write(tmp_path / "trainextra.jsonl", DEMO_ROWS[3:])
     assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "train")] == ["8", "48", "105"]
 
 
 def test_load_json_lines_json_list_and_parquet_files(tmp_path):
     datasets = pytest.importorskip("datasets")
     (tmp_path / "list.json").write_text(json.dumps(DEMO_ROWS[:3]))
-    yfpo.write_jsonl(tmp_path / "lines.json", DEMO_ROWS[:3])  # what datasets' to_json writes
+    yfpo.write(tmp_path / "lines.json", jsonl(*DEMO_ROWS[:3]))  # what datasets' to_json writes
     datasets.Dataset.from_list(DEMO_ROWS[:3]).to_parquet(str(tmp_path / "rows.parquet"))
     for name in ("list.json", "lines.json", "rows.parquet"):
         rows = yfpo.load_gsm8k(str(tmp_path / name), "train")
@@ -339,13 +339,13 @@ def test_collate_masks_exactly_the_positions_that_predict_completion_tokens():
     ("In 2023 she was 30 years old and the answer is 31", "31"),
 ])
 def test_extract_answer_reads_the_last_stated_answer_else_the_last_number(text, expected):
-    assert yfpo.extract_answer(text) == expected
+    assert yfpo.extract_answer(text)[0] == expected
 
 
 def test_extract_answer_names_the_rule_that_fired():
-    assert yfpo.extract_answer_rule("so 4 then The answer is 5.") == ("5", "strict")
-    assert yfpo.extract_answer_rule("so 4 then 5") == ("5", "flexible")
-    assert yfpo.extract_answer_rule("nothing") == (None, None)
+    assert yfpo.extract_answer("so 4 then The answer is 5.") == ("5", "strict")
+    assert yfpo.extract_answer("so 4 then 5") == ("5", "flexible")
+    assert yfpo.extract_answer("nothing") == (None, None)
 
 
 @pytest.mark.parametrize("text, gold, expected", [
@@ -633,20 +633,10 @@ def test_select_neurons_global_top_k_is_exact():
     assert yfpo.select_neurons(SCORES, 3) == [(0, 1, 5.0), (1, 2, 4.0), (1, 0, 3.0)]
 
 
-def test_select_neurons_per_layer_takes_k_over_L_from_each_layer():
-    assert yfpo.select_neurons(SCORES, 6, per_layer=True) == \
-        [(0, 1, 5.0), (1, 2, 4.0), (1, 0, 3.0), (0, 3, 2.0), (2, 1, 1.5), (2, 0, 1.0)]
-
-
 def test_select_neurons_rejects_k_beyond_the_model():
     with pytest.raises(yfpo.UserError,
                        match="--top-k 13 is not between 1 and the model's 12 neurons"):
         yfpo.select_neurons(torch.zeros(3, 4), 13)
-
-
-def test_select_neurons_per_layer_rejects_k_below_one_per_layer():
-    with pytest.raises(yfpo.UserError, match="--per-layer"):
-        yfpo.select_neurons(torch.zeros(3, 4), 2, per_layer=True)
 
 
 def test_identify_writes_a_neuron_set_that_round_trips(neurons_file, tiny):
@@ -709,14 +699,6 @@ def test_identify_writes_a_random_control_set_matched_on_layer_and_scale(tiny, d
         assert math.isclose(n["act_mean"], mean[layer, index].item(), rel_tol=1e-4, abs_tol=1e-6)
         assert math.isclose(n["act_std"], std[layer, index].item(), rel_tol=1e-4)
     assert control["selection"]["question_indices"] == list(range(4, 12))
-
-
-def test_identify_per_layer_records_the_neurons_it_kept(tiny_dir, data_file, tmp_path):
-    assert run("identify", "--model", tiny_dir, "--data", data_file, "--num-samples", "4",
-               "--top-k", "5", "--per-layer", "--out", str(tmp_path)) == 0
-    saved = json.loads((tmp_path / "neurons.json").read_text())
-    assert saved["selection"]["top_k"] == 5
-    assert saved["selection"]["num_selected"] == len(saved["neurons"]) == 4
 
 
 def test_identify_selects_the_top_of_score_neurons(tiny, data_file, neurons_file):
@@ -1319,9 +1301,9 @@ def test_eval_writes_one_graded_row_per_question_and_a_summary(tiny_dir, data_fi
 
 def test_evaluate_gives_a_speed_even_when_the_clock_sees_no_time_pass(tiny, monkeypatch):
     stated = {"text": "The answer is 8.", "stop": "answer", "tokens": 5}
-    monkeypatch.setattr(yfpo, "sample_completions", lambda *args: [stated])
+    monkeypatch.setattr(yfpo, "generate", lambda *args: [stated])
     monkeypatch.setattr(yfpo.time, "perf_counter", lambda: 1.0)
-    args = argparse.Namespace(system=None, max_new_tokens=8, batch_size=1)
+    args = argparse.Namespace(system=None, max_new_tokens=8, batch_size=1, seed=0)
     summary, _ = yfpo.evaluate(None, tiny[1], DEMO_ROWS[:1], args)
     assert summary["correct"] == 1 and summary["questions_per_s"] > 0
 

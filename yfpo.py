@@ -45,20 +45,17 @@ def check_out_dir(out):
     return Path(out)
 
 
-def write_text(path, text):
+def write(path, content):
+    """Write path whole on rank 0: text as is, a list to .jsonl a JSON row per line, else JSON."""
+    if isinstance(content, list) and Path(path).suffix == ".jsonl":
+        content = "".join(json.dumps(row) + "\n" for row in content)
+    elif not isinstance(content, str):
+        content = json.dumps(content, indent=2) + "\n"
     if rank_and_world()[0] == 0:  # under torchrun, rank 0 writes
         tmp = Path(path).with_name(Path(path).name + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        tmp.write_text(content)
         os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_jsonl(path, numbered=False):
@@ -78,7 +75,8 @@ def looks_like_path(name):  # a name only a local file has (hub ids are 'org/nam
 
 
 # --- Model and device -----------------------------------------------------------------------------
-def pick_device(name):
+def pick_device(name, dtype):
+    """(device, dtype) of --device and --dtype; auto: cuda if there is one, bfloat16 if it can."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -87,13 +85,10 @@ def pick_device(name):
         raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return device
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return getattr(torch, name)
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float32"
+    return device, getattr(torch, dtype)
 
 
 def load_model(name, device, dtype, trust_remote_code=False, weights=True):
@@ -266,9 +261,9 @@ def normalize_number(text):
     return text.replace(",", "").replace("$", "").replace("%", "").rstrip(".")
 
 
-def extract_answer_rule(text):
-    """(answer, rule): 'strict' for the number right after the last "The answer is", "####" or
-    "\\boxed{"; else 'flexible' for the last number in the text; (None, None) when there is none."""
+def extract_answer(text):
+    """(answer, rule): the number right after the last "The answer is", "####" or "\\boxed{" and
+    'strict', else the last number ('1234', '-3.5') and 'flexible'; (None, None) if none."""
     strict = STRICT.findall(text)
     numbers = strict or FLEXIBLE.findall(text)
     if not numbers:
@@ -276,15 +271,10 @@ def extract_answer_rule(text):
     return normalize_number(numbers[-1]), "strict" if strict else "flexible"
 
 
-def extract_answer(text):
-    """The final numeric answer of a completion as a string ('1234', '-3.5'), or None."""
-    return extract_answer_rule(text)[0]
-
-
 def is_correct(text, gold):
     """True when the extracted answer equals the gold number numerically ('18.00' == '18')."""
     try:
-        answer, gold = float(extract_answer(text)), float(normalize_number(gold))
+        answer, gold = float(extract_answer(text)[0]), float(normalize_number(gold))
     except (TypeError, ValueError):  # no answer, or not a number
         return False
     return abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
@@ -436,20 +426,18 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
 
 
 def sample_completions(model, tokenizer, rows, args, desc, temperature=0.0, num_samples=1):
-    """generate() on the rows' questions."""
+    """generate() on the rows' questions: (completions, seconds, how they were made, ended, ran)."""
+    start = time.perf_counter()
     prompts = [format_prompt(tokenizer, r["question"], args.system) for r in rows]
-    return generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc,
-                    temperature, num_samples, args.seed)
-
-
-def generation_summary(completions, args, seconds):
-    """How completions were made and ended, and how fast (for summary.json and the screen)."""
+    completions = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc,
+                           temperature, num_samples, args.seed)
+    seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
     tokens = sum(c["tokens"] for c in completions)
     stops = dict(collections.Counter(c["stop"] for c in completions))
-    return {"stop_rule": STOP_RULE, "stops": stops, "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size, "processes": rank_and_world()[1],
-            "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+    return completions, seconds, {
+        "stop_rule": STOP_RULE, "stops": stops, "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size, "processes": rank_and_world()[1], "generated_tokens": tokens,
+        "wall_time_s": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
 
 
 # --- Statistics: what a difference in accuracy can show -------------------------------------------
@@ -546,33 +534,30 @@ def gold_nll(model, batches):
 
 def evaluate(model, tokenizer, rows, args):
     """Greedy GSM8K exact match on rows: (summary dict, per-question rows)."""
-    start = time.perf_counter()
-    completions = sample_completions(model, tokenizer, rows, args, "eval")
-    answers = [extract_answer_rule(c["text"]) for c in completions]
+    completions, seconds, speed = sample_completions(model, tokenizer, rows, args, "eval")
+    answers = [extract_answer(c["text"]) for c in completions]
     results = [{"index": i, "question": r["question"], "gold": r["gold"], "completion": c["text"],
                 "extracted": answer, "rule": rule, "correct": is_correct(c["text"], r["gold"]),
                 "stop": c["stop"], "tokens": c["tokens"]}
                for i, (r, c, (answer, rule)) in enumerate(zip(rows, completions, answers))]
-    seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
     correct = sum(r["correct"] for r in results)
     low, high = wilson_interval(correct, len(results))
     strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
     return {"accuracy": correct / len(results), "accuracy_strict": strict / len(results),
             "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
             "prompt_format": "chat_template" if tokenizer.chat_template else "plain",
-            "system": args.system, **generation_summary(completions, args, seconds),
+            "system": args.system, **speed,
             "questions_per_s": round(len(results) / seconds, 3)}, results
 
 
 def start_command(args, split, limit):
     """(out, device, rows, model, tokenizer), the out folder checked and the seed set."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
+    out, (device, dtype) = check_out_dir(args.out), pick_device(args.device, args.dtype)
     torch.manual_seed(args.seed)
     rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
     if getattr(args, "batch_size", 0) is None:  # generation's default, measured (see the README)
         args.batch_size = GENERATION_BATCH[device.type]
-    return out, device, rows, *load_model(args.model, device, pick_dtype(args.dtype, device),
-                                          args.trust_remote_code)
+    return out, device, rows, *load_model(args.model, device, dtype, args.trust_remote_code)
 
 
 # --- Neurons: AttnLRP relevance, selection, the saved set, the causal check (ablation) ------------
@@ -647,16 +632,9 @@ def score_neurons(model, batches):
     return (score / count).float(), torch.where(gradient < 0, -1.0, 1.0)
 
 
-def select_neurons(scores, k, per_layer=False):
-    """The top-k neurons of scores [L, I], as [(layer, index, score)] sorted by score, highest
-    first. Globally across layers, or with per_layer the top k // L of each layer."""
-    (num_layers, width), k_max = scores.shape, scores.numel()
-    if per_layer:
-        if not 1 <= k // num_layers <= width:
-            raise UserError(f"--top-k {k} with --per-layer: use {num_layers} to {k_max}")
-        top = zip(*scores.topk(k // num_layers, dim=1))  # each layer's (values, indices)
-        chosen = [(layer, int(i), float(v)) for layer, row in enumerate(top) for v, i in zip(*row)]
-        return sorted(chosen, key=lambda n: -n[2])
+def select_neurons(scores, k):
+    """The top k of scores [L, I] over all layers: [(layer, index, score)], highest first."""
+    width, k_max = scores.shape[1], scores.numel()
     if not 1 <= k <= k_max:
         raise UserError(f"--top-k {k} is not between 1 and the model's {k_max} neurons; lower it")
     top = scores.flatten().topk(k)
@@ -725,8 +703,7 @@ def random_neurons(neurons, mean_abs, generator, bins=10):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
         pool = torch.tensor([i for i in range(mean_abs.shape[1]) if (layer, i) not in chosen])
         if len(pool) < len(picked):
-            raise UserError(f"layer {layer}: {len(picked)} neurons selected, {len(pool)} others; "
-                            "select fewer (--top-k)")
+            raise UserError(f"layer {layer}: {len(picked)} chosen, {len(pool)} left; lower --top-k")
         num_bins = max(1, min(bins, len(pool) // len(picked)))
         chunks = pool[mean_abs[layer, pool].argsort()].tensor_split(num_bins)
         edges = mean_abs[layer, [int(c[-1]) for c in chunks[:-1]]]  # each bin's top but the last's
@@ -766,19 +743,19 @@ def cmd_identify(args):
     out, device, rows, model, tokenizer = start_command(args, "train", last)
     with attnlrp(model):  # checks the architecture first
         (num_layers, width), start = model_shape(model), time.perf_counter()
-        select_neurons(torch.zeros(num_layers, width), args.top_k, args.per_layer)  # k first
+        select_neurons(torch.zeros(num_layers, width), args.top_k)  # k first
         math_batches = solution_batches(tokenizer, rows, args, device, args.batch_size)
         scores, directions = score_neurons(model, tqdm(math_batches, desc="identify", unit="batch"))
         if control:  # keep what is specific to math, not what any text uses
             batches = solution_batches(tokenizer, control, args, device, args.batch_size)
             scores -= score_neurons(model, tqdm(batches, desc="control", unit="batch"))[0]
     seconds = time.perf_counter() - start
-    neurons = select_neurons(scores, args.top_k, args.per_layer)
+    neurons = select_neurons(scores, args.top_k)
     mean, std, mean_abs = activation_moments(model, math_batches)
     matched = random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed))
     counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
     disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
-    selection = {"rule": "per_layer_top_k" if args.per_layer else "global_top_k",
+    selection = {"rule": "global_top_k",
                  "top_k": args.top_k, "num_selected": len(neurons),
                  "score": "AttnLRP relevance at the down_proj input"
                           + (" minus the same over the control samples" if control else ""),
@@ -797,7 +774,7 @@ def cmd_identify(args):
         entries = [{"layer": l, "index": i, "score": float(scores[l, i]),
                     "direction": int(directions[l, i]), "act_mean": float(mean[l, i]),
                     "act_std": float(std[l, i])} for l, i, *_ in chosen]
-        write_json(out / name, {"model": args.model, "num_layers": num_layers,
+        write(out / name, {"model": args.model, "num_layers": num_layers,
                                 "intermediate_size": width, **extra,
                                 "scoring_seconds": round(seconds, 2), "neurons": entries})
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; neurons per layer: "
@@ -856,7 +833,7 @@ def cmd_ablate(args):
                       accuracy_paired=p)
         print(f"accuracy: base {base[0]['accuracy']:.4f}, neurons x {args.scale:g} "
               f"{ablated[0]['accuracy']:.4f}; McNemar p {p['mcnemar_p']:.2g}")
-    write_json(out / "ablation.json", result)
+    write(out / "ablation.json", result)
     print(f"wrote {out / 'ablation.json'}")
 
 
@@ -889,8 +866,7 @@ def load_pairs(path):
     for lineno, row in rows:
         for field in ("prompt", "chosen", "rejected"):
             if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
-                raise UserError(f"{path}:{lineno}: missing field '{field}'; every row needs "
-                                "prompt, chosen and rejected")
+                raise UserError(f"{path}:{lineno}: missing field '{field}'; add it to the row")
         if not row["prompt"]:  # its last position predicts the completions' first tokens
             raise UserError(f"{path}:{lineno}: empty prompt; give the prompt they answer")
         if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
@@ -919,16 +895,14 @@ def cmd_pairs(args):
         print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split})")
     else:
         out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
-        n, start = args.samples_per_question, time.perf_counter()
-        samples = sample_completions(model, tokenizer, rows, args, "pairs", args.temperature, n)
-        seconds = max(time.perf_counter() - start, 1e-9)  # a coarse clock may see no time pass
-        speed = generation_summary(samples, args, seconds)
-        pairs, counts = make_pairs(tokenizer, rows, batches_of([s["text"] for s in samples], n),
-                                   args.system)
+        samples, seconds, speed = sample_completions(model, tokenizer, rows, args, "pairs",
+                                                     args.temperature, args.samples_per_question)
+        texts = batches_of([s["text"] for s in samples], args.samples_per_question)
+        pairs, counts = make_pairs(tokenizer, rows, texts, args.system)
         print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
               f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
               f"stops {speed['stops']}")
-    write_jsonl(out / "pairs.jsonl", pairs)
+    write(out / "pairs.jsonl", pairs)
     print(f"wrote {out / 'pairs.jsonl'}")
 
 
@@ -1018,8 +992,7 @@ PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/re
 def tokenize_pairs(tokenizer, rows, max_length):
     """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
-        raise UserError("the pairs are chat messages but the tokenizer has no chat template; "
-                        "write them as text")
+        raise UserError("chat-message pairs but no chat template in the tokenizer; write text")
     pairs = [(*tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
               tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]) for r in rows]
     return [(p, c, r) for p, c, r in pairs if c and r]
@@ -1068,10 +1041,9 @@ def train_setup(args):
     job = types.SimpleNamespace(args=args, out=check_out_dir(args.out))
     job.rank, job.world = rank_and_world()  # torchrun: each rank takes every world-th micro-batch
     job.master, job.ddp = job.rank == 0, job.world > 1
-    job.device = pick_device(args.device)
+    job.device, dtype = pick_device(args.device, args.dtype)
     if job.device.type == "cuda":  # this rank's GPU under torchrun
         job.device = torch.device("cuda", torch.cuda.current_device())
-    dtype = pick_dtype(args.dtype, job.device)
     if dtype == torch.float16:
         raise UserError("train takes --dtype float32 or bfloat16 (float16 needs loss scaling)")
     job.autocast = torch.autocast(job.device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -1171,8 +1143,7 @@ def calibrate(lam, share_at, linear):
     for _ in range(1 if linear else 8):
         share = share_at(lam * c)
         if not share > 0:
-            raise UserError("no neuron-term gradient on the calibration pairs: check --neurons or "
-                            "pass --balance none")
+            raise UserError("no neuron-term gradient: check --neurons or pass --balance none")
         if abs(share / abs(lam) - 1) < 1e-4:
             break
         c *= abs(lam) / share
@@ -1268,7 +1239,7 @@ def optimizer_and_schedule(job):
         scheduler.load_state_dict(state["scheduler"])
     if job.master:  # a new log, or the old one without the steps after the checkpoint (redone)
         kept = read_jsonl(job.out / "metrics.jsonl") if args.resume else []
-        write_jsonl(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= state["step"]])
+        write(job.out / "metrics.jsonl", [m for m in kept if m["step"] <= state["step"]])
     return optimizer, scheduler, state["step"]
 
 
@@ -1367,8 +1338,8 @@ def cmd_eval(args):
     summary, results = evaluate(model, tokenizer, rows, args)
     summary.update(model=args.model, data=args.data, split=args.split, limit=args.limit,
                    seed=args.seed)
-    write_jsonl(out / "eval.jsonl", results)
-    write_json(out / "summary.json", summary)
+    write(out / "eval.jsonl", results)
+    write(out / "summary.json", summary)
     print("accuracy {accuracy:.4f} ({correct}/{total}), 95% CI [{ci_low:.4f}, {ci_high:.4f}], "
           "{questions_per_s} questions/s".format(**summary))
     print(f"wrote {out / 'eval.jsonl'} and {out / 'summary.json'}")
@@ -1377,10 +1348,9 @@ def cmd_eval(args):
 def cmd_score(args):
     """score: per pair (held-out ones from `pairs --from-eval`) the log-probs of chosen and
     rejected, the chosen token count, and both neuron scores of every --neurons set: one forward."""
-    out, device = check_out_dir(args.out), pick_device(args.device)
+    out, (device, dtype) = check_out_dir(args.out), pick_device(args.device, args.dtype)
     rows = load_pairs(args.pairs)
-    model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device),
-                                  args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device, dtype, args.trust_remote_code)
     kept = [(row, p) for row in rows for p in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
@@ -1393,7 +1363,7 @@ def cmd_score(args):
             results += [{"question_index": row.get("question_index"), "logps": logps[b],
                          "chosen_tokens": len(c), "neurons": {n: s[b] for n, s in scores.items()}}
                         for b, (row, (_, c, _)) in enumerate(chunk)]
-    write_jsonl(out / "scores.jsonl", results)
+    write(out / "scores.jsonl", results)
     print(f"scored {len(results)} of {len(rows)} pairs; wrote {out / 'scores.jsonl'}")
 
 
@@ -1525,7 +1495,7 @@ def write_report(out, args, seconds):
                   f"rise {m['rise']:+.4f}, std {m['std']:.4f}, z {m['z'] and round(m['z'], 2)}"]
     lines += [*table("stage", "wall time (s)"), *(f"| {s} | {t} |" for s, t in seconds.items()),
               f"| all | {sum(seconds.values()):.1f} |"]
-    write_text(out / "report.md", "\n".join(lines) + "\n")
+    write(out / "report.md", "\n".join(lines) + "\n")
 
 
 def cmd_plot(args):
@@ -1537,8 +1507,7 @@ def cmd_plot(args):
     accuracies = {prefix[d] + p.parent.name[5:]: json.loads(p.read_text())
                   for d in dirs for p in sorted(d.glob("eval_*/summary.json"))}
     if not runs or not all(runs.values()):
-        raise UserError(f"no training steps in {' '.join(args.dirs)}; pass the --out folders of "
-                        "train or reproduce runs")
+        raise UserError(f"no training steps in {' '.join(args.dirs)}; pass train/reproduce --out")
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
     fig = Figure(figsize=(12 if accuracies else 7, 8), layout="tight")
     grid = fig.add_gridspec(3, 2 if accuracies else 1)
@@ -1586,12 +1555,12 @@ def cmd_reproduce(args):
         resume = old.get("key") == key and (out / stage / "model" / "trainer_state.pt").is_file()
         if not resume:
             shutil.rmtree(out / stage, ignore_errors=True)
-        write_json(stamp_path, stamp)
+        write(stamp_path, stamp)
         print(f"\n[reproduce] {stage}{' (resuming its checkpoint)' * resume} -> {out / stage}")
         start = time.perf_counter()
         main([*argv, "--out", str(out / stage), *["--resume"] * resume], strict=True)
         seconds[stage] = stamp["seconds"] = round(time.perf_counter() - start, 1)
-        write_json(stamp_path, stamp)
+        write(stamp_path, stamp)
     write_report(out, args, seconds)
     cmd_plot(argparse.Namespace(dirs=[str(out)], out=out / "report.png"))
     print(f"wrote {out / 'report.md'}")
@@ -1657,8 +1626,8 @@ def cmd_demo(args):
     """demo: `reproduce` on a tiny random model and a dozen built-in problems, offline."""
     out, start = check_out_dir(args.out), time.perf_counter()
     model, data = str(build_tiny_model(out / "tiny-model", args.seed)), out / "gsm8k"
-    write_jsonl(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
-    write_jsonl(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
+    write(data / "train.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[:8]])
+    write(data / "test.jsonl", [{"question": q, "answer": a} for q, a in DEMO_PROBLEMS[8:]])
     small = (f"--device cpu --seed {args.seed} --num-samples 3 --top-k 16 --ablate-samples 4 "
              "--random-seeds 2 --lr 1e-4 --num-questions 5 --samples-per-question 2 "
              "--max-new-tokens 16 --train-batch-size 2 --grad-accum 1 --epochs 2 --save-every 2")
@@ -1727,7 +1696,7 @@ def build_parser():
     def command(name, run, help, *parents, **own):  # a subcommand; its own flags as in group
         commands.add_parser(name, parents=[*parents, group(**own)], help=help).set_defaults(run=run)
     command("identify", cmd_identify, "score MLP neurons with AttnLRP, save the top k", common,
-            selection, length, batch_size=4, per_layer=(False, "the top k/L of every layer"),
+            selection, length, batch_size=4,
             control=dict(help="non-math question/answer data; its mean relevance is subtracted"))
     command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
             generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
