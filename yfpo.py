@@ -99,13 +99,14 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
         raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder or hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = weights and AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        model = (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+                 if weights else None)
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local "
                         "folder") from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return model.to(device).eval() if weights else None, tokenizer
+    return model and model.to(device).eval(), tokenizer
 
 
 def decoder_layers(model):  # the transformer blocks of a (possibly DDP-wrapped) causal LM
@@ -394,10 +395,11 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                     out = model(input_ids=torch.tensor([ids[q]], device=device), use_cache=True,
                                 logits_to_keep=1)
                     kv, logits = [layer[:2] for layer in out.past_key_values], out.logits[0, -1]
-                index = q * num_samples + j  # its seed: the same on any rank and batch size
+                index = q * num_samples + j
                 sequence = {"index": index, "tokens": [], "count": 0, "position": len(ids[q]) - 1,
-                            "generator": torch.Generator(device)}
-                sequence["generator"].manual_seed((seed * 1_000_003 + index) % 2 ** 31)
+                            "generator": torch.Generator(device) if temperature else None}
+                if temperature:  # sampling only; the seed is the same on any rank and batch size
+                    sequence["generator"].manual_seed((seed * 1_000_003 + index) % 2 ** 31)
                 if not push(sequence, pick(logits[None], [sequence])[0]):
                     cache = cache or SlotCache(kv, min(batch_size, len(waiting) + 1),
                                                max(map(len, ids)), max_new_tokens)
@@ -466,7 +468,7 @@ def mcnemar_detectable(discordant, total, alpha=0.05, power=0.8):
     def pmf(pi):  # P(only_a = k) for every k
         return (log_comb + k * math.log(pi) + (discordant - k) * math.log1p(-pi)).exp()
     edge = int((2 * pmf(0.5).cumsum(0)[:discordant // 2 + 1] <= alpha).sum()) - 1  # -1: nowhere
-    region = (k <= edge) | (k >= discordant - edge)  # where mcnemar_exact(k, n - k) <= alpha
+    region = (k <= edge) | (k >= discordant - edge)  # mcnemar_exact(k, discordant - k) <= alpha
     lo, hi = 0.5, 1 - 1e-12
     if pmf(hi)[region].sum() < power:  # also when no split is significant (region empty)
         return None
@@ -695,9 +697,10 @@ def activation_moments(model, batches):
 
 
 def random_neurons(neurons, mean_abs, generator, bins=10):
-    """A random control for neurons: [(layer, index)], as many in each layer, none of them. bins > 1
-    matches scale too: a draw without replacement per selected neuron from its bin, the layer's
-    others cut by mean_abs [L, I] into `bins` equal-count bins (fewer if under bins x its count)."""
+    """A random control for neurons: [(layer, index)], as many in each layer, none of them. The
+    layer's other neurons are cut by mean_abs [L, I] into `bins` equal-count bins (fewer if under
+    bins x its count); each selected neuron is matched by a draw, without replacement, from its own
+    bin. bins=1: matched on layer only."""
     chosen, control = {(n[0], n[1]) for n in neurons}, []
     for layer in sorted({n[0] for n in neurons}):
         picked = torch.tensor([n[1] for n in neurons if n[0] == layer])
@@ -775,8 +778,8 @@ def cmd_identify(args):
                     "direction": int(directions[l, i]), "act_mean": float(mean[l, i]),
                     "act_std": float(std[l, i])} for l, i, *_ in chosen]
         write(out / name, {"model": args.model, "num_layers": num_layers,
-                                "intermediate_size": width, **extra,
-                                "scoring_seconds": round(seconds, 2), "neurons": entries})
+                           "intermediate_size": width, **extra,
+                           "scoring_seconds": round(seconds, 2), "neurons": entries})
     print(f"scored {len(rows) + len(control)} samples in {seconds:.1f}s; neurons per layer: "
           f"{counts}; wrote {out / 'neurons.json'} and its random control")
 
@@ -811,9 +814,10 @@ def cmd_ablate(args):
               "num_samples": len(rows), "num_neurons": len(neurons), "scale": args.scale,
               "random_seeds": args.random_seeds}
     for text in texts:  # math's fields go in result, the control text's in result["control"]
-        part = result if text == "math" else result.setdefault("control", {
-            "data": args.control, "num_samples": len(control),
-            "rows": [r["index"] for r in control]})
+        part = result
+        if text == "control":
+            part = result["control"] = {"data": args.control, "num_samples": len(control),
+                                        "rows": [r["index"] for r in control]}
         part.update(nll_base=base[text], nll_ablated=ablated[text], rise=ablated[text] - base[text])
         print(f"{text} NLL per solution token: base {base[text]:.4f}, neurons x {args.scale:g} "
               f"{ablated[text]:.4f} (rise {part['rise']:+.4f})")
@@ -1100,8 +1104,10 @@ def pair_losses(job, net, indices, weight, path=None):
         margin = margin.detach()
     elif path == "neuron":
         logps = logps.detach()
-    return logps, scores, yfpo_loss(*logps.T, *job.ref_logps[indices].T, margin, beta=job.args.beta,
-                                    lam=weight, gamma=job.gamma, yoke=job.args.yoke)
+    ref = job.ref_logps[indices]  # columns: chosen, rejected
+    return logps, scores, yfpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], margin,
+                                    beta=job.args.beta, lam=weight, gamma=job.gamma,
+                                    yoke=job.args.yoke)
 
 
 def term_gradients(params, loss_of, chunks):
@@ -1304,7 +1310,8 @@ def train_loop(job):
                        **dict(zip(PAIR_METRICS, (sums / job.pairs_per_step).tolist())),
                        "grad_norm": grad_norm.item(), **probe, "gamma": job.gamma, "c": job.c,
                        "learning_rate": learning_rate, "step_time_s": seconds,
-                       "tokens_per_s": tokens / seconds,  # MFU: 6 N FLOPs a trained token
+                       "tokens_per_s": tokens / seconds,
+                       # MFU: 6 N FLOPs per trained token (forward + backward), over all peaks
                        "mfu": peak and 6 * num_params * tokens / seconds / (peak * job.world)}
                 with open(job.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -1459,7 +1466,8 @@ def write_report(out, args, seconds):
     for stage in (s for s in seconds if s.startswith("train_")):
         steps = read_jsonl(out / stage / "metrics.jsonl")
         last, probes = steps[-1], [m for m in steps if "neuron/share" in m]
-        probes = probes and [probes[0], probes[len(probes) // 2], probes[-1]]
+        if probes:  # the first, middle and last
+            probes = [probes[0], probes[len(probes) // 2], probes[-1]]
         dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"  # lam 0: all is DPO's
         norms = " | ".join(f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—"
                            for k in (dpo, "grad_norm/neuron"))
@@ -1531,6 +1539,7 @@ def cmd_reproduce(args):
     """reproduce: every stage of reproduce_stages, each run as its command line, then the report."""
     out = check_out_dir(args.out)
     inputs = [(args.data, "train", True), (args.data, "test", True), (args.control, "train", False)]
+    # Every input is read (and checked) before any stage runs; the first is the train split.
     train_rows = [load_gsm8k(data, split, gold) for data, split, gold in inputs if data][0]
     if args.num_samples + args.num_questions > len(train_rows):
         raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} "
@@ -1612,7 +1621,7 @@ def build_tiny_model(path, seed=0, model_type="qwen2"):
         model_input_names=["input_ids", "attention_mask"], chat_template=(  # ChatML
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
-    torch.manual_seed(seed)  # initializer_range 0.2, above usual: greedy outputs differ by prompt
+    torch.manual_seed(seed)  # initializer_range 0.2 (above usual): greedy outputs differ by prompt
     AutoModelForCausalLM.from_config(AutoConfig.for_model(  # generation config: eos, pad too
         model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, head_dim=16,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
