@@ -1566,6 +1566,12 @@ def written(name, text):
     return make
 
 
+def config_only_model(folder, get):
+    """A model folder cut short after its config.json, as an interrupted download leaves it."""
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
 def neurons_with(**changed):
     return lambda get: json.dumps({**json.loads(Path(get("neurons_file")).read_text()), **changed})
 
@@ -1598,6 +1604,7 @@ BAD_INPUTS = {
                          lambda get: jsonl(DEMO_ROWS[0], {"question": "q", "answer": "5"})),
     "a_file": written("out", lambda get: "x"),
     "gpt2_model": gpt2_model,
+    "config_only_model": config_only_model,
     "neurons_99_wide": written("neurons.json", neurons_with(intermediate_size=99)),
     "neurons_5_layers": written("n.json", neurons_with(num_layers=5)),
     "no_rejected": written("bad.jsonl", lambda get: jsonl(*pair_rows(get)[:2], {
@@ -1659,6 +1666,8 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
     ("eval: --limit 0", EVAL + "--limit 0", "--limit: must be a positive int"),
     ("eval: a negative --limit", EVAL + "--limit -3", "--limit: must be a positive int"),
     ("eval: no model folder", EVAL + "--model {tmp}/no-model", "model path does not exist"),
+    ("eval: a model folder without its tokenizer", EVAL + "--model {config_only_model}",
+     "has no tokenizer_config.json; pass a complete Hugging Face model folder"),
     ("eval: a hub model, offline", EVAL + "--model no-such-org/no-such-model",
      "offline, pass a local folder"),
     ("eval: out is an existing file", EVAL + "--out {a_file}", "is an existing file"),

@@ -97,6 +97,9 @@ def load_model(name, device, dtype, trust_remote_code=False, weights=True):
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(name).exists() and looks_like_path(name):
         raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder or hub id")
+    missing = [f for f in ("config.json", "tokenizer_config.json") if not (Path(name) / f).exists()]
+    if Path(name).is_dir() and missing:  # else transformers' first line can mislead (protobuf...)
+        raise UserError(f"{name} has no {missing[0]}; pass a complete Hugging Face model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
