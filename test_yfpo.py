@@ -73,9 +73,9 @@ def pairs_file(tiny_dir, data_file, tmp_path_factory):
     for row in yfpo.load_gsm8k(data_file, "train")[:8]:
         gold = yfpo.gold_solution(row["answer"])
         wrong = gold.replace(row["gold"], str(int(row["gold"]) + 1))
-        rows.append({"prompt": yfpo.make_prompt(tokenizer, row["question"]),
-                     "chosen": yfpo.make_completion(tokenizer, gold),
-                     "rejected": yfpo.make_completion(tokenizer, wrong)})
+        rows.append({"prompt": yfpo.make_prompt(row["question"]),
+                     "chosen": yfpo.make_completion(gold),
+                     "rejected": yfpo.make_completion(wrong)})
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     yfpo.write(path, rows)
     return str(path)
@@ -194,13 +194,6 @@ def expected_curves(runs):
                   for label, folder in runs.items()} for key in PLOTTED}
 
 
-def bars(figure):
-    """{bar label: height} of plot's accuracy panel."""
-    (ax,) = [ax for ax in figure.axes if ax.get_title() == "GSM8K accuracy, 95% Wilson CI"]
-    labels = [t.get_text() for t in ax.get_xticklabels()]
-    return dict(zip(labels, [p.get_height() for p in ax.patches]))
-
-
 # ---------------------------------------------------------------------------------------------
 # Files and data: loading, gold answers, prompts, tokenization, collate
 # ---------------------------------------------------------------------------------------------
@@ -227,28 +220,13 @@ def test_load_folder_picks_the_split_file(tmp_path):
     assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "test")] == ["15", "32"]
 
 
-def test_load_folder_reads_every_shard_of_the_split_only(tmp_path):
-    yfpo.write(tmp_path / "train-00000-of-00002.jsonl", DEMO_ROWS[:2])
-    yfpo.write(tmp_path / "train-00001-of-00002.jsonl", DEMO_ROWS[2:3])
-    yfpo.write(tmp_path / "trainextra.jsonl", DEMO_ROWS[3:])
-    assert [r["gold"] for r in yfpo.load_gsm8k(str(tmp_path), "train")] == ["8", "48", "105"]
-
-
-def test_load_json_lines_json_list_and_parquet_files(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    (tmp_path / "list.json").write_text(json.dumps(DEMO_ROWS[:3]))
-    yfpo.write(tmp_path / "lines.json", jsonl(*DEMO_ROWS[:3]))  # what datasets' to_json writes
-    datasets.Dataset.from_list(DEMO_ROWS[:3]).to_parquet(str(tmp_path / "rows.parquet"))
-    for name in ("list.json", "lines.json", "rows.parquet"):
-        rows = yfpo.load_gsm8k(str(tmp_path / name), "train")
-        assert [r["gold"] for r in rows] == ["8", "48", "105"], name
-
-
-def test_a_json_file_that_does_not_load_is_named(tmp_path):
-    pytest.importorskip("datasets")
-    (tmp_path / "bad.json").write_text("[{oops")
-    with pytest.raises(yfpo.UserError, match="could not load .*bad.json"):
-        yfpo.load_gsm8k(str(tmp_path / "bad.json"), "train")
+def test_data_that_is_not_jsonl_is_refused_naming_the_path(tmp_path):
+    yfpo.write(tmp_path / "train.jsonl", DEMO_ROWS[:3])
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    for data, path in ((tmp_path / "rows.parquet", tmp_path / "rows.parquet"),
+                       (tmp_path, tmp_path / "test.jsonl")):  # a folder without the split
+        with pytest.raises(yfpo.UserError, match=f"^no data file {re.escape(str(path))}; pass"):
+            yfpo.load_gsm8k(str(data), "test")
 
 
 def test_chat_template_prompt_holds_question_instruction_and_generation_prompt(tiny):
@@ -256,21 +234,6 @@ def test_chat_template_prompt_holds_question_instruction_and_generation_prompt(t
     text = yfpo.format_prompt(tokenizer, "What is 2+2?", system="Be brief.")
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?\n"
                     + yfpo.INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n")
-
-
-def test_tokenizer_without_chat_template_gets_plain_format(tiny):
-    _, tokenizer = tiny
-    tokenizer.chat_template = None
-    assert yfpo.format_prompt(tokenizer, "What is 2+2?") == \
-        f"Question: What is 2+2?\n{yfpo.INSTRUCTION}\nAnswer:"
-
-
-def test_plain_format_completions_start_with_one_space(tiny):
-    _, tokenizer = tiny
-    tokenizer.chat_template = None
-    assert yfpo.make_completion(tokenizer, " The answer is 4.") == \
-        yfpo.make_completion(tokenizer, "The answer is 4.")
-    assert yfpo.make_completion(tokenizer, "The answer is 4.") == " The answer is 4."
 
 
 def test_control_rows_are_the_question_alone_and_their_answer_whole(tiny):
@@ -288,7 +251,7 @@ def test_control_rows_are_the_question_alone_and_their_answer_whole(tiny):
 
 def test_tokenize_example_splits_the_templated_conversation(tiny):
     _, tokenizer = tiny
-    prompt = yfpo.make_prompt(tokenizer, "What is 2+2?")
+    prompt = yfpo.make_prompt("What is 2+2?")
     completion = [{"role": "assistant", "content": "The answer is 4."}]
     prompt_ids, completion_ids = yfpo.tokenize_example(tokenizer, prompt, completion, 512)
     whole = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
@@ -474,7 +437,7 @@ def test_greedy_completions_do_not_depend_on_batch_size(tiny):
     model, tokenizer = tiny
     prompts = [yfpo.format_prompt(tokenizer, r["question"]) for r in DEMO_ROWS]
     one = yfpo.generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=24)
-    default = yfpo.generate(model, tokenizer, prompts, batch_size=yfpo.GENERATION_BATCH["cpu"],
+    default = yfpo.generate(model, tokenizer, prompts, batch_size=64,
                             max_new_tokens=24)
     assert one == default and len(set(texts(one))) > 1
 
@@ -520,19 +483,21 @@ def torchrun(*argv):
 def test_eval_pairs_and_ablate_under_torchrun_write_what_one_process_writes(
         tiny_dir, data_file, neurons_file, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for argv in (["eval", "--limit", "7", "--max-new-tokens", "12"],
-                 ["pairs", "--num-questions", "7", "--samples-per-question", "2",
-                  "--max-new-tokens", "12"],
+    generation = ["--max-new-tokens", "12", "--batch-size", "2"]
+    for argv in (["eval", "--limit", "7", *generation],
+                 ["pairs", "--num-questions", "7", "--samples-per-question", "2", *generation],
                  ["ablate", "--neurons", neurons_file, "--num-samples", "7", "--nll-batch-size",
-                  "2", "--random-seeds", "2", "--eval-accuracy", "--max-new-tokens", "12"]):
-        argv = [*argv, "--model", tiny_dir, "--data", data_file, "--device", "cpu",
-                "--batch-size", "2"]
+                  "2", "--random-seeds", "2"]):
+        argv = [*argv, "--model", tiny_dir, "--data", data_file, "--device", "cpu"]
         assert run(*argv, "--out", str(tmp_path / "one")) == 0
         subprocess.run(torchrun(*argv, "--out", str(tmp_path / "two")), check=True, env=env,
                        capture_output=True, timeout=300)
     for name in ("eval.jsonl", "pairs.jsonl"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    one, two = (json.loads((tmp_path / d / "ablation.json").read_text()) for d in ("one", "two"))
+    for key in ("nll_base", "nll_ablated"):  # each rank's batches, their sums all-reduced
+        assert math.isclose(one[key], two[key], rel_tol=1e-9), key
     one, two = (json.loads((tmp_path / d / "ablation.json").read_text()) for d in ("one", "two"))
     assert one.keys() == two.keys()
     for key in one:  # each rank sums its own NLL batches: equal up to the order of the sums
@@ -649,7 +614,7 @@ def test_identify_writes_a_neuron_set_that_round_trips(neurons_file, tiny):
     assert all(n["act_std"] > 0 for n in saved["neurons"])
     assert {n["direction"] for n in saved["neurons"]} <= {-1, 1}
     assert saved["selection"]["num_selected"] == 12
-    assert "per solution token" in saved["selection"]["normalization"]
+    assert "per solution token, mean over samples" in saved["selection"]["score"]
     assert saved["direction_disagrees_with_mean_sign"] == sum(
         n["direction"] != (-1 if n["act_mean"] < 0 else 1) for n in saved["neurons"])
     loaded = yfpo.load_neurons(neurons_file, model)
@@ -815,8 +780,7 @@ def test_compare_with_random_gives_z_and_a_ratio_above_noise():
 def test_ablate_compares_the_selected_neurons_with_random_controls(tiny_dir, data_file,
                                                                     neurons_file, tmp_path, capsys):
     assert run("ablate", "--model", tiny_dir, "--data", data_file, "--neurons", neurons_file,
-               "--num-samples", "4", "--random-seeds", "3", "--eval-accuracy", "--max-new-tokens",
-               "4", "--out", str(tmp_path)) == 0
+               "--num-samples", "4", "--random-seeds", "3", "--out", str(tmp_path)) == 0
     result = json.loads((tmp_path / "ablation.json").read_text())
     assert result["scale"] == 0 and result["random_seeds"] == 3
     assert result["nll_ablated"] != result["nll_base"]
@@ -828,11 +792,8 @@ def test_ablate_compares_the_selected_neurons_with_random_controls(tiny_dir, dat
         assert (r["ratio"] is None) == (r["note"] is not None) and r["mean_abs_ratio"] > 0
         assert r["ratio"] is None or math.isclose(r["ratio"], result["rise"] / r["rise"])
     assert result["random_matched"]["nll"] != result["random_unmatched"]["nll"]
-    assert 0 <= result["accuracy_base"] <= 1 and 0 <= result["accuracy_ablated"] <= 1
-    assert set(result["accuracy_paired"]) == {"shared", "difference", "only_this_correct",
-                                              "only_other_correct", "mcnemar_p"}
     out = capsys.readouterr().out
-    assert "random matched" in out and "random unmatched" in out and "McNemar p" in out
+    assert "random matched" in out and "random unmatched" in out
     controls = (result["random_matched"], result["random_unmatched"])
     assert all(r["note"] in out for r in controls if r["note"])
 
@@ -881,20 +842,19 @@ def test_ablate_gives_no_mean_abs_ratio_when_the_neurons_never_fire(tiny_dir, da
 # Pairs
 # ---------------------------------------------------------------------------------------------
 
-def test_make_pairs_pairs_a_right_and_a_wrong_sample(tiny):
-    _, tokenizer = tiny
+def test_make_pairs_pairs_a_right_and_a_wrong_sample():
     rows = [dict(r, gold=yfpo.parse_gold(r["answer"])) for r in DEMO_ROWS[:3]]
     samples = [["The answer is 7.", "The answer is 8."],  # gold 8: one right, one wrong
                ["The answer is 1.", "no idea"],           # gold 48: none right -> gold is chosen
                ["The answer is 105.", "#### 105"]]        # gold 105: all right -> skipped
-    pairs, counts = yfpo.make_pairs(tokenizer, rows, samples)
+    pairs, counts = yfpo.make_pairs(rows, samples)
     assert counts == {"questions": 3, "samples": 6, "correct_samples": 3, "all_correct_skipped": 1,
                       "chosen_is_gold": 1, "pairs": 2}
     assert pairs[0]["chosen"] == [{"role": "assistant", "content": "The answer is 8."}]
     assert pairs[0]["rejected"] == [{"role": "assistant", "content": "The answer is 7."}]
     assert pairs[1]["chosen"][0]["content"] == yfpo.gold_solution(rows[1]["answer"])
     assert pairs[1]["chosen_is_gold"]
-    assert pairs[1]["prompt"] == yfpo.make_prompt(tokenizer, rows[1]["question"])
+    assert pairs[1]["prompt"] == yfpo.make_prompt(rows[1]["question"])
     assert pairs[1]["question_index"] == 1
 
 
@@ -1051,7 +1011,7 @@ def test_train_logs_trl_metrics_and_saves_a_loadable_model(tiny_dir, pairs_file,
     logged = {"grad_norm", "learning_rate", "step_time_s", "tokens_per_s", "mfu"}
     assert set(yfpo.PAIR_METRICS) | logged <= set(rows[0])
     assert [r["learning_rate"] for r in rows] == [5e-4, 1e-3, 1e-3]
-    assert all(r["mfu"] > 0 for r in rows)
+    assert all(r["mfu"] is None for r in rows)  # a CPU has no peak FLOP/s to divide by
     assert abs(rows[0]["rewards/margins"]) < 1e-4  # step 1: the policy is the reference
     probes = {"grad_norm/dpo", "grad_norm/neuron", "neuron/share", "grad_cosine"}
     assert all(probes <= set(r) for r in rows)
@@ -1295,7 +1255,6 @@ def test_eval_writes_one_graded_row_per_question_and_a_summary(tiny_dir, data_fi
     assert summary["total"] == 5 and summary["accuracy"] == summary["correct"] / 5
     assert summary["ci_low"] <= summary["accuracy"] <= summary["ci_high"]
     assert summary["model"] == tiny_dir and summary["limit"] == 5
-    assert summary["prompt_format"] == "chat_template"
     assert "accuracy" in capsys.readouterr().out
 
 
@@ -1435,8 +1394,8 @@ def test_reproduce_passes_each_flag_to_its_stage(reproduced):
     def values(stage, *flags):
         return [value(stage, f) for f in flags]
     assert values("identify", "--num-samples", "--top-k", "--max-length") == ["4", "16", "256"]
-    assert values("ablate", "--num-samples", "--random-seeds", "--max-new-tokens") == \
-        ["4", "2", "16"]
+    assert values("ablate", "--num-samples", "--random-seeds", "--max-length") == ["4", "2", "256"]
+    assert values("pairs", "--max-new-tokens", "--batch-size") == ["16", "64"]
     assert values("pairs", "--num-questions", "--samples-per-question", "--temperature") == \
         ["8", "2", "0.8"]
     assert values("train_yfpo", "--lam", "--lr", "--batch-size", "--grad-accum", "--epochs",
@@ -1512,9 +1471,8 @@ def test_demo_is_reproduce_on_a_tiny_model(tmp_path, capsys, drawn_figures):
         assert f"| {run_name} | {metrics(tmp_path / f'train_{run_name}')[-1]['step']} | " in report
     wall_times = report.split("| stage | wall time")[1]
     assert all(f"| {stage} |" in wall_times for stage in STAGES)
-    (figure,) = drawn_figures  # report.png: every run's curves and every model's accuracy
+    (figure,) = drawn_figures  # report.png: every run's curves
     assert curves(figure) == expected_curves({r: tmp_path / f"train_{r}" for r in MODELS[1:]})
-    assert list(bars(figure)) == MODELS
     printed = capsys.readouterr().out
     assert f"wrote {tmp_path / 'report.md'}" in printed
     assert re.search(rf"\[demo\] done in [\d.]+s in {re.escape(str(tmp_path))}; a random model: "
@@ -1542,9 +1500,6 @@ def test_plot_overlays_the_runs_of_several_folders(reproduced, tmp_path, drawn_f
     runs = {f"{reproduced}/{r}": reproduced / f"train_{r}" for r in MODELS[1:]}
     runs[f"{reproduced / 'train_dpo'}/dpo"] = reproduced / "train_dpo"
     assert curves(figure) == expected_curves(runs) and legends(figure) == [list(runs)] * 3
-    accuracies = {f"{reproduced}/{name}": json.loads(
-        (reproduced / f"eval_{name}" / "summary.json").read_text())["accuracy"] for name in MODELS}
-    assert bars(figure) == pytest.approx(accuracies)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1572,6 +1527,12 @@ def config_only_model(folder, get):
     return folder
 
 
+def no_template_model(folder, get):  # the tiny model, its chat template taken out
+    shutil.copytree(get("tiny_dir"), folder, dirs_exist_ok=True)
+    (folder / "chat_template.jinja").unlink()
+    return folder
+
+
 def neurons_with(**changed):
     return lambda get: json.dumps({**json.loads(Path(get("neurons_file")).read_text()), **changed})
 
@@ -1580,7 +1541,7 @@ def gpt2_model(folder, get):  # an architecture attnlrp does not support, with t
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=400)
     GPT2LMHeadModel(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (folder / name).write_bytes((Path(get("tiny_dir")) / name).read_bytes())
     return folder
 
@@ -1605,6 +1566,7 @@ BAD_INPUTS = {
     "a_file": written("out", lambda get: "x"),
     "gpt2_model": gpt2_model,
     "config_only_model": config_only_model,
+    "no_template_model": no_template_model,
     "neurons_99_wide": written("neurons.json", neurons_with(intermediate_size=99)),
     "neurons_5_layers": written("n.json", neurons_with(num_layers=5)),
     "no_rejected": written("bad.jsonl", lambda get: jsonl(*pair_rows(get)[:2], {
@@ -1612,6 +1574,8 @@ BAD_INPUTS = {
     "no_pairs": written("bad.jsonl", lambda get: ""),
     "empty_prompt": written("bad.jsonl", lambda get: jsonl(pair_rows(get)[0],
                                                            {**pair_rows(get)[1], "prompt": []})),
+    "text_pairs": written("bad.jsonl", lambda get: jsonl(
+        {"prompt": "Question: 1+1?", "chosen": "The answer is 2.", "rejected": "3"})),
     "one_pair": written("bad.jsonl", lambda get: jsonl(pair_rows(get)[0])),
     # pairs on the questions identify selected the neurons on (rows 4 to 11)
     "selection_pairs": written("bad.jsonl", lambda get: jsonl(
@@ -1653,7 +1617,7 @@ TRAIN = "train --model {tiny} --pairs {pairs} --out {out} --lam 0 --device cpu "
 REPRODUCE_CPU = "reproduce --model {tiny} --data {data} --out {out} --device cpu "
 BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what the error line says)
     # data files, models, the out folder
-    ("eval: no data file", EVAL + "--data {tmp}/nope.jsonl", "data file missing"),
+    ("eval: no data file", EVAL + "--data {tmp}/nope.jsonl", "no data file {tmp}/nope.jsonl"),
     ("eval: a line that is not JSON", EVAL + "--data {not_json}", "bad.jsonl:2: not valid JSON"),
     ("eval: a row without a question", EVAL + "--data {no_question}",
      "row 1 has no 'question' field"),
@@ -1668,6 +1632,8 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
     ("eval: no model folder", EVAL + "--model {tmp}/no-model", "model path does not exist"),
     ("eval: a model folder without its tokenizer", EVAL + "--model {config_only_model}",
      "has no tokenizer_config.json; pass a complete Hugging Face model folder"),
+    ("eval: a tokenizer without a chat template", EVAL + "--model {no_template_model}",
+     "tokenizer has no chat template; set chat_template in its tokenizer_config.json"),
     ("eval: a hub model, offline", EVAL + "--model no-such-org/no-such-model",
      "offline, pass a local folder"),
     ("eval: out is an existing file", EVAL + "--out {a_file}", "is an existing file"),
@@ -1689,9 +1655,12 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
     ("train: no pairs file in an empty folder", "train --lam 0.3 --out {out}",
      "pairs file missing: {out}/pairs.jsonl; make one with `python yfpo.py pairs`"),
     ("train: a pair without its rejected", TRAIN + "--pairs {no_rejected}",
-     "bad.jsonl:3: missing field 'rejected'"),
+     "bad.jsonl:3: 'rejected' is missing or not a list of chat messages; fix the row"),
     ("train: an empty pairs file", TRAIN + "--pairs {no_pairs}", "holds no pairs"),
-    ("train: an empty prompt", TRAIN + "--pairs {empty_prompt}", "bad.jsonl:2: empty prompt"),
+    ("train: an empty prompt", TRAIN + "--pairs {empty_prompt}",
+     "bad.jsonl:2: 'prompt' is missing or not"),
+    ("train: text pairs, not messages", TRAIN + "--pairs {text_pairs}",
+     "bad.jsonl:1: 'prompt' is missing or not a list of chat messages"),
     ("train: every pair truncated", TRAIN + "--max-length 8", "every pair was truncated away"),
     ("train: --lam without --neurons", TRAIN + "--lam 0.3", "--lam 0.3 needs --neurons"),
     ("train: a negative --lam without --neurons", TRAIN + "--lam -0.3",
@@ -1725,7 +1694,7 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
     ("reproduce: --seeds 0", REPRODUCE_CPU + "--seeds 0", "--seeds: must be a positive int"),
     ("reproduce: a control file that is not JSON", REPRODUCE_CPU + "--control {not_json_control}",
      "control.jsonl:1: not valid JSON"),
-    ("reproduce: no data file", REPRODUCE_CPU + "--data {tmp}/none.jsonl", "data file missing"),
+    ("reproduce: no data file", REPRODUCE_CPU + "--data {tmp}/none.jsonl", "no data file"),
     # plot
     ("plot: a folder without training runs", "plot {tmp}", "no training steps in {tmp}"),
 ]

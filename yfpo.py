@@ -15,9 +15,11 @@ import shutil
 import sys
 import time
 import types
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm  # comes with transformers
 
@@ -26,7 +28,6 @@ DEFAULT_MODEL, DEFAULT_DATA = "Qwen/Qwen2.5-0.5B-Instruct", "openai/gsm8k"
 INSTRUCTION = ('Solve the problem step by step, then finish with "The answer is N." where N is the '
                'final number.')
 LRP_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # the ones lxt's AttnLRP patches and we test
-GENERATION_BATCH = {"cpu": 64, "cuda": 128}  # default rows decoded at once (see the README)
 
 
 class UserError(Exception):
@@ -35,7 +36,6 @@ class UserError(Exception):
 
 # --- Files: every output is written whole (a temporary name, then a rename) -----------------------
 def rank_and_world():  # (rank, number of processes): (0, 1) unless launched by torchrun
-    import torch.distributed as dist
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -91,23 +91,24 @@ def pick_device(name, dtype):
     return device, getattr(torch, dtype)
 
 
-def load_model(name, device, dtype, trust_remote_code=False, weights=True):
+def load_model(name, device, dtype, weights=True):
     """(model, tokenizer) of a hub id or a local Hugging Face folder; weights=False: model None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(name).exists() and looks_like_path(name):
         raise UserError(f"model path does not exist: {name}; pass a Hugging Face folder or hub id")
     missing = [f for f in ("config.json", "tokenizer_config.json") if not (Path(name) / f).exists()]
     if Path(name).is_dir() and missing:  # else transformers' first line can mislead (protobuf...)
         raise UserError(f"{name} has no {missing[0]}; pass a complete Hugging Face model folder")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
-                 if weights else None)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype) if weights else None
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local "
                         "folder") from None
+    if not tokenizer.chat_template:  # prompts and pairs are chat messages (TRL's conversational)
+        raise UserError(f"{name}'s tokenizer has no chat template; set chat_template in its "
+                        "tokenizer_config.json")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model and model.to(device).eval(), tokenizer
 
@@ -123,28 +124,18 @@ def model_shape(model):  # (layers, MLP neurons per layer)
 
 # --- Data: GSM8K rows, gold answers, prompts, tokenized batches -----------------------------------
 def load_rows(data, split, config=None):
-    """Rows of a local .jsonl/.json/.parquet file, a folder holding SPLIT.*, or a hub dataset."""
-    path, formats = Path(data), (".jsonl", ".json", ".parquet")
-    if path.is_dir():  # SPLIT.jsonl, or shards such as SPLIT-00000-of-00002.parquet
-        found = sorted(p for p in path.iterdir() if p.suffix in formats
-                       and (p.stem == split or p.stem.startswith(split + "-")))
-        if not found:
-            raise UserError(f"no {split}.jsonl/.json/.parquet in {data}; add one or pass the file")
-        return [row for shard in found for row in load_rows(str(shard), split)]
-    if path.is_file() and path.suffix not in formats:
-        raise UserError(f"{path}: unknown data format; use .jsonl, .json or .parquet")
-    if looks_like_path(data) and not path.is_file():
-        raise UserError(f"data file missing: {data}; pass an existing .jsonl/.json/.parquet file")
-    if path.suffix == ".jsonl":
+    """Rows of a local .jsonl file, a folder holding SPLIT.jsonl, or a hub dataset (or cache)."""
+    path = Path(data) / f"{split}.jsonl" if Path(data).is_dir() else Path(data)
+    if looks_like_path(data) or path.suffix == ".jsonl":
+        if not (path.is_file() and path.suffix == ".jsonl"):
+            raise UserError(f"no data file {path}; pass a .jsonl or a folder with {split}.jsonl")
         return read_jsonl(path)  # our reader: its errors name the line
     import datasets
-    try:  # a .json (JSON lines, or one list of rows) or .parquet file, or a hub dataset
-        if path.is_file():
-            return list(datasets.load_dataset(path.suffix[1:], data_files=data, split="train"))
+    try:
         return list(datasets.load_dataset(data, config, split=split))
     except Exception as e:  # datasets raises many types for "unreachable", "unknown", "malformed"
-        fix = "fix the file" if path.is_file() else f"offline, pass --data /path/to/{split}.jsonl"
-        raise UserError(f"could not load '{data}' ({type(e).__name__}); {fix}") from None
+        raise UserError(f"could not load '{data}' ({type(e).__name__}); offline, pass --data "
+                        f"/path/to/{split}.jsonl") from None
 
 
 def load_gsm8k(data, split, require_gold=True):
@@ -176,45 +167,32 @@ def gold_solution(answer):
     return f"{reasoning}\nThe answer is {parse_gold(answer)}."
 
 
-def make_prompt(tokenizer, question, system=None, instruction=True):
-    """A prompt in TRL's preference format: messages with a chat template, else 'Question: ...'."""
+def make_prompt(question, system=None, instruction=True):
+    """A prompt in TRL's conversational format: [a system message,] the question (+ INSTRUCTION)."""
     content = f"{question}\n{INSTRUCTION}" if instruction else question
-    if tokenizer.chat_template:
-        messages = [{"role": "system", "content": system}] if system else []
-        return messages + [{"role": "user", "content": content}]
-    system = system + "\n" if system else ""
-    return f"{system}Question: {content}\nAnswer:"
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": content}]
 
 
 def format_prompt(tokenizer, question, system=None, instruction=True):
-    """make_prompt's prompt as text: messages through the chat template and generation prompt."""
-    prompt = make_prompt(tokenizer, question, system, instruction)
-    if isinstance(prompt, str):
-        return prompt
+    """make_prompt's prompt as text: the chat template with the assistant's generation prompt."""
+    prompt = make_prompt(question, system, instruction)
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def make_completion(tokenizer, text):
-    """A completion in TRL's format; as text, exactly one leading space (a sample may bring one)."""
-    if tokenizer.chat_template:
-        return [{"role": "assistant", "content": text}]
-    return " " + text.lstrip()
+def make_completion(text):  # a completion in TRL's conversational format
+    return [{"role": "assistant", "content": text}]
 
 
 def tokenize_example(tokenizer, prompt, completion, max_length):
-    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them: for message lists the chat
-    template (with the generation prompt) and the rest of the templated conversation; for strings
-    their tokens, EOS closing the completion. The completion is cut to fit max_length."""
-    if isinstance(prompt, list):
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)  # token ids
-        full_ids = tokenizer.apply_chat_template(prompt + completion)
-    else:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-        full_ids += [tokenizer.eos_token_id]
+    """(prompt_ids, completion_ids) as TRL's DPOTrainer makes them from messages: the chat template
+    of the prompt (with the generation prompt), then the rest of the templated conversation. The
+    completion is cut to fit max_length."""
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)  # token ids
+    full_ids = tokenizer.apply_chat_template(prompt + completion)
     if full_ids[:len(prompt_ids)] != prompt_ids:
         raise UserError("the tokenized prompt is not a prefix of prompt + completion; this "
-                        "tokenizer or template cannot split them (TRL would fail the same way)")
+                        "chat template cannot split them (TRL would fail the same way)")
     return prompt_ids, full_ids[len(prompt_ids):max(max_length, len(prompt_ids))]
 
 
@@ -246,8 +224,8 @@ def solution_examples(tokenizer, rows, max_length, system=None):
     examples = []
     for r in rows:
         math_row = r["gold"] is not None
-        prompt = make_prompt(tokenizer, r["question"], system, instruction=math_row)
-        answer = make_completion(tokenizer, gold_solution(r["answer"]) if math_row else r["answer"])
+        prompt = make_prompt(r["question"], system, instruction=math_row)
+        answer = make_completion(gold_solution(r["answer"]) if math_row else r["answer"])
         examples.append(tokenize_example(tokenizer, prompt, answer, max_length))
     return examples
 
@@ -425,7 +403,7 @@ def generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc="genera
                     rows[r], cache.valid[r] = None, False
     if world > 1:  # every rank's {index: completion}, merged
         parts = [None] * world
-        torch.distributed.all_gather_object(parts, results)
+        dist.all_gather_object(parts, results)
         results = {k: v for part in parts for k, v in part.items()}
     return [results[i] for i in range(len(prompts) * num_samples)]
 
@@ -533,7 +511,7 @@ def gold_nll(model, batches):
     for batch in batches[rank::world]:  # sums: -sum log p, and the tokens
         sums += torch.stack([-forward_logps(model, batch).sum(), batch["loss_mask"].sum()]).double()
     if world > 1:
-        torch.distributed.all_reduce(sums)
+        dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
 
 
@@ -549,10 +527,8 @@ def evaluate(model, tokenizer, rows, args):
     low, high = wilson_interval(correct, len(results))
     strict = sum(r["correct"] and r["rule"] == "strict" for r in results)  # answered as instructed
     return {"accuracy": correct / len(results), "accuracy_strict": strict / len(results),
-            "correct": correct, "total": len(results), "ci_low": low, "ci_high": high,
-            "prompt_format": "chat_template" if tokenizer.chat_template else "plain",
-            "system": args.system, **speed,
-            "questions_per_s": round(len(results) / seconds, 3)}, results
+            "correct": correct, "total": len(results), "ci_low": low, "ci_high": high, **speed,
+            "system": args.system, "questions_per_s": round(len(results) / seconds, 3)}, results
 
 
 def start_command(args, split, limit):
@@ -560,9 +536,7 @@ def start_command(args, split, limit):
     out, (device, dtype) = check_out_dir(args.out), pick_device(args.device, args.dtype)
     torch.manual_seed(args.seed)
     rows = load_gsm8k(args.data, split)[limit if isinstance(limit, slice) else slice(limit)]
-    if getattr(args, "batch_size", 0) is None:  # generation's default, measured (see the README)
-        args.batch_size = GENERATION_BATCH[device.type]
-    return out, device, rows, *load_model(args.model, device, dtype, args.trust_remote_code)
+    return out, device, rows, *load_model(args.model, device, dtype)
 
 
 # --- Neurons: AttnLRP relevance, selection, the saved set, the causal check (ablation) ------------
@@ -743,9 +717,8 @@ def solution_batches(tokenizer, rows, args, device, batch_size):
 def cmd_identify(args):
     """identify: score every MLP neuron with AttnLRP on the gold solutions of the last --num-samples
     train questions; keep the top k, and a random control matched per layer and activation scale."""
-    control = load_gsm8k(args.control, "train", require_gold=False) if args.control else []
-    control = control[:args.num_samples]
-    last = slice(-args.num_samples, None)
+    control = load_gsm8k(args.control, "train", False)[:args.num_samples] if args.control else []
+    last = slice(-args.num_samples, None)  # the end of train; pairs take its start
     out, device, rows, model, tokenizer = start_command(args, "train", last)
     with attnlrp(model):  # checks the architecture first
         (num_layers, width), start = model_shape(model), time.perf_counter()
@@ -761,12 +734,9 @@ def cmd_identify(args):
     matched = random_neurons(neurons, mean_abs, torch.Generator().manual_seed(args.seed))
     counts = [sum(n[0] == layer for n in neurons) for layer in range(num_layers)]
     disagree = sum(int(directions[l, i]) != (-1 if mean[l, i] < 0 else 1) for l, i, _ in neurons)
-    selection = {"rule": "global_top_k",
-                 "top_k": args.top_k, "num_selected": len(neurons),
-                 "score": "AttnLRP relevance at the down_proj input"
-                          + (" minus the same over the control samples" if control else ""),
-                 "normalization": "per solution token (a sample's relevance / its solution "
-                                  "tokens), then the mean over samples",
+    selection = {"rule": "global_top_k", "top_k": args.top_k, "num_selected": len(neurons),
+                 "score": "AttnLRP relevance at the down_proj input per solution token, mean over "
+                          "samples" + (", minus the same on the control text" if control else ""),
                  "direction": "sign of the summed AttnLRP gradient on solution tokens",
                  "data": args.data, "split": "train", "num_samples": len(rows),
                  "question_indices": [r["index"] for r in rows], "control": args.control,
@@ -792,8 +762,7 @@ def cmd_ablate(args):
     random, matched ones? With --control, also on non-math text (its last rows)."""
     if args.random_seeds < 2:
         raise UserError(f"--random-seeds {args.random_seeds}: the controls' std needs at least 2")
-    control = load_gsm8k(args.control, "train", require_gold=False) if args.control else []
-    control = control[-args.num_samples:]
+    control = load_gsm8k(args.control, "train", False)[-args.num_samples:] if args.control else []
     out, device, rows, model, tokenizer = start_command(args, args.split, args.num_samples)
     neurons = load_neurons(args.neurons, model)
     texts = {text: solution_batches(tokenizer, r, args, device, args.nll_batch_size)
@@ -831,21 +800,12 @@ def cmd_ablate(args):
             print(f"  random {name:9s} {c['mean']:.4f} +- {c['std']:.4f} (rise {c['rise']:+.4f}, "
                   f"mean |a| x {'?' if ratio is None else f'{ratio:.2f}'}), "
                   f"z {c['z'] and round(c['z'], 2)}, " + (c["note"] or f"ratio {c['ratio']:.2f}"))
-    if args.eval_accuracy:  # the evaluator without, then with the neurons scaled
-        base = evaluate(model, tokenizer, rows, args)
-        with ablate_neurons(model, neurons, args.scale):
-            ablated = evaluate(model, tokenizer, rows, args)
-        p = paired_difference([(a["correct"], b["correct"]) for a, b in zip(ablated[1], base[1])])
-        result.update(accuracy_base=base[0]["accuracy"], accuracy_ablated=ablated[0]["accuracy"],
-                      accuracy_paired=p)
-        print(f"accuracy: base {base[0]['accuracy']:.4f}, neurons x {args.scale:g} "
-              f"{ablated[0]['accuracy']:.4f}; McNemar p {p['mcnemar_p']:.2g}")
     write(out / "ablation.json", result)
     print(f"wrote {out / 'ablation.json'}")
 
 
 # --- Preference pairs: sampled and graded, or held-out from an eval's wrong answers ---------------
-def make_pairs(tokenizer, rows, samples, system=None):
+def make_pairs(rows, samples, system=None):
     """TRL-format pairs and counts from graded samples (samples[q]: rows[q]'s completions): chosen =
     a right one, else the gold solution (chosen_is_gold); rejected = a wrong one, or no pair."""
     pairs, counts = [], collections.Counter(questions=len(rows))
@@ -856,28 +816,24 @@ def make_pairs(tokenizer, rows, samples, system=None):
                       chosen_is_gold=bool(wrong and not right))
         if wrong:
             chosen = right[0] if right else gold_solution(row["answer"])
-            pairs.append({"prompt": make_prompt(tokenizer, row["question"], system),
-                          "chosen": make_completion(tokenizer, chosen),
-                          "rejected": make_completion(tokenizer, wrong[0]),
+            pairs.append({"prompt": make_prompt(row["question"], system),
+                          "chosen": make_completion(chosen), "rejected": make_completion(wrong[0]),
                           "question_index": q, "chosen_is_gold": not right})
     return pairs, dict(counts, pairs=len(pairs))
 
 
 def load_pairs(path):
-    """Rows of a pairs JSONL in TRL's format: prompt, chosen, rejected (texts or message lists)."""
+    """Rows of a pairs JSONL in TRL's conversational format: prompt, chosen, rejected messages."""
     if not Path(path).is_file():
         raise UserError(f"pairs file missing: {path}; make one with `python yfpo.py pairs`")
     rows = read_jsonl(path, numbered=True)
     if not rows:
         raise UserError(f"{path} holds no pairs; write a row of prompt, chosen, rejected per pair")
-    for lineno, row in rows:
+    for lineno, row in rows:  # an empty prompt would leave no position to predict the first token
         for field in ("prompt", "chosen", "rejected"):
-            if not isinstance(row, dict) or not isinstance(row.get(field), (str, list)):
-                raise UserError(f"{path}:{lineno}: missing field '{field}'; add it to the row")
-        if not row["prompt"]:  # its last position predicts the completions' first tokens
-            raise UserError(f"{path}:{lineno}: empty prompt; give the prompt they answer")
-        if len({type(row[field]) for field in ("prompt", "chosen", "rejected")}) > 1:
-            raise UserError(f"{path}:{lineno}: mixes text and message lists; use one kind")
+            if not (isinstance(row, dict) and isinstance(row.get(field), list) and row[field]):
+                raise UserError(f"{path}:{lineno}: '{field}' is missing or not a list of chat "
+                                "messages; fix the row")
     return [row for _, row in rows]
 
 
@@ -890,7 +846,6 @@ def cmd_pairs(args):
             raise UserError(f"--from-eval {args.from_eval}: no eval.jsonl with its summary.json "
                             "there; run `python yfpo.py eval` first")
         split, out = json.loads(summary.read_text())["split"], check_out_dir(args.out)
-        tokenizer = load_model(args.model, None, None, args.trust_remote_code, weights=False)[1]
         rows = load_gsm8k(args.data, split)
         answers = [[] for _ in rows]  # the eval's answer to each question; none: no pair
         for e in read_jsonl(args.from_eval):
@@ -898,14 +853,14 @@ def cmd_pairs(args):
                 raise UserError(f"eval row {e['index']} is not question {e['index']} of the data; "
                                 "pass the --data the eval ran on")
             answers[e["index"]] = [e["completion"]]
-        pairs = make_pairs(tokenizer, rows, answers, args.system)[0]  # wrong ones against gold
+        pairs = make_pairs(rows, answers, args.system)[0]  # wrong ones against gold
         print(f"{len(pairs)} held-out pairs from the wrong answers of {args.from_eval} ({split})")
     else:
         out, device, rows, model, tokenizer = start_command(args, "train", args.num_questions)
         samples, seconds, speed = sample_completions(model, tokenizer, rows, args, "pairs",
                                                      args.temperature, args.samples_per_question)
         texts = batches_of([s["text"] for s in samples], args.samples_per_question)
-        pairs, counts = make_pairs(tokenizer, rows, texts, args.system)
+        pairs, counts = make_pairs(rows, texts, args.system)
         print(" ".join(f"{k}={v}" for k, v in counts.items()), f"in {speed['wall_time_s']}s",
               f"({len(samples) / seconds:.3f} samples/s, {speed['tokens_per_s']} tokens/s); "
               f"stops {speed['stops']}")
@@ -998,8 +953,6 @@ PAIR_METRICS = ("loss", "loss/dpo", "loss/neuron", "rewards/chosen", "rewards/re
 
 def tokenize_pairs(tokenizer, rows, max_length):
     """[(prompt_ids, chosen_ids, rejected_ids)]; pairs whose prompt fills max_length are dropped."""
-    if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
-        raise UserError("chat-message pairs but no chat template in the tokenizer; write text")
     pairs = [(*tokenize_example(tokenizer, r["prompt"], r["chosen"], max_length),
               tokenize_example(tokenizer, r["prompt"], r["rejected"], max_length)[1]) for r in rows]
     return [(p, c, r) for p, c, r in pairs if c and r]
@@ -1066,7 +1019,7 @@ def train_setup(args):
         raise UserError(f"--resume: no checkpoint ({job.checkpoint}, {job.cache}); drop --resume")
     torch.manual_seed(args.seed)
     job.model, job.tokenizer = load_model(str(job.checkpoint) if args.resume else args.model,
-                                          job.device, torch.float32, args.trust_remote_code)
+                                          job.device, torch.float32)
     if (attention := job.model.config._attn_implementation) not in ("eager", "sdpa"):
         raise UserError(f"{attention} attention cannot take packed pairs; use eager or sdpa")
     job.neurons = load_neurons(args.neurons, job.model) if args.neurons else []
@@ -1183,7 +1136,7 @@ def reference_pass(job):
         torch.save({"logps": job.ref_logps.cpu(), "neuron": neuron.cpu(), "gamma": job.gamma,
                     "c": job.c}, job.cache)
     if job.ddp:
-        torch.distributed.barrier()
+        dist.barrier()
     ref = torch.load(job.cache, map_location=job.device)
     job.ref_logps, job.gamma, job.c = ref["logps"], ref["gamma"], ref["c"]
     job.ref_margins = ref["neuron"][:, 0] - ref["neuron"][:, 1]
@@ -1201,14 +1154,11 @@ def disable_dropout(model):
 
 
 def peak_flops(device):
-    """Peak FLOP/s for MFU: bf16 dense peaks of common GPUs; on CPU, a measured float32 matmul."""
-    if device.type == "cuda":
-        peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12,
-                 "A10": 125e12, "L4": 121e12}
-        return next((v for k, v in peaks.items() if k in torch.cuda.get_device_name(device)), None)
-    from torch.utils.benchmark import Timer
-    matmul = Timer("a @ a", "a = torch.randn(1024, 1024)", num_threads=torch.get_num_threads())
-    return 2 * 1024 ** 3 / matmul.blocked_autorange(min_run_time=0.3).median
+    """Peak bf16 dense FLOP/s of common GPUs, for MFU; None elsewhere (a CPU has no such figure)."""
+    peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12,
+             "A10": 125e12, "L4": 121e12}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in peaks.items() if k in name), None)
 
 
 def save_checkpoint(job, optimizer, scheduler, step):
@@ -1270,7 +1220,7 @@ def accumulate(job, model, chunk, weight):
                   chosen - rejected, *logps.T, *scores.T, m, m - job.ref_margins[indices]]
         sums += torch.stack([v.detach().float().sum() for v in values])  # PAIR_METRICS, in order
     if job.ddp:
-        torch.distributed.all_reduce(sums)
+        dist.all_reduce(sums)
     return sums
 
 
@@ -1360,7 +1310,7 @@ def cmd_score(args):
     rejected, the chosen token count, and both neuron scores of every --neurons set: one forward."""
     out, (device, dtype) = check_out_dir(args.out), pick_device(args.device, args.dtype)
     rows = load_pairs(args.pairs)
-    model, tokenizer = load_model(args.model, device, dtype, args.trust_remote_code)
+    model, tokenizer = load_model(args.model, device, dtype)
     kept = [(row, p) for row in rows for p in tokenize_pairs(tokenizer, [row], args.max_length)]
     results = []
     with torch.no_grad(), contextlib.ExitStack() as hooks:
@@ -1386,7 +1336,6 @@ def reproduce_stages(args, out):
         return [x for k, v in values.items() if v is not None
                 for x in ("--" + k.replace("_", "-"), str(v))]
     common = flags("model", "data", "seed", "device", "dtype", "system")
-    common += ["--trust-remote-code"] * args.trust_remote_code
     generation = common + flags("batch_size", "max_new_tokens")  # then a stage's own, which win
     sets = {stem: str(out / "identify" / f"{stem}.json") for stem in ("neurons", "random_neurons")}
     identify = flags("num_samples", "top_k", "max_length", "control")
@@ -1397,7 +1346,7 @@ def reproduce_stages(args, out):
                   "epochs", "grad_accum", batch_size=args.train_batch_size)
     train += flags("max_length", "save_every")
     stages = [("identify", ["identify", *common, *identify], []),
-              ("ablate", ["ablate", *generation, *ablate], ["identify"]),
+              ("ablate", ["ablate", *common, *ablate], ["identify"]),
               ("pairs", ["pairs", *generation, *sample], [])]
     arms = (("dpo", 0.0, "neurons"), ("yfpo", args.lam, "neurons"),
             ("yfpo_random", args.lam, "random_neurons"))
@@ -1469,8 +1418,7 @@ def write_report(out, args, seconds):
     for stage in (s for s in seconds if s.startswith("train_")):
         steps = read_jsonl(out / stage / "metrics.jsonl")
         last, probes = steps[-1], [m for m in steps if "neuron/share" in m]
-        if probes:  # the first, middle and last
-            probes = [probes[0], probes[len(probes) // 2], probes[-1]]
+        probes = [probes[i] for i in (0, len(probes) // 2, -1)] if probes else []  # first/mid/last
         dpo = "grad_norm/dpo" if "grad_norm/dpo" in last else "grad_norm"  # lam 0: all is DPO's
         norms = " | ".join(f"{steps[0][k]:.4g} / {last[k]:.4g}" if k in last else "—"
                            for k in (dpo, "grad_norm/neuron"))
@@ -1510,28 +1458,20 @@ def write_report(out, args, seconds):
 
 
 def cmd_plot(args):
-    """plot: figure 2 of train or reproduce folders: DPO loss, reward, neuron margin; accuracies."""
+    """plot: figure 2 of train or reproduce folders: DPO loss, reward margin, neuron margin."""
     dirs = [Path(d) for d in args.dirs]
     prefix = {d: f"{d}/" if len(dirs) > 1 else "" for d in dirs}  # of its runs' labels
     runs = {prefix[d] + p.parent.resolve().name.removeprefix("train_"): read_jsonl(p) for d in dirs
             for p in [d / "metrics.jsonl", *sorted(d.glob("train_*/metrics.jsonl"))] if p.is_file()}
-    accuracies = {prefix[d] + p.parent.name[5:]: json.loads(p.read_text())
-                  for d in dirs for p in sorted(d.glob("eval_*/summary.json"))}
     if not runs or not all(runs.values()):
         raise UserError(f"no training steps in {' '.join(args.dirs)}; pass train/reproduce --out")
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, whatever the display
-    fig = Figure(figsize=(12 if accuracies else 7, 8), layout="tight")
-    grid = fig.add_gridspec(3, 2 if accuracies else 1)
+    fig = Figure(figsize=(7, 8), layout="tight")
     for row, key in enumerate(("loss/dpo", "rewards/margins", "neuron/margin")):
-        ax = fig.add_subplot(grid[row, 0], xlabel="step" if row == 2 else None, ylabel=key)
+        ax = fig.add_subplot(3, 1, row + 1, xlabel="step" if row == 2 else None, ylabel=key)
         for label, steps in runs.items():
             ax.plot(*zip(*[(m["step"], m[key]) for m in steps]), label=label)
         ax.legend()
-    if accuracies:
-        ax = fig.add_subplot(grid[:, 1], title="GSM8K accuracy, 95% Wilson CI", ylabel="accuracy")
-        ci = torch.tensor([[s["ci_low"], s["accuracy"], s["ci_high"]] for s in accuracies.values()],
-                          dtype=torch.float64)
-        ax.bar(list(accuracies), ci[:, 1].tolist(), yerr=ci.diff(dim=1).T.tolist(), capsize=8)
     out = Path(args.out or dirs[0] / "training.png")
     fig.savefig(tmp := out.with_name(f"{out.stem}.tmp{out.suffix}"), dpi=120)
     os.replace(tmp, out)
@@ -1547,8 +1487,7 @@ def cmd_reproduce(args):
     if args.num_samples + args.num_questions > len(train_rows):
         raise UserError(f"--num-samples {args.num_samples} + --num-questions {args.num_questions} "
                         f"overlap in the {len(train_rows)} train questions; lower one")
-    load_model(args.model, torch.device("cpu"), torch.float32, args.trust_remote_code,
-               weights=False)  # the data and the model checked before any stage runs
+    load_model(args.model, None, None, weights=False)  # the model checked too, before any stage
     stages, keys, seconds = reproduce_stages(args, out), {}, {}
     for stale in {p.parent for p in out.glob("*/stage.json")} - {out / s for s, _, _ in stages}:
         shutil.rmtree(stale)  # a stage of other settings (another --seeds): not part of this report
@@ -1579,33 +1518,20 @@ def cmd_reproduce(args):
 
 
 # --- Demo: every stage on a tiny random model, offline; it checks the install, not accuracy -------
-DEMO_PROBLEMS = [
-    ("Tom has 3 apples and buys 5 more. How many apples does he have?",
-     "Tom has 3+5=<<3+5=8>>8 apples.\n#### 8"),
-    ("A box holds 12 eggs. How many eggs are in 4 boxes?",
-     "4 boxes hold 4*12=<<4*12=48>>48 eggs.\n#### 48"),
-    ("Sara reads 15 pages a day. How many pages does she read in a week?",
-     "A week has 7 days, so she reads 15*7=<<15*7=105>>105 pages.\n#### 105"),
-    ("A shirt costs $20 and is 25% off. What does it cost now?",
-     "The discount is 20*0.25=<<20*0.25=5>>5 dollars.\nIt costs 20-5=<<20-5=15>>15 dollars.\n"
-     "#### 15"),
-    ("Ben had 50 marbles and gave away 18. How many are left?",
-     "He has 50-18=<<50-18=32>>32 marbles left.\n#### 32"),
-    ("A train travels 60 miles per hour for 3 hours. How far does it go?",
-     "It goes 60*3=<<60*3=180>>180 miles.\n#### 180"),
-    ("Lily splits 36 candies among 4 friends. How many does each get?",
-     "Each gets 36/4=<<36/4=9>>9 candies.\n#### 9"),
-    ("A farm has 7 cows and 3 times as many hens. How many animals are there?",
-     "There are 7*3=<<7*3=21>>21 hens.\nIn all 7+21=<<7+21=28>>28 animals.\n#### 28"),
-    ("Max saves $1,200 a month. How much does he save in a year?",
-     "He saves 1200*12=<<1200*12=14400>>14,400 dollars.\n#### 14,400"),
-    ("A rope is 9 meters long. It is cut into 3 equal parts. How long is each part?",
-     "Each part is 9/3=<<9/3=3>>3 meters.\n#### 3"),
-    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?",
-     "Her mother is 8*4=<<8*4=32>>32.\n#### 32"),
-    ("A class has 14 girls and 16 boys. How many students are there?",
-     "There are 14+16=<<14+16=30>>30 students.\n#### 30"),
-]
+# (question, GSM8K-style solution): the calculation, its <<calculator>> mark, "#### result".
+DEMO_PROBLEMS = [(question, f"{calc}=<<{calc}={v}>>{v}.\n#### {v:,}") for question, calc, v in [
+    ("Tom has 3 apples and buys 5 more. How many apples does he have?", "3+5", 8),
+    ("A box holds 12 eggs. How many eggs are in 4 boxes?", "4*12", 48),
+    ("Sara reads 15 pages a day. How many pages does she read in a week?", "15*7", 105),
+    ("A shirt costs $20 and is 25% off. What does it cost now?", "20-20*0.25", 15),
+    ("Ben had 50 marbles and gave away 18. How many are left?", "50-18", 32),
+    ("A train travels 60 miles per hour for 3 hours. How far does it go?", "60*3", 180),
+    ("Lily splits 36 candies among 4 friends. How many does each get?", "36/4", 9),
+    ("A farm has 7 cows and 3 times as many hens. How many animals are there?", "7+7*3", 28),
+    ("Max saves $1,200 a month. How much does he save in a year?", "1200*12", 14400),
+    ("A 9 meter rope is cut into 3 equal parts. How long is each part?", "9/3", 3),
+    ("Anna is 8 years old. Her mother is 4 times as old. How old is her mother?", "8*4", 32),
+    ("A class has 14 girls and 16 boys. How many students are there?", "14+16", 30)]]
 
 
 def build_tiny_model(path, seed=0, model_type="qwen2"):
@@ -1679,13 +1605,12 @@ def build_parser():
         return parser
     common = group(
         model=(DEFAULT_MODEL, "hub id or local Hugging Face folder"),
-        data=(DEFAULT_DATA, "hub dataset, or a local .jsonl/.json/.parquet file or folder"),
+        data=(DEFAULT_DATA, "hub dataset, a local .jsonl file, or a folder with SPLIT.jsonl"),
         seed=dict(type=int, default=0), device=("auto", "auto: cuda if available, else cpu"),
         dtype=dict(default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 where the GPU supports it, else float32"),
-        out="out", system=dict(help="system prompt (default: none)"), trust_remote_code=False)
-    generation = group(max_new_tokens=512, batch_size=(
-        None, "sequences decoded at once (default: 64 on CPU, 128 on GPU)"))
+        out="out", system=dict(help="system prompt (default: none)"))
+    generation = group(max_new_tokens=512, batch_size=(64, "sequences decoded at once"))
     loss = group(
         calibration_pairs=(16, "pairs c is measured on"),
         lam=dict(type=float, default=0.3, help="weight of the neuron term; 0 is plain DPO"),
@@ -1711,9 +1636,9 @@ def build_parser():
             selection, length, batch_size=4,
             control=dict(help="non-math question/answer data; its mean relevance is subtracted"))
     command("ablate", cmd_ablate, "zero (or scale) the neurons: NLL vs random neurons", common,
-            generation, length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
+            length, num_samples=200, random_seeds=10, nll_batch_size=8, split="test",
             scale=dict(type=float, default=0.0, help="on the neurons' activations: 0 ablates"),
-            neurons=dict(required=True), eval_accuracy=(False, "also accuracy with and without"),
+            neurons=dict(required=True),
             control=dict(help="non-math question/answer data: the NLL rise there too (last rows)"))
     command("pairs", cmd_pairs, "sample, grade and pair GSM8K train answers", common, generation,
             sampling, from_eval=dict(help="an eval.jsonl: held-out pairs from its wrong answers"))
@@ -1734,8 +1659,8 @@ def build_parser():
             common, generation, loss, selection, sampling, training, length, ablate_samples=200,
             random_seeds=10, seeds=1, train_batch_size=2, save_every=25, eval_limit=None,
             control=dict(help="identify's non-math question/answer data, subtracted"))
-    command("plot", cmd_plot, "overlay the training dynamics (and accuracies) of train or "
-            "reproduce folders", out=dict(help="default: training.png in the first DIR"))
+    command("plot", cmd_plot, "overlay the training dynamics of train or reproduce folders",
+            out=dict(help="default: training.png in the first DIR"))
     commands.choices["plot"].add_argument("dirs", nargs="+")
     command("demo", cmd_demo, "all stages on a tiny random model, offline", out="demo",
             seed=dict(type=int, default=0))
@@ -1750,15 +1675,13 @@ def main(argv=None, strict=False):
     distributed = "RANK" in os.environ and hasattr(args, "device")
     with contextlib.ExitStack() as on_exit:
         if distributed:  # torchrun: one process per device; rank 0 prints and writes
-            import datetime
             on_gpu = torch.cuda.is_available() and args.device != "cpu"
             if on_gpu:
                 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             # Rank 0 alone makes train's reference pass while others wait: hours, not NCCL's 10 min
-            torch.distributed.init_process_group("nccl" if on_gpu else "gloo",
-                                                 timeout=datetime.timedelta(hours=6))
-            on_exit.callback(torch.distributed.destroy_process_group)
-            if torch.distributed.get_rank() > 0:
+            dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(hours=6))
+            on_exit.callback(dist.destroy_process_group)
+            if dist.get_rank() > 0:
                 devnull = on_exit.enter_context(open(os.devnull, "w"))
                 on_exit.enter_context(contextlib.redirect_stdout(devnull))
         try:
