@@ -138,6 +138,10 @@ def load_rows(data, split, config=None):
                         f"/path/to/{split}.jsonl") from None
 
 
+def parse_gold(answer):  # the gold number of a GSM8K solution
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
 def load_gsm8k(data, split, require_gold=True):
     """GSM8K rows as dicts with question, answer (the solution, ending '#### N') and gold (N). With
     require_gold=False (control text for identify) answers need no '####' and gold is None."""
@@ -155,10 +159,6 @@ def load_gsm8k(data, split, require_gold=True):
     if not rows:
         raise UserError(f"{data}: no rows in split '{split}'")
     return rows
-
-
-def parse_gold(answer):  # the gold number of a GSM8K solution
-    return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
 def gold_solution(answer):
