@@ -101,14 +101,14 @@ def load_model(name, device, dtype, weights=True):
         raise UserError(f"{name} has no {missing[0]}; pass a complete Hugging Face model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
+        if not tokenizer.chat_template:  # prompts and pairs are chat messages (TRL's format)
+            raise UserError(f"{name}'s tokenizer has no chat template; set chat_template in its "
+                            "tokenizer_config.json")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype) if weights else None
     except (OSError, ValueError, ImportError) as e:  # unreachable hub, missing or unreadable files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"could not load model '{name}' ({first_line}); offline, pass a local "
                         "folder") from None
-    if not tokenizer.chat_template:  # prompts and pairs are chat messages (TRL's conversational)
-        raise UserError(f"{name}'s tokenizer has no chat template; set chat_template in its "
-                        "tokenizer_config.json")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model and model.to(device).eval(), tokenizer
 
@@ -128,7 +128,7 @@ def load_rows(data, split, config=None):
     path = Path(data) / f"{split}.jsonl" if Path(data).is_dir() else Path(data)
     if looks_like_path(data) or path.suffix == ".jsonl":
         if not (path.is_file() and path.suffix == ".jsonl"):
-            raise UserError(f"no data file {path}; pass a .jsonl or a folder with {split}.jsonl")
+            raise UserError(f"no .jsonl file at {path}; pass one or a folder with {split}.jsonl")
         return read_jsonl(path)  # our reader: its errors name the line
     import datasets
     try:
@@ -832,8 +832,8 @@ def load_pairs(path):
     for lineno, row in rows:  # an empty prompt would leave no position to predict the first token
         for field in ("prompt", "chosen", "rejected"):
             if not (isinstance(row, dict) and isinstance(row.get(field), list) and row[field]):
-                raise UserError(f"{path}:{lineno}: '{field}' is missing or not a list of chat "
-                                "messages; fix the row")
+                raise UserError(f"{path}:{lineno}: '{field}' is missing, empty or not a list of "
+                                "chat messages; fix the row")
     return [row for _, row in rows]
 
 
