@@ -1583,6 +1583,8 @@ BAD_INPUTS = {
                                                            {**pair_rows(get)[1], "prompt": []})),
     "text_pairs": written("bad.jsonl", lambda get: jsonl(
         {"prompt": "Question: 1+1?", "chosen": "The answer is 2.", "rejected": "3"})),
+    "sharegpt_pairs": written("bad.jsonl", lambda get: jsonl({**pair_rows(get)[0], "chosen": [
+        {"from": "gpt", "value": "The answer is 2."}]})),  # ShareGPT's keys, not role/content
     "one_pair": written("bad.jsonl", lambda get: jsonl(pair_rows(get)[0])),
     # pairs on the questions identify selected the neurons on (rows 4 to 11)
     "selection_pairs": written("bad.jsonl", lambda get: jsonl(
@@ -1662,12 +1664,14 @@ BAD_INPUT = [  # (case, argv: a good command line and the bad part last, what th
     ("train: no pairs file in an empty folder", "train --lam 0.3 --out {out}",
      "pairs file missing: {out}/pairs.jsonl; make one with `python yfpo.py pairs`"),
     ("train: a pair without its rejected", TRAIN + "--pairs {no_rejected}",
-     "bad.jsonl:3: 'rejected' is missing, empty or not a list of chat messages; fix the row"),
+     "bad.jsonl:3: 'rejected' is missing, empty or not a list of role/content messages"),
     ("train: an empty pairs file", TRAIN + "--pairs {no_pairs}", "holds no pairs"),
     ("train: an empty prompt", TRAIN + "--pairs {empty_prompt}",
      "bad.jsonl:2: 'prompt' is missing, empty or not"),
     ("train: text pairs, not messages", TRAIN + "--pairs {text_pairs}",
-     "bad.jsonl:1: 'prompt' is missing, empty or not a list of chat messages"),
+     "bad.jsonl:1: 'prompt' is missing, empty or not a list of role/content messages"),
+    ("train: messages without role and content", TRAIN + "--pairs {sharegpt_pairs}",
+     "bad.jsonl:1: 'chosen' is missing, empty or not a list of role/content messages"),
     ("train: every pair truncated", TRAIN + "--max-length 8", "every pair was truncated away"),
     ("train: --lam without --neurons", TRAIN + "--lam 0.3", "--lam 0.3 needs --neurons"),
     ("train: a negative --lam without --neurons", TRAIN + "--lam -0.3",

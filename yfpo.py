@@ -52,10 +52,9 @@ def write(path, content):
     elif not isinstance(content, str):
         content = json.dumps(content, indent=2) + "\n"
     if rank_and_world()[0] == 0:  # under torchrun, rank 0 writes
-        tmp = Path(path).with_name(Path(path).name + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(content)
-        os.replace(tmp, path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{path}.tmp").write_text(content)
+        os.replace(f"{path}.tmp", path)
 
 
 def read_jsonl(path, numbered=False):
@@ -246,11 +245,10 @@ def normalize_number(text):
 def extract_answer(text):
     """(answer, rule): the number right after the last "The answer is", "####" or "\\boxed{" and
     'strict', else the last number ('1234', '-3.5') and 'flexible'; (None, None) if none."""
-    strict = STRICT.findall(text)
-    numbers = strict or FLEXIBLE.findall(text)
-    if not numbers:
-        return None, None
-    return normalize_number(numbers[-1]), "strict" if strict else "flexible"
+    if strict := STRICT.findall(text):
+        return normalize_number(strict[-1]), "strict"
+    flexible = FLEXIBLE.findall(text)
+    return (normalize_number(flexible[-1]), "flexible") if flexible else (None, None)
 
 
 def is_correct(text, gold):
@@ -831,9 +829,11 @@ def load_pairs(path):
         raise UserError(f"{path} holds no pairs; write a row of prompt, chosen, rejected per pair")
     for lineno, row in rows:  # an empty prompt would leave no position to predict the first token
         for field in ("prompt", "chosen", "rejected"):
-            if not (isinstance(row, dict) and isinstance(row.get(field), list) and row[field]):
+            messages = row.get(field) if isinstance(row, dict) else None
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)):
                 raise UserError(f"{path}:{lineno}: '{field}' is missing, empty or not a list of "
-                                "chat messages; fix the row")
+                                "role/content messages; fix the row")
     return [row for _, row in rows]
 
 
