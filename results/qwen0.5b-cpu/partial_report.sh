@@ -1,4 +1,4 @@
-# report.md of the finished stages only, written by the run's own code (code/yfpo.py = 56afc2d):
+# report.md of every finished stage, written by the run's own code (code/yfpo.py = 56afc2d):
 # the same write_report and plot that reproduce calls at its end, over the stages that have seconds.
 cd /work/bench/q17
 python - "$@" <<'PY'
@@ -14,7 +14,7 @@ for stage, _, _ in yfpo.reproduce_stages(args, out):
     p = out / stage / "stage.json"
     s = json.loads(p.read_text()) if p.is_file() else {}
     if "seconds" not in s:
-        break
+        continue
     seconds[stage] = s["seconds"]
 yfpo.write_report(out, args, seconds)
 if any(s.startswith("train_") for s in seconds):

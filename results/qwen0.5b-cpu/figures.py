@@ -1,11 +1,16 @@
-"""The length and style columns of the README's Qwen tables, from the published files:
-python results/qwen0.5b-cpu/lengths.py (run from the repository's top)."""
+"""The README's Qwen figures that report.md does not print, from the published files: length and
+style of the pairs and of each eval, each training's second half (steps 25-48: pairs not yet trained
+on) and the paired test of YFPO against YFPO-random (with the repository's yfpo.py):
+python results/qwen0.5b-cpu/figures.py (run from the repository's top)."""
 import collections
 import json
 import statistics
+import sys
 from pathlib import Path
 
 here = Path(__file__).parent
+sys.path.insert(0, str(here.parents[1]))
+import yfpo  # noqa: E402
 
 
 def rows(path):
@@ -26,3 +31,14 @@ for folder in sorted(here.glob("eval_*")):
           f"mean characters {statistics.mean(len(e['completion']) for e in evals):.0f}; median lines "
           f"{statistics.median(e['completion'].strip().count(chr(10)) + 1 for e in evals)}; stops "
           f"answer {stops['answer']} / eos {stops['eos']} / length {stops['length']}")
+for folder in sorted(here.glob("train_*")):
+    steps = [m for m in rows(folder / "metrics.jsonl") if m["step"] >= 25]
+    print(f"{folder.name[6:]}, steps 25-48, mean: " + ", ".join(
+        f"{k} {statistics.mean(m[k] for m in steps):.4f}"
+        for k in ("loss/dpo", "rewards/margins", "neuron/margin_gain")))
+arms = [rows(here / f"eval_{name}" / "eval.jsonl") for name in ("yfpo", "yfpo_random")]
+d = yfpo.paired_difference([(a["correct"], b["correct"]) for a, b in zip(*arms)])
+a, b = d["only_this_correct"], d["only_other_correct"]
+reach = yfpo.mcnemar_detectable(a + b, d["shared"])
+print(f"yfpo vs yfpo_random: {d['difference']:+.4f} (McNemar p {d['mcnemar_p']:.3g}; {a} vs {b}; "
+      f"detectable {'none' if reach is None else f'{reach:.3f}'})")
