@@ -1,6 +1,7 @@
 """The README's Qwen figures that report.md does not print, from the published files: length and
-style of the pairs and of each eval, each training's second half (steps 25-48: pairs not yet trained
-on) and the paired test of YFPO against YFPO-random (with the repository's yfpo.py):
+style of the pairs and of each eval (and its accuracy by how answers stopped), each training's
+second half (steps 25-48: pairs not yet trained on) and the paired test of YFPO against
+YFPO-random (with the repository's yfpo.py):
 python results/qwen0.5b-cpu/figures.py (run from the repository's top)."""
 import collections
 import json
@@ -30,7 +31,9 @@ for folder in sorted(here.glob("eval_*")):
           f"{sum(e['tokens'] for e in evals)}, median {statistics.median(e['tokens'] for e in evals)}; "
           f"mean characters {statistics.mean(len(e['completion']) for e in evals):.0f}; median lines "
           f"{statistics.median(e['completion'].strip().count(chr(10)) + 1 for e in evals)}; stops "
-          f"answer {stops['answer']} / eos {stops['eos']} / length {stops['length']}")
+          f"answer {stops['answer']} / eos {stops['eos']} / length {stops['length']}; right among "
+          "them " + " / ".join(f"{sum(e['correct'] for e in evals if e['stop'] == k)}/{stops[k]}"
+                               for k in ("answer", "eos", "length")))
 for folder in sorted(here.glob("train_*")):
     steps = [m for m in rows(folder / "metrics.jsonl") if m["step"] >= 25]
     print(f"{folder.name[6:]}, steps 25-48, mean: " + ", ".join(
