@@ -21,15 +21,17 @@ def rows(path):
 pairs = rows(here / "pairs" / "pairs.jsonl")
 for gold in (True, False):
     group = [p for p in pairs if p["chosen_is_gold"] == gold]
-    chars = [statistics.mean(len(p[k][-1]["content"]) for p in group) for k in ("chosen", "rejected")]
+    chars = [statistics.mean(len(p[k][-1]["content"]) for p in group)
+             for k in ("chosen", "rejected")]
     print(f"pairs with {'gold' if gold else 'own'} chosen: {len(group)}; mean characters chosen "
           f"{chars[0]:.0f}, rejected {chars[1]:.0f}")
 for folder in sorted(here.glob("eval_*")):
     evals = rows(folder / "eval.jsonl")
     stops = collections.Counter(e["stop"] for e in evals)
+    tokens = [e["tokens"] for e in evals]
     print(f"{folder.name[5:]}: {sum(e['correct'] for e in evals)}/{len(evals)} right; tokens "
-          f"{sum(e['tokens'] for e in evals)}, median {statistics.median(e['tokens'] for e in evals)}; "
-          f"mean characters {statistics.mean(len(e['completion']) for e in evals):.0f}; median lines "
+          f"{sum(tokens)}, median {statistics.median(tokens)}; mean characters "
+          f"{statistics.mean(len(e['completion']) for e in evals):.0f}; median lines "
           f"{statistics.median(e['completion'].strip().count(chr(10)) + 1 for e in evals)}; stops "
           f"answer {stops['answer']} / eos {stops['eos']} / length {stops['length']}; right among "
           "them " + " / ".join(f"{sum(e['correct'] for e in evals if e['stop'] == k)}/{stops[k]}"
