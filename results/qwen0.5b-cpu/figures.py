@@ -1,8 +1,8 @@
 """The README's Qwen figures that report.md does not print, from the published files: length and
 style of the pairs and of each eval (and its accuracy by how answers stopped), each training's
-second half (steps 25-48: pairs not yet trained on), the paired tests of YFPO against
-YFPO-random and against YFPO trained again, and how far that retraining's log moved (with the
-repository's yfpo.py):
+second half (steps 25-48: pairs not yet trained on), the paired test of YFPO against
+YFPO-random, and how far YFPO trained again moved from the first training, in its log and its
+eval (with the repository's yfpo.py):
 python results/qwen0.5b-cpu/figures.py (run from the repository's top)."""
 import collections
 import json
@@ -42,18 +42,18 @@ for folder in sorted(here.glob("train_*")):
     print(f"{folder.name[6:]}, steps 25-48, mean: " + ", ".join(
         f"{k} {statistics.mean(m[k] for m in steps):.4f}"
         for k in ("loss/dpo", "rewards/margins", "neuron/margin_gain")))
-for this, other in (("yfpo", "yfpo_random"), ("yfpo", "yfpo_retrain")):
-    if not (here / f"eval_{other}").is_dir():
-        continue
-    arms = [rows(here / f"eval_{name}" / "eval.jsonl") for name in (this, other)]
-    d = yfpo.paired_difference([(a["correct"], b["correct"]) for a, b in zip(*arms)])
-    a, b = d["only_this_correct"], d["only_other_correct"]
-    reach = yfpo.mcnemar_detectable(a + b, d["shared"])
-    print(f"{this} vs {other}: {d['difference']:+.4f} (McNemar p {d['mcnemar_p']:.3g}; {a} vs {b}; "
-          f"detectable {'none' if reach is None else f'{reach:.3f}'})")
-if (here / "train_yfpo_retrain").is_dir():  # the same command and seed, trained again
-    first, again = (rows(here / n / "metrics.jsonl") for n in ("train_yfpo", "train_yfpo_retrain"))
-    print(f"train_yfpo retrained: c {first[0]['c']:.6f} then {again[0]['c']:.6f}; largest "
-          "difference over the steps: " + ", ".join(
-              f"{k} {max(abs(m[k] - n[k]) for m, n in zip(first, again)):.2g}"
-              for k in ("loss", "rewards/margins", "neuron/margin_gain")))
+arms = [rows(here / f"eval_{name}" / "eval.jsonl") for name in ("yfpo", "yfpo_random")]
+d = yfpo.paired_difference([(a["correct"], b["correct"]) for a, b in zip(*arms)])
+a, b = d["only_this_correct"], d["only_other_correct"]
+reach = yfpo.mcnemar_detectable(a + b, d["shared"])
+print(f"yfpo vs yfpo_random: {d['difference']:+.4f} (McNemar p {d['mcnemar_p']:.3g}; {a} vs {b}; "
+      f"detectable {'none' if reach is None else f'{reach:.3f}'})")
+# YFPO trained again, with the same command and seed (its first model was lost with a machine)
+first, again = (rows(here / n / "metrics.jsonl") for n in ("train_yfpo", "train_yfpo_retrain"))
+print(f"train_yfpo retrained: c {first[0]['c']:.6f} then {again[0]['c']:.6f}; largest "
+      "difference over the steps: " + ", ".join(
+          f"{k} {max(abs(m[k] - n[k]) for m, n in zip(first, again)):.2g}"
+          for k in ("loss", "rewards/margins", "neuron/margin_gain")))
+first, again = (rows(here / n / "eval.jsonl") for n in ("eval_yfpo", "eval_yfpo_retrain"))
+same = sum(e["completion"] == f["completion"] for e, f in zip(first, again))
+print(f"its eval: {same} of {len(first)} completions identical to eval_yfpo's")
