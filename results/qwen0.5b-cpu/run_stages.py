@@ -1,7 +1,7 @@
 # Runs the named stages of run.sh's `reproduce`, in the order given, with reproduce's own loop
 # body (the run's code, code/yfpo.py = 56afc2d): the same command lines, the same keys in
 # stage.json, so a later `reproduce` skips them. Used to run YFPO-random's stages before YFPO's
-# held-out scores (whose model, trained in an earlier session, was gone with that machine).
+# held-out scores (whose model was gone with an earlier machine), then `train_yfpo score_yfpo`.
 # usage: run_stages.py STAGE...
 import hashlib, json, os, shlex, sys, time, shutil
 from pathlib import Path
